@@ -1,0 +1,1 @@
+"""One module per command group; `maxact_card.cli` registers them on the Typer app."""

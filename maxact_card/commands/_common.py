@@ -1,0 +1,109 @@
+"""What every command shares: option aliases, output formats, error → exit-code mapping."""
+
+from __future__ import annotations
+
+import enum
+import functools
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from maxact_card.errors import EXIT_RUNTIME, EXIT_USAGE, MaxactError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class OutputFormat(str, enum.Enum):
+    """What stdout carries."""
+
+    text = "text"
+    json = "json"
+    markdown = "markdown"
+
+
+FormatOpt = Annotated[
+    OutputFormat, typer.Option("--format", help="What stdout carries.", envvar="MAXACT_CARD_FORMAT")
+]
+RevisionOpt = Annotated[
+    str | None,
+    typer.Option("--revision", help="Branch, tag, commit sha or refs/pr/N on the Hub.", envvar="MAXACT_CARD_REVISION"),
+]
+TokenOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--token",
+        help="Hub token (default: HF_TOKEN or the cached login). Never printed or stored.",
+        envvar="MAXACT_CARD_TOKEN",
+        show_default=False,
+    ),
+]
+OutOpt = Annotated[
+    Path | None, typer.Option("--out", help="Where to write the result file.", envvar="MAXACT_CARD_OUT")
+]
+
+
+def stderr_console() -> Console:
+    """Diagnostics and progress go to stderr, plain when stderr is not a terminal."""
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def stdout_console() -> Console:
+    """Results go to stdout; wide enough that tables are not squeezed when piped."""
+    return Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 120)
+
+
+def _debug() -> bool:
+    return os.environ.get("MAXACT_CARD_DEBUG", "") not in ("", "0", "false")
+
+
+def handle_errors(func: F) -> F:
+    """Map typed errors to one line on stderr and their exit code; unexpected ones to exit 3."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except MaxactError as exc:
+            if _debug():
+                traceback.print_exc()
+            print(f"error: {exc.line()}", file=sys.stderr)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            print("error: interrupted", file=sys.stderr)
+            raise typer.Exit(EXIT_RUNTIME) from None
+        except MemoryError:
+            print("error: out of memory; use fewer --samples, a smaller --max-seq-len or a larger device", file=sys.stderr)
+            raise typer.Exit(EXIT_RUNTIME) from None
+        except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, exit 3
+            if _debug():
+                traceback.print_exc()
+            name = type(exc).__name__
+            print(
+                f"error: unexpected {name}: {str(exc).splitlines()[0] if str(exc) else ''}; "
+                "rerun with MAXACT_CARD_DEBUG=1 for the traceback and report it",
+                file=sys.stderr,
+            )
+            raise typer.Exit(EXIT_RUNTIME) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+__all__ = [
+    "EXIT_USAGE",
+    "FormatOpt",
+    "OutOpt",
+    "OutputFormat",
+    "RevisionOpt",
+    "TokenOpt",
+    "handle_errors",
+    "stderr_console",
+    "stdout_console",
+]
