@@ -1,0 +1,188 @@
+"""Resolve a model reference (local directory, .gguf file or Hub repo id) and load it for measuring."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from maxact_card.errors import RuntimeFailure, UsageError
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "auto": "auto"}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to measure, with the provenance the results record."""
+
+    model: nn.Module
+    tokenizer: Any
+    info: dict[str, Any]  # the results' "model" object
+    device: torch.device
+    dtype: torch.dtype
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    """Streaming sha256 of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def pick_device(device: str) -> torch.device:
+    """`auto` → cuda when available, else cpu; anything else must exist."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"unknown device {device!r}", hint="use cuda, cuda:N, cpu or auto") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA device is visible", hint="use --device cpu or auto")
+    return dev
+
+
+def parse_dtype(dtype: str | None) -> str:
+    """Normalise a --dtype value; "auto" keeps the checkpoint's own."""
+    value = _DTYPE_ALIASES.get((dtype or "auto").lower(), (dtype or "auto").lower())
+    if value != "auto" and value not in DTYPES:
+        raise UsageError(f"unknown dtype {dtype!r}", hint="use auto, float32, float16 or bfloat16")
+    return value
+
+
+def _looks_like_path(ref: str) -> bool:
+    return ref.startswith((".", "/", "~")) or ref.endswith(".gguf") or ref.count("/") > 1
+
+
+def resolve(ref: str, *, revision: str | None, token: str | None, memory_budget_bytes: int | None,
+            force: bool) -> tuple[Path, str | None, dict[str, Any]]:
+    """Files on disk for `ref`, the gguf file name if any, and the provenance fields of the results."""
+    path = Path(ref).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return path.parent, path.name, {
+            "id": path.name, "source": "gguf", "revision": None, "commit_sha": None,
+            "weight_files": [{"path": path.name, "sha256": sha256_file(path), "size": path.stat().st_size}],
+            "notes": ["weights dequantized from GGUF by transformers"],
+        }
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{ref} is a file, not a checkpoint directory", hint="pass a directory with config.json, a .gguf file or a Hub repo id")
+    from maxact_card import hub
+
+    if not path.exists() and (_looks_like_path(ref) or not hub.is_repo_id(ref)):
+        raise UsageError(f"model path {ref} does not exist", hint="pass a checkpoint directory, a .gguf file or a Hub repo id org/name")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise UsageError(f"{ref} has no config.json", hint="point at the folder save_pretrained wrote (it holds config.json)")
+    resolved = hub.resolve_model(ref, revision=revision, token=token, memory_budget_bytes=memory_budget_bytes, force=force)
+    info = {
+        "id": resolved.repo_id or str(Path(ref)),
+        "source": resolved.source,
+        "revision": resolved.revision,
+        "commit_sha": resolved.commit_sha,
+        "weight_files": [{"path": w.path, "sha256": w.sha256, "size": w.size} for w in resolved.weight_files],
+        "notes": list(resolved.notes),
+    }
+    return resolved.local_dir, None, info
+
+
+def _config_dtype(config: Any) -> str:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    value = getattr(text, "dtype", None) or getattr(config, "dtype", None) or getattr(text, "torch_dtype", None)
+    if isinstance(value, torch.dtype):
+        value = str(value).removeprefix("torch.")
+    return value if value in DTYPES else "float32"
+
+
+def load(ref: str, *, revision: str | None = None, token: str | None = None, dtype: str | None = "auto",
+         device: str = "auto", device_map: str | None = None, trust_remote_code: bool = False,
+         memory_budget_bytes: int | None = None, force: bool = False) -> LoadedModel:
+    """Resolve and load model and tokenizer; every failure is a typed one-line error."""
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    dtype_name = parse_dtype(dtype)
+    dev = pick_device(device)
+    local_dir, gguf_file, info = resolve(ref, revision=revision, token=token,
+                                         memory_budget_bytes=memory_budget_bytes, force=force)
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    try:
+        config = AutoConfig.from_pretrained(local_dir, **kwargs)
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc) or "custom code" in str(exc):
+            raise UsageError(f"{ref} needs its own remote code to load",
+                             hint="review that code, then pass --trust-remote-code") from None
+        raise UsageError(f"cannot read the config of {ref}: {str(exc).splitlines()[0]}") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UsageError(f"cannot read the config of {ref}: {str(exc).splitlines()[0]}",
+                         hint="check config.json") from None
+    chosen = dtype_name if dtype_name != "auto" else ("float32" if gguf_file else _config_dtype(config))
+    torch_dtype = DTYPES[chosen]
+    load_kwargs: dict[str, Any] = dict(kwargs, dtype=torch_dtype)
+    if device_map:
+        load_kwargs["device_map"] = device_map
+    model = _load_model(ref, local_dir, config, load_kwargs, transformers, AutoModelForCausalLM)
+    if not device_map:
+        try:
+            model.to(dev)
+        except torch.OutOfMemoryError:
+            raise RuntimeFailure(f"{ref} does not fit in the memory of {dev}",
+                                 hint="use --device-map auto, a smaller --dtype or --device cpu") from None
+    model.eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(local_dir, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - tokenizer loaders raise many kinds of errors
+        raise UsageError(f"cannot load the tokenizer of {ref}: {type(exc).__name__}",
+                         hint="the checkpoint needs tokenizer files (tokenizer.json or tokenizer.model)") from None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    info.update({
+        "architecture": (getattr(config, "architectures", None) or [type(model).__name__])[0],
+        "model_type": str(getattr(config, "model_type", "unknown")),
+        "num_layers": int(getattr(text, "num_hidden_layers", 0) or getattr(text, "n_layer", 0) or 0),
+        "hidden_size": int(getattr(text, "hidden_size", 0) or getattr(text, "n_embd", 0) or 1),
+    })
+    info = {k: info[k] for k in ("id", "source", "revision", "commit_sha", "architecture", "model_type",
+                                 "num_layers", "hidden_size", "weight_files", "notes")}
+    first = next(model.parameters())
+    return LoadedModel(model, tokenizer, info, first.device if device_map else dev, torch_dtype)
+
+
+def _load_model(ref: str, local_dir: Path, config: Any, load_kwargs: dict[str, Any], transformers: Any,
+                auto_causal: Any) -> nn.Module:
+    classes = [auto_causal]
+    if getattr(config, "text_config", None) is not None and hasattr(transformers, "AutoModelForImageTextToText"):
+        classes.append(transformers.AutoModelForImageTextToText)
+    last: Exception | None = None
+    for cls in classes:
+        try:
+            return cls.from_pretrained(local_dir, **load_kwargs)
+        except ValueError as exc:
+            if "Unrecognized configuration class" in str(exc) or "does not recognize" in str(exc):
+                last = exc
+                continue
+            raise UsageError(f"cannot load {ref}: {str(exc).splitlines()[0]}") from None
+        except torch.OutOfMemoryError:
+            raise RuntimeFailure(f"{ref} does not fit in device memory",
+                                 hint="use --device-map auto, a smaller --dtype or --device cpu") from None
+        except (OSError, RuntimeError, KeyError, EnvironmentError) as exc:
+            raise UsageError(
+                f"cannot read the weights of {ref} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})",
+                hint="the weight files may be corrupt or truncated: download them again",
+            ) from None
+        except Exception as exc:  # safetensors raises its own error type
+            if type(exc).__name__ in ("SafetensorError", "HeaderTooLarge"):
+                raise UsageError(f"cannot read the weights of {ref}: the safetensors file is corrupt or truncated",
+                                 hint="download the weights again") from None
+            raise
+    model_type = getattr(config, "model_type", "?")
+    raise UsageError(f"{ref} is not a causal language model (model type {model_type!r})",
+                     hint="maxact-card measures decoder-only LMs (AutoModelForCausalLM)") from last

@@ -1,0 +1,217 @@
+"""`maxact-card measure`: run the corpus through a model and report where activations peak."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from maxact_card.commands._common import (
+    FormatOpt,
+    OutOpt,
+    OutputFormat,
+    RevisionOpt,
+    TokenOpt,
+    handle_errors,
+    stderr_console,
+    stdout_console,
+)
+from maxact_card.results import dumps, write_results
+from maxact_card.run import DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_SEQ_LEN, MeasureOptions, run_measure
+
+EXAMPLES = """
+Examples:
+
+  maxact-card measure ./my-checkpoint --out results.json
+
+  maxact-card measure org/model --revision v1.0 --samples 512 --dtype bfloat16 --format json
+
+  maxact-card measure model.Q4_1.gguf --corpus my_prompts.jsonl --max-seq-len 2048
+"""
+
+ModelArg = Annotated[str, typer.Argument(help="A checkpoint directory, a .gguf file, or a Hub repo id org/name.")]
+CorpusOpt = Annotated[
+    str | None,
+    typer.Option("--corpus", help="builtin (default), a .jsonl/.txt file, or hf:DATASET[:split[:column]].",
+                 envvar="MAXACT_CARD_CORPUS"),
+]
+SamplesOpt = Annotated[
+    int | None, typer.Option("--samples", help="How many samples (category-proportional). Default: all.",
+                             envvar="MAXACT_CARD_SAMPLES")
+]
+MaxSeqLenOpt = Annotated[int, typer.Option("--max-seq-len", help="Longest sample in tokens.", envvar="MAXACT_CARD_MAX_SEQ_LEN")]
+TruncateOpt = Annotated[
+    bool | None,
+    typer.Option("--truncate/--no-truncate", help="Cut samples longer than --max-seq-len (default: only the built-in corpus).",
+                 envvar="MAXACT_CARD_TRUNCATE", show_default=False),
+]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the sample selection.", envvar="MAXACT_CARD_SEED")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (the checkpoint's own), float32, float16 or bfloat16.",
+                                       envvar="MAXACT_CARD_DTYPE")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cuda, cuda:N or cpu.", envvar="MAXACT_CARD_DEVICE")]
+DeviceMapOpt = Annotated[
+    str | None, typer.Option("--device-map", help="auto: spread a large model over all visible GPUs.",
+                             envvar="MAXACT_CARD_DEVICE_MAP")
+]
+RemoteCodeOpt = Annotated[
+    bool, typer.Option("--trust-remote-code", help="Run the checkpoint's own Python code (review it first).",
+                       envvar="MAXACT_CARD_TRUST_REMOTE_CODE")
+]
+BatchTokensOpt = Annotated[
+    int | None, typer.Option("--max-batch-tokens", help="Padded tokens per batch.", envvar="MAXACT_CARD_MAX_BATCH_TOKENS")
+]
+BatchSizeOpt = Annotated[
+    int | None, typer.Option("--batch-size", help="Fixed samples per batch instead of a token budget.",
+                             envvar="MAXACT_CARD_BATCH_SIZE")
+]
+TopKOpt = Annotated[int, typer.Option("--top-k", help="Largest tokens kept per site.", envvar="MAXACT_CARD_TOP_K")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Load even when the weights look too large for the devices.",
+                                        envvar="MAXACT_CARD_FORCE")]
+
+
+def _fmt(value: float) -> str:
+    if value == 0:
+        return "0"
+    if abs(value) >= 1e5 or abs(value) < 1e-3:
+        return f"{value:.3g}"
+    return f"{value:,.4g}" if abs(value) < 1000 else f"{value:,.1f}"
+
+
+def summary_tables(results: dict[str, Any]) -> list[Any]:
+    """The rich renderables of the text summary."""
+    g = results["global"]
+    loc = g["location"]
+    head = Table.grid(padding=(0, 2))
+    head.add_row("model", f"{results['model']['id']} ({results['model']['architecture']}, {results['run']['dtype']})")
+    head.add_row("global max|a|", f"{_fmt(g['max_abs'])}  (value {_fmt(g['value'])})")
+    head.add_row("where", f"{g['site']}  [{g['module']}]  channel {loc['channel']}, "
+                 f"sample {loc['sample_id']} position {loc['position']}, token {loc['token']!r}")
+    boot = g["bootstrap"]
+    head.add_row("bootstrap", f"median {_fmt(boot['median'])}, 5-95% [{_fmt(boot['p05'])}, {_fmt(boot['p95'])}]")
+    massive = results["massive"]
+    head.add_row("massive", f"{massive['tokens']} tokens in layers {massive['layers'] or 'none'}"
+                 + (f", largest ratio {_fmt(massive['max_ratio'])}x median" if massive["max_ratio"] else ""))
+    head.add_row("run", f"{results['run']['samples']} samples, {results['run']['tokens']} tokens, "
+                 f"{results['run']['tokens_per_s']:.0f} tokens/s on {results['run']['device']}")
+
+    comps = Table(title="per component", title_justify="left")
+    for col in ("component", "max|a|", "site", "channel", "token"):
+        comps.add_column(col)
+    for name, c in results["components"].items():
+        comps.add_row(name, _fmt(c["max_abs"]), c["site"], str(c["location"]["channel"]), repr(c["location"]["token"]))
+
+    top = Table(title="top sites", title_justify="left")
+    for col in ("site", "max|a|", "q0.999", "rms", "massive tokens"):
+        top.add_column(col)
+    for s in sorted(results["sites"], key=lambda s: -s["max_abs"])[:10]:
+        top.add_row(s["name"], _fmt(s["max_abs"]), _fmt(s["quantiles"]["q0.999"]), _fmt(s["rms"]),
+                    str(s["massive"]["tokens"]) if s["massive"] else "-")
+    out: list[Any] = [head, comps, top]
+    if results["missing_sites"]:
+        missing = Table(title="sites not found", title_justify="left")
+        missing.add_column("site")
+        missing.add_column("reason")
+        for m in results["missing_sites"]:
+            missing.add_row(m["site"], m["reason"])
+        out.append(missing)
+    return out
+
+
+def print_results(results: dict[str, Any], fmt: OutputFormat) -> None:
+    """Write the results to stdout in the asked format."""
+    if fmt is OutputFormat.json:
+        sys.stdout.write(dumps(results))
+        return
+    console = stdout_console()
+    for renderable in summary_tables(results):
+        console.print(renderable)
+
+
+class _ProgressBar:
+    """A progress bar on stderr (only on a terminal) showing samples and tokens/s."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.progress: Progress | None = None
+        self.task: Any = None
+        self.elapsed = 0.0
+
+    def plan(self, samples: int, tokens: int) -> None:
+        if not self.enabled:
+            return
+        self.progress = Progress(
+            TextColumn("measuring"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(), console=stderr_console(), transient=True,
+        )
+        self.task = self.progress.add_task("measure", total=samples, rate="")
+        self.progress.start()
+
+    def update(self, samples: int, tokens: int) -> None:
+        if self.progress is None:
+            return
+        elapsed = self.progress.tasks[0].elapsed or 0.0
+        rate = f"{tokens / elapsed:,.0f} tokens/s" if elapsed > 0 else ""
+        self.progress.update(self.task, completed=samples, rate=rate)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+def options_from(model: str, **kw: Any) -> MeasureOptions:
+    """Build MeasureOptions from command keyword arguments."""
+    return MeasureOptions(model=model, **kw)
+
+
+@handle_errors
+def measure_cmd(
+    model: ModelArg,
+    out: OutOpt = None,
+    fmt: FormatOpt = OutputFormat.text,
+    revision: RevisionOpt = None,
+    token: TokenOpt = None,
+    corpus: CorpusOpt = None,
+    samples: SamplesOpt = None,
+    max_seq_len: MaxSeqLenOpt = DEFAULT_MAX_SEQ_LEN,
+    truncate: TruncateOpt = None,
+    seed: SeedOpt = 0,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "auto",
+    device_map: DeviceMapOpt = None,
+    trust_remote_code: RemoteCodeOpt = False,
+    max_batch_tokens: BatchTokensOpt = DEFAULT_MAX_BATCH_TOKENS,
+    batch_size: BatchSizeOpt = None,
+    top_k: TopKOpt = 16,
+    force: ForceOpt = False,
+) -> None:
+    """Measure max|a| at every site of MODEL over a calibration corpus."""
+    opts = MeasureOptions(
+        model=model, revision=revision, token=token, corpus=corpus, samples=samples, max_seq_len=max_seq_len,
+        truncate=truncate, seed=seed, dtype=dtype, device=device, device_map=device_map,
+        trust_remote_code=trust_remote_code, max_batch_tokens=max_batch_tokens, batch_size=batch_size,
+        top_k=top_k, force=force,
+    )
+    bar = _ProgressBar(enabled=sys.stderr.isatty() and fmt is not OutputFormat.json)
+    try:
+        results = run_measure(opts, progress=bar.update, on_plan=bar.plan)
+    finally:
+        bar.close()
+    if out is not None:
+        write_results(results, Path(out))
+    print_results(results, fmt)
+    if out is not None and fmt is not OutputFormat.json:
+        stderr_console().print(f"results written to {out}")
+
+
+measure_cmd.__doc__ = (measure_cmd.__doc__ or "") + EXAMPLES
+
+
+def register(app: typer.Typer) -> None:
+    """Add `measure` to the app."""
+    app.command("measure", help=measure_cmd.__doc__)(measure_cmd)
+
+

@@ -1,0 +1,325 @@
+"""The measurement loop: hooks on every site feed on-device statistics, batch after batch.
+
+The loop runs the base model (never the LM head, so no [B, T, vocab] logits), pads batches on the
+right (so padding never changes what a causal model computes for real tokens) and excludes padding
+through the attention mask. Nothing in a hook or between batches waits for the device; the only
+transfer to the host is the final one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from maxact_card.errors import RuntimeFailure, UsageError
+from maxact_card.sites import READ_GATE_HALF, READ_INPUT, READ_ROUTER, Site, SiteMap, discover
+from maxact_card.stats import BatchContext, SiteStats
+
+ProgressFn = Callable[[int, int], None]  # (samples done, tokens done)
+
+
+@dataclass
+class Measurement:
+    """What one run produced: the sites, their accumulators and the bookkeeping to locate tokens."""
+
+    site_map: SiteMap
+    stats: dict[str, SiteStats]
+    lengths: list[int]
+    token_ids: list[list[int]]
+    wall_time_s: float = 0.0
+    hidden_states_fallback: bool = False
+    extra: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def tokens(self) -> int:
+        """Tokens measured (padding excluded)."""
+        return sum(self.lengths)
+
+    def offsets(self) -> list[int]:
+        """Run index of each sample's first token."""
+        out, total = [], 0
+        for n in self.lengths:
+            out.append(total)
+            total += n
+        return out
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The model without its LM head: what produces hidden states."""
+    base = getattr(model, "base_model", None)
+    if isinstance(base, nn.Module) and base is not model:
+        return base
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    return decoder if isinstance(decoder, nn.Module) else model
+
+
+def _first_tensor(value: object) -> torch.Tensor | None:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+        return value[0]
+    hidden = getattr(value, "last_hidden_state", None)
+    return hidden if isinstance(hidden, torch.Tensor) else None
+
+
+def _router_logits(value: object, num_experts: int) -> torch.Tensor | None:
+    items = value if isinstance(value, (tuple, list)) else (value,)
+    for item in items:
+        if isinstance(item, torch.Tensor) and item.is_floating_point() and item.shape[-1] == num_experts:
+            return item
+    return None
+
+
+def _as_bth(t: torch.Tensor, batch: int, seq: int) -> torch.Tensor | None:
+    if t.dim() == 3 and t.shape[0] == batch and t.shape[1] == seq:
+        return t
+    if t.dim() == 2 and t.shape[0] == batch * seq:  # flattened tokens (MoE routers)
+        return t.view(batch, seq, t.shape[1])
+    return None
+
+
+class _Hooks:
+    """Registers one hook per site; each extracts its tensor and updates its accumulator."""
+
+    def __init__(self, model: nn.Module, sites: Sequence[Site], stats: dict[str, SiteStats]) -> None:
+        self.ctx: BatchContext | None = None
+        self.shape: tuple[int, int] = (0, 0)
+        self.handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.unreadable: dict[str, str] = {}
+        for site in sites:
+            module = model.get_submodule(site.module)
+            acc = stats[site.name]
+            if site.read == READ_INPUT:
+                self.handles.append(module.register_forward_pre_hook(self._pre_hook(site, acc)))
+            else:
+                self.handles.append(module.register_forward_hook(self._hook(site, acc, module)))
+
+    def _consume(self, site: Site, acc: SiteStats, t: torch.Tensor | None) -> None:
+        if t is None or self.ctx is None:
+            self.unreadable.setdefault(site.name, "its module returned no tensor")
+            return
+        t = _as_bth(t, *self.shape)
+        if t is None:
+            self.unreadable.setdefault(site.name, "its tensor is not [batch, tokens, width]")
+            return
+        acc.update(t.detach(), self.ctx)
+
+    def _pre_hook(self, site: Site, acc: SiteStats):  # type: ignore[no-untyped-def]
+        def hook(module: nn.Module, args: tuple[object, ...]) -> None:
+            self._consume(site, acc, _first_tensor(args))
+
+        return hook
+
+    def _hook(self, site: Site, acc: SiteStats, module: nn.Module):  # type: ignore[no-untyped-def]
+        if site.read == READ_ROUTER:
+            experts = module.weight.shape[0]
+
+            def router_hook(module: nn.Module, args: object, output: object) -> None:
+                self._consume(site, acc, _router_logits(output, experts))
+
+            return router_hook
+        if site.read == READ_GATE_HALF:
+
+            def gate_hook(module: nn.Module, args: object, output: object) -> None:
+                t = _first_tensor(output)
+                self._consume(site, acc, None if t is None else t[..., : t.shape[-1] // 2])
+
+            return gate_hook
+
+        def hook(module: nn.Module, args: object, output: object) -> None:
+            self._consume(site, acc, _first_tensor(output))
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _site_width(model: nn.Module, site: Site) -> int | None:
+    module = model.get_submodule(site.module)
+    weight = getattr(module, "weight", None)
+    if site.read == READ_ROUTER and weight is not None:
+        return int(weight.shape[0])
+    if site.read == READ_INPUT and weight is not None:
+        # nn.Linear stores [out, in]; GPT-2's Conv1D stores [in, out]
+        return int(weight.shape[0] if type(module).__name__ == "Conv1D" else weight.shape[-1])
+    if site.read == READ_GATE_HALF and weight is not None:
+        return int(weight.shape[0]) // 2
+    if site.component == "embedding" and weight is not None:
+        return int(weight.shape[1])
+    if site.component == "gate" and weight is not None:
+        return int(weight.shape[0] if type(module).__name__ != "Conv1D" else weight.shape[1])
+    return None
+
+
+def _hidden_size(model: nn.Module) -> int:
+    config = getattr(model, "config", None)
+    get = getattr(config, "get_text_config", None)
+    text = get() if callable(get) else config
+    for attr in ("hidden_size", "n_embd", "d_model"):
+        value = getattr(text, attr, None)
+        if isinstance(value, int):
+            return value
+    raise UsageError("cannot tell the model's hidden size from its config", hint="pass a standard transformers checkpoint")
+
+
+def _probe_widths(model: nn.Module, runner: nn.Module, sites: Sequence[Site], device: torch.device,
+                  vocab: int) -> dict[str, int]:
+    """Widths of the sites whose width the weights do not tell, from one tiny forward."""
+    widths: dict[str, int] = {}
+    handles = []
+
+    def grab(site: Site):  # type: ignore[no-untyped-def]
+        def hook(module: nn.Module, args: object, output: object) -> None:
+            t = _first_tensor(args if site.read == READ_INPUT else output)
+            if t is not None:
+                widths[site.name] = int(t.shape[-1]) // (2 if site.read == READ_GATE_HALF else 1)
+
+        return hook
+
+    for site in sites:
+        module = model.get_submodule(site.module)
+        if site.read == READ_INPUT:
+            handles.append(module.register_forward_pre_hook(lambda m, a, s=site: grab(s)(m, a, None)))
+        else:
+            handles.append(module.register_forward_hook(grab(site)))
+    try:
+        ids = torch.zeros((1, 2), dtype=torch.long, device=device).clamp(max=max(vocab - 1, 0))
+        with torch.inference_mode():
+            runner(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return widths
+
+
+def measure(
+    model: nn.Module,
+    token_ids: list[list[int]],
+    *,
+    batches: list[list[int]],
+    device: torch.device,
+    pad_token_id: int = 0,
+    top_k: int = 16,
+    progress: ProgressFn | None = None,
+) -> Measurement:
+    """Run every batch through the base model with hooks on every site; return the statistics."""
+    if not token_ids:
+        raise UsageError("the corpus selected no samples", hint="check --corpus and --samples")
+    site_map = discover(model)
+    runner = base_model(model)
+    num_samples = len(token_ids)
+    vocab = int(getattr(model.get_input_embeddings(), "num_embeddings", 1)) if hasattr(
+        model, "get_input_embeddings") and model.get_input_embeddings() is not None else 1
+    input_device = _input_device(model, device)
+
+    sites = list(site_map.sites)
+    widths = {s.name: w for s in sites if (w := _site_width(model, s)) is not None}
+    unknown = [s for s in sites if s.name not in widths]
+    if unknown:
+        widths.update(_probe_widths(model, runner, unknown, input_device, vocab))
+    sites = [s for s in sites if s.name in widths]
+    stats = {
+        s.name: SiteStats(widths[s.name], num_samples, _module_device(model, s, input_device), top_k=top_k,
+                          massive=s.component in ("residual", "embedding"))
+        for s in sites
+    }
+    fallback = site_map.layers_path is None
+    if fallback:
+        hidden = _hidden_size(model)
+        fallback_sites = _fallback_sites(model)
+        for s in fallback_sites:
+            stats[s.name] = SiteStats(hidden, num_samples, input_device, top_k=top_k, massive=True)
+        sites = [s for s in sites if s.component != "residual"] + fallback_sites
+        site_map = SiteMap(tuple(sites), site_map.missing, None, len(fallback_sites))
+
+    measurement = Measurement(site_map, stats, [len(t) for t in token_ids], token_ids,
+                              hidden_states_fallback=fallback)
+    offsets = measurement.offsets()
+    hooks = _Hooks(model, [s for s in sites if not s.module.startswith("<")], stats)
+    start = time.perf_counter()
+    done_samples = done_tokens = 0
+    try:
+        with torch.inference_mode():
+            for batch in batches:
+                ids, mask, token_index = _pad(token_ids, batch, offsets, pad_token_id)
+                ids, mask, token_index = ids.to(input_device), mask.to(input_device), token_index.to(input_device)
+                hooks.ctx = BatchContext(mask, token_index, torch.tensor(batch, device=input_device), ids)
+                hooks.shape = (ids.shape[0], ids.shape[1])
+                try:
+                    out = runner(input_ids=ids, attention_mask=mask.long(), use_cache=False,
+                                 output_hidden_states=fallback)
+                except torch.OutOfMemoryError as exc:
+                    raise RuntimeFailure(
+                        f"out of memory on a batch of {ids.shape[0]}x{ids.shape[1]} tokens",
+                        hint="lower --max-batch-tokens or --max-seq-len, or use --device-map auto",
+                    ) from exc
+                if fallback:
+                    _feed_hidden_states(out, stats, hooks.ctx, len(fallback_sites))
+                done_samples += len(batch)
+                done_tokens += sum(len(token_ids[i]) for i in batch)
+                if progress is not None:
+                    progress(done_samples, done_tokens)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    finally:
+        hooks.remove()
+    measurement.wall_time_s = time.perf_counter() - start
+    for name, reason in hooks.unreadable.items():
+        measurement.site_map = SiteMap(
+            tuple(s for s in measurement.site_map.sites if s.name != name),
+            measurement.site_map.missing + ((name, reason),),
+            measurement.site_map.layers_path,
+            measurement.site_map.num_layers,
+        )
+        measurement.stats.pop(name, None)
+    return measurement
+
+
+def _pad(token_ids: list[list[int]], batch: list[int], offsets: list[int],
+         pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    width = max(len(token_ids[i]) for i in batch)
+    ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.bool)
+    for row, i in enumerate(batch):
+        seq = token_ids[i]
+        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = True
+    positions = torch.arange(width, dtype=torch.long).unsqueeze(0)
+    token_index = torch.tensor([offsets[i] for i in batch], dtype=torch.long).unsqueeze(1) + positions
+    return ids, mask, token_index
+
+
+def _input_device(model: nn.Module, device: torch.device) -> torch.device:
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embeddings, "weight", None)
+    return weight.device if isinstance(weight, torch.Tensor) else device
+
+
+def _module_device(model: nn.Module, site: Site, default: torch.device) -> torch.device:
+    module = model.get_submodule(site.module)
+    for p in module.parameters():
+        return p.device
+    return default
+
+
+def _fallback_sites(model: nn.Module) -> list[Site]:
+    config = getattr(model, "config", None)
+    get = getattr(config, "get_text_config", None)
+    text = get() if callable(get) else config
+    n = int(getattr(text, "num_hidden_layers", 0) or getattr(text, "n_layer", 0) or 0)
+    return [Site(f"blocks.{i}.hook_resid_post", "residual", i, "<output_hidden_states>", "output",
+                 f"hidden_states[{i + 1}] of the model output") for i in range(max(n - 1, 0))]
+
+
+def _feed_hidden_states(out: object, stats: dict[str, SiteStats], ctx: BatchContext, n: int) -> None:
+    hidden = getattr(out, "hidden_states", None)
+    if not hidden:
+        raise RuntimeFailure("the model returned no hidden states", hint="this architecture is not supported yet")
+    for i in range(min(n, len(hidden) - 1)):
+        stats[f"blocks.{i}.hook_resid_post"].update(hidden[i + 1].detach(), ctx)

@@ -1,0 +1,287 @@
+"""Results: build the JSON document from a measurement, validate it against the schema, write it.
+
+The document is plain JSON (dicts and lists) validated against `schemas/maxact-results.schema.json`;
+every consumer (card, gate, diff, publish) reads it through `load_results`, which validates first.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import best_match
+
+from maxact_card.errors import SchemaError, UsageError
+from maxact_card.measure import Measurement
+from maxact_card.resources import load_schema
+from maxact_card.stats import MASSIVE_ABS, MASSIVE_RATIO, hist_quantile, nonfinite_count
+
+SCHEMA_VERSION = 1
+RESULTS_SCHEMA = "maxact-results.schema.json"
+BOOTSTRAP_RESAMPLES = 1000
+TOP_CHANNELS = 8
+
+
+# --- validation ---------------------------------------------------------------------------------
+def json_path(error: Any) -> str:
+    """`$.a.b[0]` for a jsonschema error."""
+    path = "$"
+    for part in error.absolute_path:
+        path += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return path
+
+
+def validate_document(doc: Any, schema_name: str, *, source: str) -> None:
+    """Raise SchemaError `source::$.path: message` (best match first, with a count of the rest)."""
+    validator = Draft202012Validator(load_schema(schema_name))
+    errors = list(validator.iter_errors(doc))
+    if not errors:
+        return
+    first = best_match(errors)
+    rest = len(errors) - 1
+    more = f" ({rest} other error{'s' if rest != 1 else ''}; fix this one first)" if rest else ""
+    raise SchemaError(f"{source}::{json_path(first)}: {first.message}{more}")
+
+
+def validate_results(results: Any, *, source: str = "results") -> None:
+    """Validate a results document; an older schema version gets a clear re-run message."""
+    version = results.get("schema_version") if isinstance(results, dict) else None
+    if isinstance(version, int) and version < SCHEMA_VERSION:
+        raise SchemaError(
+            f"{source}: schema version {version} is older than {SCHEMA_VERSION}",
+            hint="re-run `maxact-card measure` with this version to regenerate it",
+        )
+    if isinstance(version, int) and version > SCHEMA_VERSION:
+        raise SchemaError(
+            f"{source}: schema version {version} is newer than this maxact-card understands ({SCHEMA_VERSION})",
+            hint="upgrade maxact-card",
+        )
+    validate_document(results, RESULTS_SCHEMA, source=source)
+
+
+def load_results(path: Path) -> dict[str, Any]:
+    """Read and validate a results file; bad input raises UsageError/SchemaError (exit 2)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"results file {path} does not exist", hint="pass the file `maxact-card measure --out` wrote") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read results file {path}: {exc.strerror}") from None
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    validate_results(doc, source=str(path))
+    return doc
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write through a temp file in the same folder and rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def dumps(results: dict[str, Any]) -> str:
+    """The canonical text of a results file (stable key order, no NaN)."""
+    return json.dumps(results, indent=1, ensure_ascii=False, allow_nan=False) + "\n"
+
+
+def write_results(results: dict[str, Any], path: Path) -> None:
+    """Validate, then write atomically."""
+    validate_results(results, source=str(path))
+    atomic_write_text(path, dumps(results))
+
+
+# --- building -------------------------------------------------------------------------------------
+def _finite(value: float) -> float:
+    if math.isnan(value):
+        return 0.0
+    if math.isinf(value):
+        return math.copysign(3.4028234663852886e38, value)
+    return value
+
+
+def build_results(
+    measurement: Measurement,
+    *,
+    model_info: dict[str, Any],
+    run_info: dict[str, Any],
+    corpus_info: dict[str, Any],
+    sample_ids: list[str],
+    decode: Callable[[int], str],
+    seed: int,
+) -> dict[str, Any]:
+    """The results document for a finished measurement (one host transfer of every statistic)."""
+    state = {name: {k: v.detach().cpu() for k, v in acc.state_dict().items()} for name, acc in measurement.stats.items()}
+    offsets = torch.tensor(measurement.offsets(), dtype=torch.int64)
+    decoded: dict[int, str] = {}
+
+    def token_text(token_id: int) -> str:
+        if token_id not in decoded:
+            decoded[token_id] = decode(token_id)
+        return decoded[token_id]
+
+    def location(key: int, channel: int, token_id: int) -> dict[str, Any]:
+        index = 0xFFFFFFFF - (key & 0xFFFFFFFF)
+        sample = int(torch.searchsorted(offsets, torch.tensor([index]), right=True).item()) - 1
+        return {
+            "sample": sample,
+            "sample_id": sample_ids[sample],
+            "position": int(index - offsets[sample]),
+            "channel": int(channel),
+            "token_id": int(token_id),
+            "token": token_text(int(token_id)),
+        }
+
+    sites_out: list[dict[str, Any]] = []
+    for site in measurement.site_map.sites:
+        s = state[site.name]
+        keys = s["topk_key"].tolist()
+        top = [
+            {
+                "abs": abs(float(v)),
+                "value": float(v),
+                "location": location(k, c, t),
+            }
+            for k, v, c, t in zip(keys, s["topk_value"].tolist(), s["topk_channel"].tolist(),
+                                  s["topk_token_id"].tolist())
+            if k >= 0
+        ]
+        if not top:
+            continue  # the site saw no valid token (every token non-finite)
+        count = int(s["count"])
+        mean = float(s["sum"]) / count if count else 0.0
+        rms = math.sqrt(float(s["sumsq"]) / count) if count else 0.0
+        channel_max = s["channel_max"]
+        k = min(TOP_CHANNELS, channel_max.numel())
+        ch_vals, ch_idx = channel_max.topk(k)
+        hist = s["hist"]
+        sites_out.append({
+            "name": site.name,
+            "component": site.component,
+            "layer": site.layer,
+            "module": site.module,
+            "read": site.description,
+            "width": int(channel_max.numel()),
+            "max": _finite(float(s["max"])),
+            "min": _finite(float(s["min"])),
+            "max_abs": top[0]["abs"],
+            "location": top[0]["location"],
+            "top_k": top,
+            "count": count,
+            "mean": mean,
+            "rms": rms,
+            "quantiles": {
+                "median": _q(hist, 0.5), "q0.99": _q(hist, 0.99),
+                "q0.999": _q(hist, 0.999), "q0.9999": _q(hist, 0.9999),
+            },
+            "non_finite": {"elements": int(nonfinite_count(hist)), "tokens": int(s["nonfinite_tokens"])},
+            "massive": {"tokens": int(s["massive_tokens"]), "max_ratio": _ratio(float(s["massive_ratio"]))}
+            if site.component in ("residual", "embedding") else None,
+            "top_channels": [{"channel": int(c), "max_abs": float(v)} for v, c in zip(ch_vals.tolist(), ch_idx.tolist())],
+        })
+    if not sites_out:
+        raise UsageError("no site produced a finite activation", hint="check the dtype (try --dtype float32)")
+
+    peak = max(sites_out, key=lambda s: (s["max_abs"], -_order(s)))
+    per_sample = torch.stack([state[s["name"]]["sample_max"] for s in sites_out]).amax(dim=0)
+    results: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "tool": {"name": "maxact-card", "version": run_info["versions"]["maxact_card"]},
+        "model": model_info,
+        "run": run_info,
+        "corpus": corpus_info,
+        "global": {
+            "max_abs": peak["max_abs"],
+            "value": peak["top_k"][0]["value"],
+            "site": peak["name"],
+            "component": peak["component"],
+            "layer": peak["layer"],
+            "module": peak["module"],
+            "location": peak["location"],
+            "bootstrap": bootstrap_max(per_sample, seed=seed),
+        },
+        "components": _components(sites_out),
+        "layers": _layers(sites_out),
+        "massive": _massive(sites_out),
+        "sites": sites_out,
+        "missing_sites": [{"site": name, "reason": reason} for name, reason in measurement.site_map.missing],
+    }
+    return results
+
+
+def _order(site: dict[str, Any]) -> int:
+    layer = site["layer"]
+    return -1 if layer is None else layer
+
+
+def _q(hist: torch.Tensor, q: float) -> float:
+    value = hist_quantile(hist, q)
+    return 0.0 if math.isnan(value) else value
+
+
+def _ratio(value: float) -> float | None:
+    return None if value <= 0 or math.isinf(value) or math.isnan(value) else value
+
+
+def bootstrap_max(per_sample_max: torch.Tensor, *, seed: int, resamples: int = BOOTSTRAP_RESAMPLES) -> dict[str, Any]:
+    """Stability of the global max over the corpus: resample samples with replacement, take each max.
+
+    No model run is needed: the per-sample maxima are kept during the measurement.
+    """
+    values = per_sample_max.to(torch.float64)
+    generator = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, values.numel(), (resamples, values.numel()), generator=generator)
+    maxima = values[idx].amax(dim=1)
+    q = torch.quantile(maxima, torch.tensor([0.5, 0.05, 0.95], dtype=torch.float64))
+    return {"median": float(q[0]), "p05": float(q[1]), "p95": float(q[2]), "resamples": resamples}
+
+
+def _components(sites: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    best: dict[str, dict[str, Any]] = {}
+    for s in sites:
+        c = s["component"]
+        if c not in best or s["max_abs"] > best[c]["max_abs"]:
+            best[c] = {"max_abs": s["max_abs"], "site": s["name"], "layer": s["layer"], "location": s["location"]}
+    return best
+
+
+def _layers(sites: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows: dict[int, dict[str, Any]] = {}
+    for s in sites:
+        if s["layer"] is None:
+            continue
+        row = rows.setdefault(s["layer"], {"layer": s["layer"], "max_abs": {}, "massive_tokens": 0,
+                                           "massive_max_ratio": None})
+        row["max_abs"][s["component"]] = s["max_abs"]
+        if s["component"] == "residual" and s["massive"] is not None:
+            row["massive_tokens"] = s["massive"]["tokens"]
+            row["massive_max_ratio"] = s["massive"]["max_ratio"]
+    return [rows[k] for k in sorted(rows)]
+
+
+def _massive(sites: list[dict[str, Any]]) -> dict[str, Any]:
+    residual = [s for s in sites if s["component"] == "residual" and s["massive"] is not None]
+    ratios = [s["massive"]["max_ratio"] for s in residual if s["massive"]["max_ratio"] is not None]
+    return {
+        "abs_threshold": MASSIVE_ABS,
+        "ratio_threshold": MASSIVE_RATIO,
+        "layers": sorted(s["layer"] for s in residual if s["massive"]["tokens"] > 0),
+        "tokens": sum(s["massive"]["tokens"] for s in residual),
+        "max_ratio": max(ratios) if ratios else None,
+    }
