@@ -83,6 +83,46 @@ MASSIVE_RATIO = 1000.0
 _KEY_LOW = 0xFFFFFFFF
 
 
+def dense_scan(x: torch.Tensor, mask: torch.Tensor, massive: bool) -> tuple[torch.Tensor | None, ...]:
+    """Every full-tensor reduction one update needs, as few reads of `x` as the backend allows.
+
+    Per token: extremes with their channels, sum and sum of squares (one reduction over the hidden
+    dimension); per channel: max|a| over valid tokens (one reduction over tokens); per element: the
+    histogram key, with padding sent to a NaN bin (one pointwise pass). Under torch.compile each
+    group becomes one kernel. A token holding inf/NaN is not valid: it is left out of maxima and
+    moments and counted instead, so it never poses as a maximum.
+    """
+    tok_max, arg_max = x.max(dim=-1)
+    tok_min, arg_min = x.min(dim=-1)
+    tok_max = tok_max.float()
+    tok_min = tok_min.float()
+    valid = mask & torch.isfinite(tok_max) & torch.isfinite(tok_min)
+    positive = tok_max >= -tok_min
+    tok_abs = torch.where(positive, tok_max, -tok_min)
+    tok_signed = torch.where(positive, tok_max, tok_min)
+    tok_channel = torch.where(positive, arg_max, arg_min)
+    tok_sum = x.sum(dim=-1, dtype=torch.float32)
+    tok_sq = torch.linalg.vector_norm(x, ord=2, dim=-1, dtype=torch.float32).square()
+    channel_max = torch.linalg.vector_norm(
+        torch.where(valid.unsqueeze(-1), x, 0).reshape(-1, x.shape[-1]), ord=torch.inf, dim=0
+    ).float()
+    keys = torch.where(mask.unsqueeze(-1), abs_hist_keys(x), _PAD_KEY)
+    median = x.abs().median(dim=-1).values.float() if massive else None
+    return tok_max, tok_min, tok_abs, tok_signed, tok_channel, valid, tok_sum, tok_sq, channel_max, keys, median
+
+
+_COMPILE = {"on": False}
+_compiled_scan = dense_scan
+
+
+def use_compile(enabled: bool) -> None:
+    """Fuse the dense scan with torch.compile on CUDA (the same arithmetic, fewer passes over memory)."""
+    global _compiled_scan
+    _COMPILE["on"] = enabled
+    if enabled and _compiled_scan is dense_scan:
+        _compiled_scan = torch.compile(dense_scan, dynamic=True)
+
+
 class BatchContext:
     """What every hook of one forward pass needs to know about the batch (all tensors on device).
 
@@ -159,49 +199,24 @@ class SiteStats:
         if ctx.mask.device != x.device:
             ctx = ctx.on(x.device)
         mask = ctx.mask
-        # One pass per direction gives each token's extremes and the channels carrying them.
-        tok_max, arg_max = x.max(dim=-1)
-        tok_min, arg_min = x.min(dim=-1)
-        tok_max = tok_max.float()
-        tok_min = tok_min.float()
-        finite = torch.isfinite(tok_max) & torch.isfinite(tok_min)
-        valid = mask & finite
-        self.nonfinite_tokens += (mask & ~finite).sum()
-
-        positive = tok_max >= -tok_min
-        tok_abs = torch.where(positive, tok_max, -tok_min)
-        tok_signed = torch.where(positive, tok_max, tok_min)
-        tok_channel = torch.where(positive, arg_max, arg_min)
-
+        scan = _compiled_scan if _COMPILE["on"] and x.is_cuda else dense_scan
+        tok_max, tok_min, tok_abs, tok_signed, tok_channel, valid, tok_sum, tok_sq, channel_max, keys, median = scan(
+            x, mask, self.massive
+        )
+        self.nonfinite_tokens += (mask & ~valid).sum()
         torch.maximum(self.max, torch.where(valid, tok_max, -torch.inf).amax(), out=self.max)
         torch.minimum(self.min, torch.where(valid, tok_min, torch.inf).amin(), out=self.min)
-
         abs_valid = torch.where(valid, tok_abs, 0.0)
         self.sample_max.scatter_reduce_(0, ctx.sample_index, abs_valid.amax(dim=1), reduce="amax")
         self._update_topk(abs_valid, tok_signed, tok_channel, valid, ctx)
-
-        # Per-channel max|a| and the moments over valid tokens; a token holding inf/NaN is left
-        # out here and counted in nonfinite_tokens instead, so it never poses as a maximum.
-        xv = torch.where(valid.unsqueeze(-1), x, 0)
-        torch.maximum(
-            self.channel_max,
-            torch.linalg.vector_norm(xv.reshape(-1, x.shape[-1]), ord=torch.inf, dim=0).float(),
-            out=self.channel_max,
-        )
-        self.sum += xv.sum(dtype=torch.float32, dim=-1).sum(dtype=torch.float64)
-        self.sumsq += torch.linalg.vector_norm(xv, ord=2, dim=-1, dtype=torch.float32).square().sum(
-            dtype=torch.float64
-        )
+        torch.maximum(self.channel_max, channel_max, out=self.channel_max)
+        self.sum += torch.where(valid, tok_sum, 0.0).sum(dtype=torch.float64)
+        self.sumsq += torch.where(valid, tok_sq, 0.0).sum(dtype=torch.float64)
         self.count += valid.sum() * x.shape[-1]
-        # The histogram sees every non-padding element, inf and NaN included (they land in their
-        # own bins); padding is sent to one NaN bin and its known count taken back out.
-        keys = torch.where(mask.unsqueeze(-1), abs_hist_keys(x), _PAD_KEY)
         hist = torch.bincount(keys.reshape(-1), minlength=HIST_BINS)
         hist[_PAD_KEY] -= (mask.numel() - mask.sum()) * x.shape[-1]
         self.hist += hist
-
-        if self.massive:
-            median = x.abs().median(dim=-1).values.float()
+        if median is not None:
             ratio = tok_abs / median.clamp_min(torch.finfo(torch.float32).tiny)
             hit = valid & (tok_abs > MASSIVE_ABS) & (ratio > MASSIVE_RATIO)
             self.massive_tokens += hit.sum()
