@@ -20,6 +20,7 @@ from maxact_card.sites import READ_GATE_HALF, READ_INPUT, READ_ROUTER, Site, Sit
 from maxact_card.stats import BatchContext, SiteStats
 
 ProgressFn = Callable[[int, int], None]  # (samples done, tokens done)
+Consumer = Callable[[torch.Tensor, BatchContext], None]  # what a hook feeds: a [B, T, H] tensor and its batch
 
 
 @dataclass
@@ -85,20 +86,20 @@ def _as_bth(t: torch.Tensor, batch: int, seq: int) -> torch.Tensor | None:
 class _Hooks:
     """Registers one hook per site; each extracts its tensor and updates its accumulator."""
 
-    def __init__(self, model: nn.Module, sites: Sequence[Site], stats: dict[str, SiteStats]) -> None:
+    def __init__(self, model: nn.Module, sites: Sequence[Site], consumers: dict[str, Consumer]) -> None:
         self.ctx: BatchContext | None = None
         self.shape: tuple[int, int] = (0, 0)
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
         self.unreadable: dict[str, str] = {}
         for site in sites:
             module = model.get_submodule(site.module)
-            acc = stats[site.name]
+            acc = consumers[site.name]
             if site.read == READ_INPUT:
                 self.handles.append(module.register_forward_pre_hook(self._pre_hook(site, acc)))
             else:
                 self.handles.append(module.register_forward_hook(self._hook(site, acc, module)))
 
-    def _consume(self, site: Site, acc: SiteStats, t: torch.Tensor | None) -> None:
+    def _consume(self, site: Site, acc: Consumer, t: torch.Tensor | None) -> None:
         if t is None or self.ctx is None:
             self.unreadable.setdefault(site.name, "its module returned no tensor")
             return
@@ -106,15 +107,15 @@ class _Hooks:
         if t is None:
             self.unreadable.setdefault(site.name, "its tensor is not [batch, tokens, width]")
             return
-        acc.update(t.detach(), self.ctx)
+        acc(t.detach(), self.ctx)
 
-    def _pre_hook(self, site: Site, acc: SiteStats):  # type: ignore[no-untyped-def]
+    def _pre_hook(self, site: Site, acc: Consumer):  # type: ignore[no-untyped-def]
         def hook(module: nn.Module, args: tuple[object, ...]) -> None:
             self._consume(site, acc, _first_tensor(args))
 
         return hook
 
-    def _hook(self, site: Site, acc: SiteStats, module: nn.Module):  # type: ignore[no-untyped-def]
+    def _hook(self, site: Site, acc: Consumer, module: nn.Module):  # type: ignore[no-untyped-def]
         if site.read == READ_ROUTER:
             experts = module.weight.shape[0]
 
@@ -240,8 +241,47 @@ def measure(
 
     measurement = Measurement(site_map, stats, [len(t) for t in token_ids], token_ids,
                               hidden_states_fallback=fallback)
-    offsets = measurement.offsets()
-    hooks = _Hooks(model, [s for s in sites if not s.module.startswith("<")], stats)
+    hooked = [s for s in sites if not s.module.startswith("<")]
+    after = (lambda out, ctx: _feed_hidden_states(out, stats, ctx, len(fallback_sites))) if fallback else None
+    measurement.wall_time_s, unreadable = run_hooked(
+        model, token_ids, batches=batches, sites=hooked, consumers={s.name: stats[s.name].update for s in hooked},
+        device=device, pad_token_id=pad_token_id, progress=progress, after_forward=after,
+    )
+    for name, reason in unreadable.items():
+        measurement.site_map = SiteMap(
+            tuple(s for s in measurement.site_map.sites if s.name != name),
+            measurement.site_map.missing + ((name, reason),),
+            measurement.site_map.layers_path,
+            measurement.site_map.num_layers,
+        )
+        measurement.stats.pop(name, None)
+    return measurement
+
+
+def run_hooked(
+    model: nn.Module,
+    token_ids: list[list[int]],
+    *,
+    batches: list[list[int]],
+    sites: Sequence[Site],
+    consumers: dict[str, Consumer],
+    device: torch.device,
+    pad_token_id: int = 0,
+    progress: ProgressFn | None = None,
+    after_forward: Callable[[object, BatchContext], None] | None = None,
+) -> tuple[float, dict[str, str]]:
+    """Run every batch through the base model with `consumers` hooked on `sites`.
+
+    Returns the wall time (device work included) and the sites whose module gave no usable tensor.
+    """
+    runner = base_model(model)
+    input_device = _input_device(model, device)
+    offsets: list[int] = []
+    total = 0
+    for t in token_ids:
+        offsets.append(total)
+        total += len(t)
+    hooks = _Hooks(model, sites, consumers)
     start = time.perf_counter()
     done_samples = done_tokens = 0
     try:
@@ -253,32 +293,23 @@ def measure(
                 hooks.shape = (ids.shape[0], ids.shape[1])
                 try:
                     out = runner(input_ids=ids, attention_mask=mask.long(), use_cache=False,
-                                 output_hidden_states=fallback)
+                                 output_hidden_states=after_forward is not None)
                 except torch.OutOfMemoryError as exc:
                     raise RuntimeFailure(
                         f"out of memory on a batch of {ids.shape[0]}x{ids.shape[1]} tokens",
                         hint="lower --max-batch-tokens or --max-seq-len, or use --device-map auto",
                     ) from exc
-                if fallback:
-                    _feed_hidden_states(out, stats, hooks.ctx, len(fallback_sites))
+                if after_forward is not None:
+                    after_forward(out, hooks.ctx)
                 done_samples += len(batch)
                 done_tokens += sum(len(token_ids[i]) for i in batch)
                 if progress is not None:
                     progress(done_samples, done_tokens)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        if input_device.type == "cuda":
+            torch.cuda.synchronize(input_device)
     finally:
         hooks.remove()
-    measurement.wall_time_s = time.perf_counter() - start
-    for name, reason in hooks.unreadable.items():
-        measurement.site_map = SiteMap(
-            tuple(s for s in measurement.site_map.sites if s.name != name),
-            measurement.site_map.missing + ((name, reason),),
-            measurement.site_map.layers_path,
-            measurement.site_map.num_layers,
-        )
-        measurement.stats.pop(name, None)
-    return measurement
+    return time.perf_counter() - start, hooks.unreadable
 
 
 def _pad(token_ids: list[list[int]], batch: list[int], offsets: list[int],

@@ -69,6 +69,16 @@ BatchSizeOpt = Annotated[
                              envvar="MAXACT_CARD_BATCH_SIZE")
 ]
 TopKOpt = Annotated[int, typer.Option("--top-k", help="Largest tokens kept per site.", envvar="MAXACT_CARD_TOP_K")]
+QuantOpt = Annotated[bool, typer.Option("--quant", help="Also check INT8/FP8 activation scales on held-out data.",
+                                        envvar="MAXACT_CARD_QUANT")]
+EvalFractionOpt = Annotated[float, typer.Option("--eval-fraction", help="Share of the samples held out for --quant.",
+                                                envvar="MAXACT_CARD_EVAL_FRACTION")]
+QuantSitesOpt = Annotated[str, typer.Option("--quant-sites", help="default, all, residual, peak, or site names (comma-separated).",
+                                            envvar="MAXACT_CARD_QUANT_SITES")]
+ClipQuantileOpt = Annotated[float, typer.Option("--clip-quantile", help="Quantile of |a| the percentile policy clips at.",
+                                                envvar="MAXACT_CARD_CLIP_QUANTILE")]
+MinSqnrOpt = Annotated[float, typer.Option("--min-sqnr", help="SQNR in dB a policy needs, over the tensor and per token.",
+                                           envvar="MAXACT_CARD_MIN_SQNR")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Load even when the weights look too large for the devices.",
                                         envvar="MAXACT_CARD_FORCE")]
 
@@ -79,6 +89,10 @@ def _fmt(value: float) -> str:
     if abs(value) >= 1e5 or abs(value) < 1e-3:
         return f"{value:.3g}"
     return f"{value:,.4g}" if abs(value) < 1000 else f"{value:,.1f}"
+
+
+def _fmt_db(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def summary_tables(results: dict[str, Any]) -> list[Any]:
@@ -111,6 +125,17 @@ def summary_tables(results: dict[str, Any]) -> list[Any]:
         top.add_row(s["name"], _fmt(s["max_abs"]), _fmt(s["quantiles"]["q0.999"]), _fmt(s["rms"]),
                     str(s["massive"]["tokens"]) if s["massive"] else "-")
     out: list[Any] = [head, comps, top]
+    quant = results.get("quant")
+    if quant:
+        q = Table(title=f"INT8/FP8 on held-out data ({quant['eval_samples']} samples)", title_justify="left")
+        for col in ("policy", "verdict", "worst site", "worst SQNR dB", "worst token p05 dB", "failing sites"):
+            q.add_column(col)
+        for name, p in quant["policies"].items():
+            q.add_row(name, p["verdict"], p["worst_site"] or "-", _fmt_db(p["worst_sqnr_db"]),
+                      _fmt_db(p["worst_token_sqnr_p05_db"]), str(p["failing_sites"]))
+        out.append(q)
+        out.append(f"recommended: {quant['recommended'] or 'none passes'}  (peak {_fmt(results['global']['max_abs'])} "
+                   f"at {results['global']['site']})")
     if results["missing_sites"]:
         missing = Table(title="sites not found", title_justify="left")
         missing.add_column("site")
@@ -187,13 +212,19 @@ def measure_cmd(
     batch_size: BatchSizeOpt = None,
     top_k: TopKOpt = 16,
     force: ForceOpt = False,
+    quant: QuantOpt = False,
+    eval_fraction: EvalFractionOpt = 1 / 3,
+    quant_sites: QuantSitesOpt = "default",
+    clip_quantile: ClipQuantileOpt = 0.999,
+    min_sqnr: MinSqnrOpt = 20.0,
 ) -> None:
     """Measure max|a| at every site of MODEL over a calibration corpus."""
     opts = MeasureOptions(
         model=model, revision=revision, token=token, corpus=corpus, samples=samples, max_seq_len=max_seq_len,
         truncate=truncate, seed=seed, dtype=dtype, device=device, device_map=device_map,
         trust_remote_code=trust_remote_code, max_batch_tokens=max_batch_tokens, batch_size=batch_size,
-        top_k=top_k, force=force,
+        top_k=top_k, force=force, quant=quant, eval_fraction=eval_fraction, quant_sites=quant_sites,
+        clip_quantile=clip_quantile, min_sqnr=min_sqnr,
     )
     bar = _ProgressBar(enabled=sys.stderr.isatty() and fmt is not OutputFormat.json)
     try:

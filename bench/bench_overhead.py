@@ -1,0 +1,145 @@
+"""Hooked measurement vs bare forward: time and peak memory over the same batches, as ratios.
+
+    python bench/bench_overhead.py --shape qwen3-8b            # on a GPU
+    python bench/bench_overhead.py --shape tiny --device cpu   # anywhere
+
+Random weights cost the same to run as trained ones, so real-size shapes need no download.
+Both sides run the base model (no LM head) over identical length-sorted batches; each side is
+warmed up over every batch shape first, then timed `--repeats` times; the median is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from maxact_card.corpus import batches as make_batches  # noqa: E402
+from maxact_card.measure import base_model, measure  # noqa: E402
+from maxact_card.stats import use_compile  # noqa: E402
+
+# Shapes from the public config.json files of these models.
+SHAPES = {
+    "tiny": dict(model_type="qwen3", hidden_size=64, intermediate_size=192, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=1000),
+    "qwen3-1.7b": dict(model_type="qwen3", hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                       num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                       tie_word_embeddings=True),
+    "qwen3-8b": dict(model_type="qwen3", hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936),
+    "qwen3-30b-a3b": dict(model_type="qwen3_moe", hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                          num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                          num_experts=128, num_experts_per_tok=8, decoder_sparse_step=1, vocab_size=151936),
+}
+
+
+def build(shape: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = dict(SHAPES[shape])
+    config = AutoConfig.for_model(spec.pop("model_type"), **spec, max_position_embeddings=32768)
+    config._attn_implementation = "sdpa"
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def lengths_for(samples: int, min_len: int, max_len: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(min_len, max_len + 1, (samples,), generator=g).tolist()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_bare(runner: torch.nn.Module, token_ids: list[list[int]], plan: list[list[int]], device: torch.device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for batch in plan:
+            width = max(len(token_ids[i]) for i in batch)
+            ids = torch.zeros((len(batch), width), dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, i in enumerate(batch):
+                ids[row, : len(token_ids[i])] = torch.tensor(token_ids[i])
+                mask[row, : len(token_ids[i])] = 1
+            runner(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+    sync(device)
+    return time.perf_counter() - start
+
+
+def time_hooked(model: torch.nn.Module, token_ids: list[list[int]], plan: list[list[int]], device: torch.device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    measure(model, token_ids, batches=plan, device=device)
+    sync(device)
+    return time.perf_counter() - start
+
+
+def peak(fn, device: torch.device) -> float:  # type: ignore[no-untyped-def]
+    if device.type != "cuda":
+        return float("nan")
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--min-len", type=int, default=128)
+    parser.add_argument("--max-len", type=int, default=2048)
+    parser.add_argument("--max-batch-tokens", type=int, default=16384)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compile", choices=["off", "on", "both"], default="both")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    model = build(args.shape, device, dtype)
+    runner = base_model(model)
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    lengths = lengths_for(args.samples, args.min_len, args.max_len, seed=0)
+    token_ids = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+    plan = make_batches(lengths, max_batch_tokens=args.max_batch_tokens)
+    tokens = sum(lengths)
+    params = sum(p.numel() for p in runner.parameters())
+    print(f"shape={args.shape} params={params / 1e9:.2f}B device={torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} "
+          f"dtype={args.dtype} samples={args.samples} tokens={tokens} batches={len(plan)} budget={args.max_batch_tokens}")
+
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    if device.type != "cuda":
+        modes = [False]
+    time_bare(runner, token_ids, plan, device)  # warm-up over every batch shape
+    bare_peak = peak(lambda: time_bare(runner, token_ids, plan, device), device)
+    for compiled in modes:
+        use_compile(compiled)
+        time_hooked(model, token_ids, plan, device)  # warm-up (and compilation)
+        bare, hooked = [], []
+        for _ in range(args.repeats):  # interleaved, so drift hits both sides alike
+            bare.append(time_bare(runner, token_ids, plan, device))
+            hooked.append(time_hooked(model, token_ids, plan, device))
+        hooked_peak = peak(lambda: time_hooked(model, token_ids, plan, device), device)
+        b, h = statistics.median(bare), statistics.median(hooked)
+        flops = 2 * params * tokens
+        print(f"compile={'on' if compiled else 'off'}: bare {b:.3f}s ({tokens / b:,.0f} tok/s, {flops / b / 1e12:.0f} TFLOP/s)  "
+              f"hooked {h:.3f}s  time ratio {h / b:.3f}x  peak memory bare {bare_peak:,.0f} MiB hooked {hooked_peak:,.0f} MiB "
+              f"ratio {hooked_peak / bare_peak if bare_peak == bare_peak and bare_peak > 0 else float('nan'):.3f}x")
+
+
+if __name__ == "__main__":
+    main()
