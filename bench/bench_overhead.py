@@ -84,14 +84,38 @@ def time_hooked(model: torch.nn.Module, token_ids: list[list[int]], plan: list[l
     return time.perf_counter() - start
 
 
+def quant_pass(model: torch.nn.Module, token_ids: list[list[int]], plan: list[list[int]], device: torch.device):  # type: ignore[no-untyped-def]
+    """The --quant held-out pass: every policy at every residual and down_proj-input site."""
+    from maxact_card import quant
+    from maxact_card.measure import run_hooked
+    from maxact_card.sites import discover
+    from maxact_card.stats import HIST_BINS
+
+    sites = [s for s in discover(model).sites if s.component in ("residual", "down_proj_input")]
+    hist = torch.zeros(HIST_BINS, dtype=torch.int64)
+    hist[0x3F80] = 1000  # |a| = 1: any valid calibration histogram does for timing
+    scales = quant.static_scales(8.0, hist, 0.999)
+    accs = {s.name: quant.QuantAccumulator(scales, device=device) for s in sites}
+
+    def run() -> float:
+        sync(device)
+        start = time.perf_counter()
+        run_hooked(model, token_ids, batches=plan, sites=sites,
+                   consumers={n: (lambda x, ctx, a=a: a.update(x, ctx.mask)) for n, a in accs.items()}, device=device)
+        sync(device)
+        return time.perf_counter() - start
+
+    return run
+
+
 def peak(fn, device: torch.device) -> float:  # type: ignore[no-untyped-def]
+    """Peak allocated device memory (weights included) while fn runs, MiB."""
     if device.type != "cuda":
         return float("nan")
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
     fn()
-    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    return torch.cuda.max_memory_allocated(device) / 2**20
 
 
 def main() -> None:
@@ -105,6 +129,7 @@ def main() -> None:
     parser.add_argument("--max-batch-tokens", type=int, default=16384)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile", choices=["off", "on", "both"], default="both")
+    parser.add_argument("--quant", action="store_true", help="also time the INT8/FP8 held-out pass")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -139,7 +164,17 @@ def main() -> None:
         print(f"compile={'on' if compiled else 'off'}: bare {b:.3f}s ({tokens / b:,.0f} tok/s, {flops / b / 1e12:.0f} TFLOP/s)  "
               f"hooked {h:.3f}s  time ratio {h / b:.3f}x  peak memory bare {bare_peak:,.0f} MiB hooked {hooked_peak:,.0f} MiB "
               f"ratio {hooked_peak / bare_peak if bare_peak == bare_peak and bare_peak > 0 else float('nan'):.3f}x")
+    if args.quant:
+        run = quant_pass(model, token_ids, plan, device)
+        run()  # warm-up
+        bare, extra = [], []
+        for _ in range(args.repeats):
+            bare.append(time_bare(runner, token_ids, plan, device))
+            extra.append(run())
+        b, q = statistics.median(bare), statistics.median(extra)
+        print(f"quant held-out pass: bare {b:.3f}s  with every policy {q:.3f}s  ratio {q / b:.3f}x")
 
 
 if __name__ == "__main__":
     main()
+

@@ -22,7 +22,9 @@ class Sample:
     def __post_init__(self) -> None:
         given = [name for name in ("text", "messages", "input_ids") if getattr(self, name) is not None]
         if len(given) != 1:
-            raise ValueError(f"sample {self.id!r} needs exactly one of text, messages, input_ids; got {given}")
+            raise ValueError(
+                f"sample {self.id!r} needs exactly one of text, messages, input_ids; got {given}"
+            )
         # Callers may pass lists; store tuples and fresh plain dicts so a sample cannot change under
         # a corpus hash that was computed from it.
         if self.messages is not None:

@@ -1,0 +1,107 @@
+"""Numbers formatted for people: `35,328` not `35328.0`, `7.0×10^5` for very large, `0.0123` for small.
+
+Every function is pure and deterministic, so a re-rendered card is byte-identical to the first one.
+"""
+
+from __future__ import annotations
+
+import math
+
+#: From this magnitude on, numbers are written in scientific notation (two significant digits).
+SCI_LARGE = 1e5
+#: Below this magnitude (and above zero), numbers are written in scientific notation.
+SCI_SMALL = 1e-4
+#: Significant digits for numbers below 1,000 (larger ones are rounded to integers).
+SIG_DIGITS = 4
+
+
+def _sign(x: float) -> str:
+    return "-" if x < 0 else ""
+
+
+def _sci(x: float, digits: int = 2) -> str:
+    """`7.0×10^5`: a mantissa with `digits` significant digits and a power of ten."""
+    mantissa, exponent = f"{abs(x):.{digits - 1}e}".split("e")
+    return f"{_sign(x)}{mantissa}×10^{int(exponent)}"
+
+
+def number(x: float | None, *, sig: int = SIG_DIGITS) -> str:
+    """A measured value for a reader.
+
+    0 → `0`; below 10^-4 → `1.8×10^-5`; below 1,000 → four significant digits without trailing
+    zeros (`0.0123`, `12.5`, `180.5`, `8`); below 10^5 → an integer with thousands separators
+    (`35,328`); from 10^5 on → `7.0×10^5`. Negative values carry a leading `-`. `sig` sets the
+    significant digits below 1,000.
+    """
+    if x is None:
+        return "n/a"
+    x = float(x)
+    if math.isnan(x):
+        return "NaN"
+    if math.isinf(x):
+        return f"{_sign(x)}∞"
+    if x == 0:
+        return "0"
+    mag = abs(x)
+    if mag >= SCI_LARGE or round(mag) >= SCI_LARGE:  # 99,999.6 rounds to 10^5: say so
+        return _sci(x)
+    if mag < SCI_SMALL:
+        return _sci(x)
+    if mag >= 1000:
+        return f"{round(x):,}"
+    text = f"{mag:#.{sig}g}"
+    if "e" in text:  # cannot happen in this range, but never emit a bare exponent
+        return _sci(x)
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    if text in ("0", ""):
+        return "0"
+    if float(text) >= 1000:  # 999.96 rounds up to 1000 with four digits
+        return f"{_sign(x)}{round(mag):,}"
+    return f"{_sign(x)}{text}"
+
+
+def count(n: float | None) -> str:
+    """A count, exact, with thousands separators: `183,424`."""
+    if n is None:
+        return "n/a"
+    return f"{int(n):,}"
+
+
+def ratio(x: float | None) -> str:
+    """A multiple: `2,400×`."""
+    if x is None:
+        return "n/a"
+    return f"{number(x)}×"
+
+
+def db(x: float | None) -> str:
+    """A signal-to-noise ratio in decibels with one decimal: `23.4 dB`."""
+    if x is None:
+        return "n/a"
+    x = float(x)
+    if math.isinf(x):
+        return f"{_sign(x)}∞ dB"
+    if math.isnan(x):
+        return "NaN dB"
+    text = f"{x:.1f}"
+    if text == "-0.0":
+        text = "0.0"
+    return f"{text} dB"
+
+
+def layer_ranges(layers: list[int]) -> str:
+    """`[1, 2, 3, 7, 9, 10]` → `1–3, 7, 9–10`: a long list of layers kept short."""
+    ordered = sorted(set(layers))
+    parts: list[str] = []
+    i = 0
+    while i < len(ordered):
+        j = i
+        while j + 1 < len(ordered) and ordered[j + 1] == ordered[j] + 1:
+            j += 1
+        parts.append(str(ordered[i]) if i == j else f"{ordered[i]}–{ordered[j]}")
+        i = j + 1
+    return ", ".join(parts)
+
+
+__all__ = ["count", "db", "layer_ranges", "number", "ratio"]
