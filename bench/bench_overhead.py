@@ -11,6 +11,7 @@ warmed up over every batch shape first, then timed `--repeats` times; the median
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -22,7 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from maxact_card.corpus import batches as make_batches  # noqa: E402
 from maxact_card.measure import base_model, measure  # noqa: E402
-from maxact_card.stats import use_compile  # noqa: E402
 
 # Shapes from the public config.json files of these models.
 SHAPES = {
@@ -89,11 +89,11 @@ def quant_pass(model: torch.nn.Module, token_ids: list[list[int]], plan: list[li
     from maxact_card import quant
     from maxact_card.measure import run_hooked
     from maxact_card.sites import discover
-    from maxact_card.stats import HIST_BINS
+    from maxact_card.stats import HIST_BINS, abs_hist_keys
 
     sites = [s for s in discover(model).sites if s.component in ("residual", "down_proj_input")]
     hist = torch.zeros(HIST_BINS, dtype=torch.int64)
-    hist[0x3F80] = 1000  # |a| = 1: any valid calibration histogram does for timing
+    hist[int(abs_hist_keys(torch.tensor(1.0)))] = 1000  # |a| = 1: any valid calibration histogram does for timing
     scales = quant.static_scales(8.0, hist, 0.999)
     accs = {s.name: quant.QuantAccumulator(scales, device=device) for s in sites}
 
@@ -152,7 +152,7 @@ def main() -> None:
     time_bare(runner, token_ids, plan, device)  # warm-up over every batch shape
     bare_peak = peak(lambda: time_bare(runner, token_ids, plan, device), device)
     for compiled in modes:
-        use_compile(compiled)
+        os.environ["MAXACT_CARD_COMPILE"] = "1" if compiled else "0"
         time_hooked(model, token_ids, plan, device)  # warm-up (and compilation)
         bare, hooked = [], []
         for _ in range(args.repeats):  # interleaved, so drift hits both sides alike
@@ -165,6 +165,7 @@ def main() -> None:
               f"hooked {h:.3f}s  time ratio {h / b:.3f}x  peak memory bare {bare_peak:,.0f} MiB hooked {hooked_peak:,.0f} MiB "
               f"ratio {hooked_peak / bare_peak if bare_peak == bare_peak and bare_peak > 0 else float('nan'):.3f}x")
     if args.quant:
+        os.environ["MAXACT_CARD_COMPILE"] = "1"
         run = quant_pass(model, token_ids, plan, device)
         run()  # warm-up
         bare, extra = [], []

@@ -58,7 +58,7 @@ def main() -> None:
         acc = stats.SiteStats(width, 64, device)
         acc_m = stats.SiteStats(width, 64, device, massive=True)
         hist = torch.zeros(stats.HIST_BINS, dtype=torch.int64)
-        hist[0x3F80] = 1000
+        hist[int(stats.abs_hist_keys(torch.tensor(1.0)))] = 1000
         qacc = quant.QuantAccumulator(quant.static_scales(8.0, hist, 0.999), device=device)
         pieces = {
             "matmul x@W (reference)": lambda: x @ w,

@@ -49,6 +49,17 @@ class Measurement:
         return out
 
 
+def enable_compile() -> None:
+    """Fuse the statistics passes with torch.compile on CUDA unless MAXACT_CARD_COMPILE=0."""
+    import os
+
+    from maxact_card import quant, stats
+
+    on = os.environ.get("MAXACT_CARD_COMPILE", "1") not in ("0", "false", "off")
+    stats.use_compile(on)
+    quant.use_compile(on)
+
+
 def base_model(model: nn.Module) -> nn.Module:
     """The model without its LM head: what produces hidden states."""
     base = getattr(model, "base_model", None)
@@ -276,6 +287,8 @@ def run_hooked(
     """
     runner = base_model(model)
     input_device = _input_device(model, device)
+    if input_device.type == "cuda":
+        enable_compile()
     offsets: list[int] = []
     total = 0
     for t in token_ids:

@@ -230,6 +230,57 @@ _FIELDS: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {
 }
 
 
+def token_errors(x: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per token: signal energy, sum |x|, and per policy ([P, B, T]) noise energy, sum |error|, clipped count.
+
+    `scales` holds one scale per policy in POLICY_ORDER (the dynamic policy's entry is unused).
+    Everything is reduced over the hidden dimension here, so masking happens on [B, T] values.
+    Under torch.compile each policy's quantize-and-reduce chain becomes one pass over `x`.
+    """
+    x = x.to(torch.float32)
+    abs_x = x.abs()
+    signal_tok = x.square().sum(-1)
+    noise_rows, abs_error_rows, clipped_rows = [], [], []
+    for i, policy in enumerate(POLICY_ORDER):
+        if policy is QuantPolicy.INT8_DYNAMIC_TOKEN:
+            amax = abs_x.amax(-1, keepdim=True)
+            # an all-zero token quantizes to zeros under any positive scale
+            scale: torch.Tensor = torch.where(amax > 0, amax / INT8_QMAX, 1.0)
+            clipped_rows.append(torch.zeros(x.shape[:-1], dtype=torch.int64, device=x.device))
+        else:
+            scale = scales[i]
+            clipped_rows.append((abs_x > _QMAX[policy] * scale).sum(-1))
+        if policy is QuantPolicy.FP8_E4M3_STATIC:
+            error = x - quantize_fp8_e4m3(x, scale)
+        else:
+            error = x - quantize_int8(x, scale)
+        noise_rows.append(error.square().sum(-1))
+        abs_error_rows.append(error.abs().sum(-1))
+    return (signal_tok, abs_x.sum(-1), torch.stack(noise_rows), torch.stack(abs_error_rows),
+            torch.stack(clipped_rows))
+
+
+_COMPILE = {"on": False}
+_compiled_token_errors = token_errors
+
+
+def _token_errors(x: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    if _COMPILE["on"] and x.is_cuda:
+        try:
+            return _compiled_token_errors(x, scales)
+        except Exception:  # noqa: BLE001 - a compiler failure costs speed, never the run
+            _COMPILE["on"] = False
+    return token_errors(x, scales)
+
+
+def use_compile(enabled: bool) -> None:
+    """Fuse the per-policy error passes with torch.compile on CUDA (same arithmetic, fewer passes)."""
+    global _compiled_token_errors
+    _COMPILE["on"] = enabled
+    if enabled and _compiled_token_errors is token_errors:
+        _compiled_token_errors = torch.compile(token_errors, dynamic=True)
+
+
 class QuantAccumulator:
     """Per site, on the device: the held-out error of every policy, mergeable.
 
@@ -251,6 +302,7 @@ class QuantAccumulator:
     ) -> None:
         """`scales` holds a positive finite scale for every static policy (see `static_scales`)."""
         self.scales = _check_scales(scales)
+        self._scale_vec: torch.Tensor | None = None
         self.thresholds = thresholds
         self._state = {
             name: torch.zeros(shape, dtype=dtype, device=device) for name, (dtype, shape) in _FIELDS.items()
@@ -275,38 +327,19 @@ class QuantAccumulator:
                 f"activations on {x.device} and mask on {mask.device}, accumulator on {self.device}",
                 hint="build the accumulator on the device of the hooked module",
             )
-        x = x.to(torch.float32)
         mask = mask.to(torch.bool)
         hidden = x.shape[-1]
-        abs_x = x.abs()
-        signal_tok = x.square().sum(-1)
+        if self._scale_vec is None:
+            self._scale_vec = torch.tensor([float(self.scales.get(p, 1.0)) for p in POLICY_ORDER],
+                                           dtype=torch.float32, device=self.device)
+        signal_tok, abs_tok, noise_tok, abs_error_tok, clipped_tok = _token_errors(x, self._scale_vec)
         state = self._state
         state["signal"] += torch.where(mask, signal_tok, 0).sum(dtype=torch.float64)
-        state["abs_sum"] += torch.where(mask, abs_x.sum(-1), 0).sum(dtype=torch.float64)
+        state["abs_sum"] += torch.where(mask, abs_tok, 0).sum(dtype=torch.float64)
         state["elements"] += mask.sum(dtype=torch.int64) * hidden
-
-        noise_rows, abs_error_rows, clipped_rows = [], [], []
-        for policy in POLICY_ORDER:
-            if policy is QuantPolicy.INT8_DYNAMIC_TOKEN:
-                amax = abs_x.amax(-1, keepdim=True)
-                # an all-zero token quantizes to zeros under any positive scale
-                scale: torch.Tensor | float = torch.where(amax > 0, amax / INT8_QMAX, 1.0)
-                clipped_rows.append(torch.zeros_like(mask, dtype=torch.int64))
-            else:
-                scale = self.scales[policy]
-                clipped_rows.append((abs_x > _QMAX[policy] * scale).sum(-1))
-            if policy is QuantPolicy.FP8_E4M3_STATIC:
-                error = x - quantize_fp8_e4m3(x, scale)
-            else:
-                error = x - quantize_int8(x, scale)
-            noise_rows.append(error.square().sum(-1))
-            abs_error_rows.append(error.abs().sum(-1))
-            del error
-
-        noise_tok = torch.stack(noise_rows)  # [P, B, T]
         state["noise"] += torch.where(mask, noise_tok, 0).sum((1, 2), dtype=torch.float64)
-        state["abs_error"] += torch.where(mask, torch.stack(abs_error_rows), 0).sum((1, 2), dtype=torch.float64)
-        state["clipped"] += torch.where(mask, torch.stack(clipped_rows), 0).sum((1, 2))
+        state["abs_error"] += torch.where(mask, abs_error_tok, 0).sum((1, 2), dtype=torch.float64)
+        state["clipped"] += torch.where(mask, clipped_tok, 0).sum((1, 2))
 
         # Per-token SQNR as a difference of logs, so no ratio overflows. Zero noise gives +inf
         # (the overflow bin), NaN activations give NaN (the underflow bin); all-zero tokens are
