@@ -1,0 +1,207 @@
+"""Results documents: what measure writes validates, broken copies fail with their JSON path, writes are atomic."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from maxact_card import results as results_mod
+from maxact_card.cli import app
+from maxact_card.errors import SchemaError, UsageError
+from maxact_card.results import dumps, load_results, validate_results, write_results
+from tests import factory
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "def main():\n    return 42\n",
+    "Activations peak in the residual stream at a few channels of the first token.",
+    "The lazy dog sleeps in the stream.",
+]
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("results")
+    ckpt = factory.save("qwen3_moe", root / "ckpt")
+    corpus = root / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS), encoding="utf-8")
+    out = root / "r.json"
+    res = CliRunner().invoke(
+        app, ["measure", str(ckpt), "--corpus", str(corpus), "--out", str(out), "--format", "json"]
+    )
+    assert res.exit_code == 0, res.stderr
+    return {"path": out, "doc": json.loads(out.read_text(encoding="utf-8"))}
+
+
+def _write(path: Path, doc: Any) -> Path:
+    path.write_text(json.dumps(doc), encoding="utf-8")
+    return path
+
+
+def test_measured_results_validate(measured: dict[str, Any]) -> None:
+    doc = load_results(measured["path"])
+    assert doc == measured["doc"]
+    assert doc["schema_version"] == results_mod.SCHEMA_VERSION
+    assert doc["model"]["source"] == "local" and doc["model"]["architecture"] == "Qwen3MoeForCausalLM"
+    assert all(len(w["sha256"]) == 64 for w in doc["model"]["weight_files"])
+    assert doc["corpus"]["samples"] == len(TEXTS)
+    # the file is the canonical text of the document
+    assert measured["path"].read_text(encoding="utf-8") == dumps(doc)
+
+
+@pytest.mark.parametrize(
+    "break_it, path, words",
+    [
+        (
+            lambda d: d["global"].__setitem__("max_abs", "large"),
+            "$.global.max_abs",
+            "'large' is not of type 'number'",
+        ),
+        (lambda d: d.pop("corpus"), "$", "'corpus' is a required property"),
+        (lambda d: d["sites"][0].pop("count"), "$.sites[0]", "'count' is a required property"),
+        (
+            lambda d: d["sites"][1]["location"].__setitem__("channel", -1),
+            "$.sites[1].location.channel",
+            "minimum",
+        ),
+        (
+            lambda d: d["global"].__setitem__("component", "kernel"),
+            "$.global.component",
+            "'kernel' is not one of",
+        ),
+    ],
+)
+def test_a_broken_copy_names_the_json_path(
+    measured: dict[str, Any], tmp_path: Path, break_it: Any, path: str, words: str
+) -> None:
+    doc = copy.deepcopy(measured["doc"])
+    break_it(doc)
+    broken = _write(tmp_path / "broken.json", doc)
+    with pytest.raises(SchemaError) as info:
+        load_results(broken)
+    line = info.value.line()
+    assert line.startswith(f"{broken}::{path}: "), line
+    assert words in line
+    assert isinstance(info.value, UsageError) and info.value.exit_code == 2
+
+
+def test_several_errors_are_counted(measured: dict[str, Any]) -> None:
+    doc = copy.deepcopy(measured["doc"])
+    doc["global"]["max_abs"] = "large"
+    doc["run"]["seed"] = "zero"
+    with pytest.raises(SchemaError) as info:
+        validate_results(doc, source="r.json")
+    assert "(1 other error; fix this one first)" in info.value.line()
+
+
+def test_an_older_schema_version_asks_for_a_rerun(measured: dict[str, Any], tmp_path: Path) -> None:
+    doc = copy.deepcopy(measured["doc"])
+    doc["schema_version"] = 0
+    old = _write(tmp_path / "old.json", doc)
+    with pytest.raises(SchemaError) as info:
+        load_results(old)
+    line = info.value.line()
+    assert "schema version 0 is older than 1" in line
+    assert "re-run `maxact-card measure`" in line
+
+
+def test_a_newer_schema_version_asks_for_an_upgrade(measured: dict[str, Any]) -> None:
+    doc = copy.deepcopy(measured["doc"])
+    doc["schema_version"] = 2
+    with pytest.raises(SchemaError, match="newer"):
+        validate_results(doc)
+
+
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        (None, "does not exist"),
+        ("{not json", "is not valid JSON"),
+    ],
+)
+def test_unreadable_files_are_usage_errors(tmp_path: Path, content: str | None, words: str) -> None:
+    path = tmp_path / "r.json"
+    if content is not None:
+        path.write_text(content, encoding="utf-8")
+    with pytest.raises(UsageError, match=words):
+        load_results(path)
+
+
+def test_shipped_example_validates() -> None:
+    example = Path(__file__).parent / "data" / "results_example.json"
+    assert load_results(example)["schema_version"] == 1
+
+
+# --- writing ---------------------------------------------------------------------------------------
+def test_write_results_round_trips(measured: dict[str, Any], tmp_path: Path) -> None:
+    out = tmp_path / "nested" / "r.json"
+    write_results(measured["doc"], out)
+    assert load_results(out) == measured["doc"]
+    assert [p.name for p in out.parent.iterdir()] == ["r.json"]
+
+
+def test_write_results_is_atomic(
+    measured: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(src: Any, dst: Any) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", refuse)
+    with pytest.raises(OSError, match="disk full"):
+        write_results(measured["doc"], tmp_path / "r.json")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_results_keeps_the_old_file_when_replacing_fails(
+    measured: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "r.json"
+    out.write_text("previous", encoding="utf-8")
+    monkeypatch.setattr(os, "replace", lambda src, dst: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError):
+        write_results(measured["doc"], out)
+    assert out.read_text(encoding="utf-8") == "previous"
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_write_results_validates_first(measured: dict[str, Any], tmp_path: Path) -> None:
+    doc = copy.deepcopy(measured["doc"])
+    doc["global"]["max_abs"] = "large"
+    with pytest.raises(SchemaError, match=r"::\$\.global\.max_abs: "):
+        write_results(doc, tmp_path / "r.json")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="core bug: results.build_results drops a site whose every token is non-finite "
+    "(`if not top: continue`) without a missing_sites entry or any non-finite count",
+)
+def test_a_site_that_is_all_nan_is_reported_not_dropped(tmp_path: Path) -> None:
+    def nan_final_norm(model: Any) -> None:
+        model.model.norm.weight[0] = float("nan")  # every token's ln_final vector holds a NaN
+
+    ckpt = factory.save("llama", tmp_path / "ckpt", edit=nan_final_norm)
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS), encoding="utf-8")
+    res = CliRunner().invoke(app, ["measure", str(ckpt), "--corpus", str(corpus), "--format", "json"])
+    assert res.exit_code == 0, res.stderr
+    doc = json.loads(res.stdout)
+    reported = {s["name"]: s["non_finite"]["tokens"] for s in doc["sites"]}
+    missing = {m["site"]: m["reason"] for m in doc["missing_sites"]}
+    assert reported.get("ln_final.hook_normalized") == doc["run"]["tokens"] or (
+        "non-finite" in missing.get("ln_final.hook_normalized", "")
+    )
+
+
+def test_non_finite_numbers_are_never_written(measured: dict[str, Any]) -> None:
+    doc = copy.deepcopy(measured["doc"])
+    doc["sites"][0]["mean"] = float("nan")
+    with pytest.raises(ValueError):
+        dumps(doc)
