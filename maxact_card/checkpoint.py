@@ -110,6 +110,7 @@ def load(ref: str, *, revision: str | None = None, token: str | None = None, dty
 
     dtype_name = parse_dtype(dtype)
     dev = pick_device(device)
+    quiet_libraries()
     local_dir, gguf_file, info = resolve(ref, revision=revision, token=token,
                                          memory_budget_bytes=memory_budget_bytes, force=force)
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
@@ -125,6 +126,7 @@ def load(ref: str, *, revision: str | None = None, token: str | None = None, dty
     except (OSError, json.JSONDecodeError) as exc:
         raise UsageError(f"cannot read the config of {ref}: {str(exc).splitlines()[0]}",
                          hint="check config.json") from None
+    _refuse_non_causal(ref, config)
     chosen = dtype_name if dtype_name != "auto" else ("float32" if gguf_file else _config_dtype(config))
     torch_dtype = DTYPES[chosen]
     load_kwargs: dict[str, Any] = dict(kwargs, dtype=torch_dtype)
@@ -154,6 +156,33 @@ def load(ref: str, *, revision: str | None = None, token: str | None = None, dty
                                  "num_layers", "hidden_size", "weight_files", "notes")}
     first = next(model.parameters())
     return LoadedModel(model, tokenizer, info, first.device if device_map else dev, torch_dtype)
+
+
+_CAUSAL_HEADS = ("CausalLM", "LMHeadModel", "ForConditionalGeneration")
+
+
+def _refuse_non_causal(ref: str, config: Any) -> None:
+    """Encoder-only and encoder-decoder checkpoints are not what the measurement means."""
+    architectures = getattr(config, "architectures", None) or []
+    encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+    if encoder_decoder or (architectures and not any(h in a for a in architectures for h in _CAUSAL_HEADS)):
+        names = ", ".join(architectures) or str(getattr(config, "model_type", "?"))
+        raise UsageError(f"{ref} is not a causal language model ({names})",
+                         hint="maxact-card measures decoder-only LMs (a *ForCausalLM checkpoint)")
+
+
+def quiet_libraries() -> None:
+    """Library progress bars and warnings go only to a terminal: stderr stays one line per problem."""
+    import sys
+
+    if sys.stderr.isatty():
+        return
+    import huggingface_hub.utils
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    huggingface_hub.utils.disable_progress_bars()
 
 
 def _load_model(ref: str, local_dir: Path, config: Any, load_kwargs: dict[str, Any], transformers: Any,

@@ -149,6 +149,7 @@ def build_results(
         }
 
     sites_out: list[dict[str, Any]] = []
+    missing = list(measurement.site_map.missing)
     for site in measurement.site_map.sites:
         s = state[site.name]
         keys = s["topk_key"].tolist()
@@ -163,7 +164,8 @@ def build_results(
             if k >= 0
         ]
         if not top:
-            continue  # the site saw no valid token (every token non-finite)
+            missing.append((site.name, f"every token was non-finite ({int(nonfinite_count(s['hist']))} inf/NaN elements)"))
+            continue
         count = int(s["count"])
         mean = float(s["sum"]) / count if count else 0.0
         rms = math.sqrt(float(s["sumsq"]) / count) if count else 0.0
@@ -191,7 +193,7 @@ def build_results(
                 "q0.999": _q(hist, 0.999), "q0.9999": _q(hist, 0.9999),
             },
             "non_finite": {"elements": int(nonfinite_count(hist)), "tokens": int(s["nonfinite_tokens"])},
-            "massive": {"tokens": int(s["massive_tokens"]), "max_ratio": _ratio(float(s["massive_ratio"]))}
+            "massive": {"tokens": int(s["massive_tokens"]), "max_ratio": _top_ratio(s)}
             if site.component in ("residual", "embedding") else None,
             "top_channels": [{"channel": int(c), "max_abs": float(v)} for v, c in zip(ch_vals.tolist(), ch_idx.tolist())],
         })
@@ -220,7 +222,7 @@ def build_results(
         "layers": _layers(sites_out),
         "massive": _massive(sites_out),
         "sites": sites_out,
-        "missing_sites": [{"site": name, "reason": reason} for name, reason in measurement.site_map.missing],
+        "missing_sites": [{"site": name, "reason": reason} for name, reason in missing],
     }
     return results
 
@@ -235,8 +237,13 @@ def _q(hist: torch.Tensor, q: float) -> float:
     return 0.0 if math.isnan(value) else value
 
 
-def _ratio(value: float) -> float | None:
-    return None if value <= 0 or math.isinf(value) or math.isnan(value) else value
+def _top_ratio(state: dict[str, torch.Tensor]) -> float | None:
+    """Sun et al.'s largest ratio |a| / median |a| of the token, read at the site's top-K tokens."""
+    keep = (state["topk_key"] >= 0) & (state["topk_median"] > 0)
+    if not bool(keep.any()):
+        return None
+    ratio = float((state["topk_value"].abs()[keep] / state["topk_median"][keep]).max())
+    return None if math.isinf(ratio) or math.isnan(ratio) else ratio
 
 
 def bootstrap_max(per_sample_max: torch.Tensor, *, seed: int, resamples: int = BOOTSTRAP_RESAMPLES) -> dict[str, Any]:

@@ -149,6 +149,7 @@ def discover(model: nn.Module) -> SiteMap:
     found = find_layer_stack(model)
     if found is None:
         missing.append(("blocks.*", "no decoder layer stack found; residual stream read from output_hidden_states"))
+        missing.append(("ln_final.hook_normalized", "no decoder layer stack found: the final norm cannot be located"))
         return SiteMap(tuple(sites), tuple(missing), None, 0)
     stack_path, stack = found
     num_experts = _num_experts(model)

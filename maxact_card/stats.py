@@ -192,9 +192,9 @@ class SiteStats:
 
     MERGE_OPS = {
         "max": "max", "min": "min", "channel_max": "max", "count": "sum", "sum": "sum", "sumsq": "sum",
-        "hist": "sum", "nonfinite_tokens": "sum", "massive_tokens": "sum", "massive_ratio": "max",
+        "hist": "sum", "nonfinite_tokens": "sum", "massive_tokens": "sum",
         "sample_max": "max", "topk_key": "topk", "topk_value": "topk", "topk_channel": "topk",
-        "topk_token_id": "topk",
+        "topk_token_id": "topk", "topk_median": "topk",
     }
 
     def __init__(self, width: int, num_samples: int, device: torch.device | str, *, top_k: int = 16,
@@ -212,12 +212,12 @@ class SiteStats:
         self.hist = torch.zeros(HIST_BINS, dtype=torch.int64, device=dev)
         self.nonfinite_tokens = torch.zeros((), dtype=torch.int64, device=dev)
         self.massive_tokens = torch.zeros((), dtype=torch.int64, device=dev)
-        self.massive_ratio = torch.zeros((), device=dev)
         self.sample_max = torch.zeros(num_samples, device=dev)
         self.topk_key = torch.full((top_k,), -1, dtype=torch.int64, device=dev)
         self.topk_value = torch.zeros(top_k, device=dev)
         self.topk_channel = torch.zeros(top_k, dtype=torch.int64, device=dev)
         self.topk_token_id = torch.zeros(top_k, dtype=torch.int64, device=dev)
+        self.topk_median = torch.zeros(top_k, device=dev)  # median |a| of each top-K token (massive sites)
 
     # -- update ------------------------------------------------------------------------------------
     def update(self, x: torch.Tensor, ctx: BatchContext) -> None:
@@ -235,7 +235,7 @@ class SiteStats:
         torch.minimum(self.min, torch.where(valid, tok_min, torch.inf).amin(), out=self.min)
         abs_valid = torch.where(valid, tok_abs, 0.0)
         self.sample_max.scatter_reduce_(0, ctx.sample_index, abs_valid.amax(dim=1), reduce="amax")
-        top_rows = self._update_topk(abs_valid, tok_signed, tok_channel, valid, ctx)
+        self._update_topk(x, abs_valid, tok_signed, tok_channel, valid, ctx)
         torch.maximum(self.channel_max, channel_max, out=self.channel_max)
         self.sum += torch.where(valid, tok_sum, 0.0).sum(dtype=torch.float64)
         self.sumsq += torch.where(valid, tok_sq, 0.0).sum(dtype=torch.float64)
@@ -244,31 +244,34 @@ class SiteStats:
         if below is not None:
             hit = valid & (tok_abs > MASSIVE_ABS) & (below >= (x.shape[-1] - 1) // 2 + 1)
             self.massive_tokens += hit.sum()
-            # The largest ratio is read where it can be large: at this batch's top-K tokens by |a|.
-            rows = x.reshape(-1, x.shape[-1])[top_rows]
-            median = rows.abs().median(dim=-1).values.float()
-            ratio = abs_valid.reshape(-1)[top_rows] / median.clamp_min(torch.finfo(torch.float32).tiny)
-            torch.maximum(self.massive_ratio, ratio.amax(), out=self.massive_ratio)
 
-    def _update_topk(self, abs_valid: torch.Tensor, signed: torch.Tensor, channel: torch.Tensor,
-                     valid: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
+    def _update_topk(self, x: torch.Tensor, abs_valid: torch.Tensor, signed: torch.Tensor, channel: torch.Tensor,
+                     valid: torch.Tensor, ctx: BatchContext) -> None:
         bits = abs_valid.contiguous().view(torch.int32).to(torch.int64)
         key = torch.where(valid, (bits << 32) | (_KEY_LOW - ctx.token_index), -1).reshape(-1)
         k = min(self.top_k, key.numel())
         top_key, idx = key.topk(k)
-        cand_key = torch.cat([self.topk_key, top_key])
-        cand_value = torch.cat([self.topk_value, signed.reshape(-1)[idx]])
-        cand_channel = torch.cat([self.topk_channel, channel.reshape(-1)[idx]])
-        cand_token = torch.cat([self.topk_token_id, ctx.input_ids.reshape(-1)[idx]])
-        self._select_topk(cand_key, cand_value, cand_channel, cand_token)
-        return idx
+        if self.massive:
+            # The median |a| of each candidate token, for Sun et al.'s ratio at the top tokens: the
+            # final top-K does not depend on batching, so neither does the largest ratio read there.
+            median = x.reshape(-1, x.shape[-1])[idx].abs().median(dim=-1).values.float()
+        else:
+            median = torch.zeros(k, device=x.device)
+        self._select_topk(
+            torch.cat([self.topk_key, top_key]),
+            torch.cat([self.topk_value, signed.reshape(-1)[idx]]),
+            torch.cat([self.topk_channel, channel.reshape(-1)[idx]]),
+            torch.cat([self.topk_token_id, ctx.input_ids.reshape(-1)[idx]]),
+            torch.cat([self.topk_median, median]),
+        )
 
     def _select_topk(self, key: torch.Tensor, value: torch.Tensor, channel: torch.Tensor,
-                     token: torch.Tensor) -> None:
+                     token: torch.Tensor, median: torch.Tensor) -> None:
         self.topk_key, idx = key.topk(self.top_k)
         self.topk_value = value[idx]
         self.topk_channel = channel[idx]
         self.topk_token_id = token[idx]
+        self.topk_median = median[idx]
 
     # -- monoid --------------------------------------------------------------------------------------
     def merge(self, other: SiteStats) -> SiteStats:
@@ -285,13 +288,14 @@ class SiteStats:
             elif op == "sum":
                 state[name] = a + b
         for name in ("max", "min", "channel_max", "count", "sum", "sumsq", "hist", "nonfinite_tokens",
-                     "massive_tokens", "massive_ratio", "sample_max"):
+                     "massive_tokens", "sample_max"):
             setattr(out, name, state[name])
         out._select_topk(
             torch.cat([self.topk_key, other.topk_key.to(self.max.device)]),
             torch.cat([self.topk_value, other.topk_value.to(self.max.device)]),
             torch.cat([self.topk_channel, other.topk_channel.to(self.max.device)]),
             torch.cat([self.topk_token_id, other.topk_token_id.to(self.max.device)]),
+            torch.cat([self.topk_median, other.topk_median.to(self.max.device)]),
         )
         return out
 

@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 
 import pytest
 
+# huggingface_hub reads its cache location once, at import: point it at a throwaway folder first.
+_HF_HOME = tempfile.mkdtemp(prefix="maxact-hf-home-")
+os.environ["HF_HOME"] = _HF_HOME
+os.environ["HF_HUB_CACHE"] = os.path.join(_HF_HOME, "hub")
+os.environ.pop("HF_TOKEN", None)
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tests.hub_server import hub_server  # noqa: E402,F401  (the local Hub fixture)
 
 _real_connect = socket.socket.connect
 _real_connect_ex = socket.socket.connect_ex

@@ -184,11 +184,6 @@ def test_text_output_shows_the_global_max_and_its_site(planted: Path, shelf: Pat
     assert not res.stdout.lstrip().startswith("{")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: commands/measure.py summary_tables prints the module path as "
-    "'[model.layers.1]' through rich markup, which swallows it as a style tag",
-)
 def test_text_output_names_the_module_path(planted: Path, shelf: Path, tmp_path: Path) -> None:
     out = tmp_path / "r.json"
     res = _invoke(["measure", str(planted), "--corpus", str(shelf / "corpus.jsonl"), "--out", str(out)])
@@ -313,11 +308,6 @@ def bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: checkpoint._load_model loads an encoder-only BertModel through "
-    "AutoModelForCausalLM as BertLMHeadModel (bidirectional) and measures it instead of refusing it",
-)
 def test_a_non_causal_checkpoint_is_refused(bert_dir: Path, shelf: Path, tmp_path: Path) -> None:
     work = tmp_path / "work"
     work.mkdir()
@@ -373,11 +363,6 @@ def test_usage_error_traceback_only_with_debug(shelf: Path, tmp_path: Path) -> N
 
 
 # --- stderr stays quiet when the output is not for a person ----------------------------------------
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: checkpoint.load leaves transformers' 'Loading weights' tqdm bar "
-    "on, so stderr carries progress when it is not a terminal and with --format json",
-)
 def test_stderr_holds_no_progress_when_not_a_terminal(
     shelf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

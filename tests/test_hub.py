@@ -42,7 +42,7 @@ def files(tmp_path: Path) -> dict[str, bytes]:
 
 @pytest.fixture
 def hub(
-    hub_server: HubServer,  # noqa: F811 - the fixture, imported above
+    hub_server: HubServer,
     files: dict[str, bytes],
 ) -> HubServer:
     hub_server.create_repo(REPO, files)

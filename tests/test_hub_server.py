@@ -39,7 +39,7 @@ WRITE, READ = "hf_write_token_for_tests", "hf_read_token_for_tests"
 
 @pytest.fixture
 def hub(
-    hub_server: HubServer,  # noqa: F811 - the fixture, imported above
+    hub_server: HubServer,
     tmp_path: Path,
 ) -> HubServer:
     hub_server.create_repo(REPO, tiny_llama_files(tmp_path))
@@ -117,7 +117,7 @@ def test_safetensors_metadata_single_file(hub: HubServer) -> None:
 
 
 def test_safetensors_metadata_sharded(
-    hub_server: HubServer,  # noqa: F811
+    hub_server: HubServer,
     tmp_path: Path,
 ) -> None:
     import torch

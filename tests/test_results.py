@@ -178,11 +178,6 @@ def test_write_results_validates_first(measured: dict[str, Any], tmp_path: Path)
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: results.build_results drops a site whose every token is non-finite "
-    "(`if not top: continue`) without a missing_sites entry or any non-finite count",
-)
 def test_a_site_that_is_all_nan_is_reported_not_dropped(tmp_path: Path) -> None:
     def nan_final_norm(model: Any) -> None:
         model.model.norm.weight[0] = float("nan")  # every token's ln_final vector holds a NaN

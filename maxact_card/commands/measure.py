@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.markup import escape
 from rich.table import Table
 
 from maxact_card.commands._common import (
@@ -100,10 +101,10 @@ def summary_tables(results: dict[str, Any]) -> list[Any]:
     g = results["global"]
     loc = g["location"]
     head = Table.grid(padding=(0, 2))
-    head.add_row("model", f"{results['model']['id']} ({results['model']['architecture']}, {results['run']['dtype']})")
+    head.add_row("model", escape(f"{results['model']['id']} ({results['model']['architecture']}, {results['run']['dtype']})"))
     head.add_row("global max|a|", f"{_fmt(g['max_abs'])}  (value {_fmt(g['value'])})")
-    head.add_row("where", f"{g['site']}  [{g['module']}]  channel {loc['channel']}, "
-                 f"sample {loc['sample_id']} position {loc['position']}, token {loc['token']!r}")
+    head.add_row("where", escape(f"{g['site']}  [{g['module']}]  channel {loc['channel']}, "
+                                 f"sample {loc['sample_id']} position {loc['position']}, token {loc['token']!r}"))
     boot = g["bootstrap"]
     head.add_row("bootstrap", f"median {_fmt(boot['median'])}, 5-95% [{_fmt(boot['p05'])}, {_fmt(boot['p95'])}]")
     massive = results["massive"]
@@ -116,7 +117,8 @@ def summary_tables(results: dict[str, Any]) -> list[Any]:
     for col in ("component", "max|a|", "site", "channel", "token"):
         comps.add_column(col)
     for name, c in results["components"].items():
-        comps.add_row(name, _fmt(c["max_abs"]), c["site"], str(c["location"]["channel"]), repr(c["location"]["token"]))
+        comps.add_row(name, _fmt(c["max_abs"]), c["site"], str(c["location"]["channel"]),
+                      escape(repr(c["location"]["token"])))
 
     top = Table(title="top sites", title_justify="left")
     for col in ("site", "max|a|", "q0.999", "rms", "massive tokens"):
@@ -141,7 +143,7 @@ def summary_tables(results: dict[str, Any]) -> list[Any]:
         missing.add_column("site")
         missing.add_column("reason")
         for m in results["missing_sites"]:
-            missing.add_row(m["site"], m["reason"])
+            missing.add_row(escape(m["site"]), escape(m["reason"]))
         out.append(missing)
     return out
 

@@ -1,0 +1,368 @@
+"""`maxact-card check`: measure (with the INT8/FP8 check), gate on a policy, and optionally card or publish.
+
+The release gate in one command, the one the GitHub Action runs:
+measure → results (schema-validated) → gate (policy, baseline, card status) → report
+(→ the local card with `--card`, → a Hub pull request with `--create-pr`).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from maxact_card.card import (
+    CARD_FILE,
+    DEFAULT_CHART_PATH,
+    DEFAULT_RESULTS_PATH,
+    CheckStatus,
+    LocalSource,
+    relative_link,
+    splice_card,
+    validate_card,
+)
+from maxact_card.chart import render_chart
+from maxact_card.commands._common import (
+    FormatOpt,
+    OutOpt,
+    OutputFormat,
+    RevisionOpt,
+    TokenOpt,
+    handle_errors,
+    stderr_console,
+    stdout_console,
+)
+from maxact_card.commands.measure import (
+    BatchSizeOpt,
+    BatchTokensOpt,
+    ClipQuantileOpt,
+    CorpusOpt,
+    DeviceMapOpt,
+    DeviceOpt,
+    DtypeOpt,
+    EvalFractionOpt,
+    ForceOpt,
+    MaxSeqLenOpt,
+    MinSqnrOpt,
+    ModelArg,
+    QuantOpt,
+    QuantSitesOpt,
+    RemoteCodeOpt,
+    SamplesOpt,
+    SeedOpt,
+    TopKOpt,
+    TruncateOpt,
+    _ProgressBar,
+    summary_tables,
+)
+from maxact_card.commands.render import CardOpt, run_render
+from maxact_card.errors import EXIT_GATE, UsageError
+from maxact_card.gate import CardStatus, Verdict, evaluate, format_value, load_baseline, render_summary
+from maxact_card.policy import DEFAULT_POLICY, FP16_MAX, Policy, load_policy
+from maxact_card.results import atomic_write_text, dumps, validate_results, write_results
+from maxact_card.run import DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_SEQ_LEN, MeasureOptions, run_measure
+
+EXAMPLES = [
+    "maxact-card check ./my-checkpoint --out results.json",
+    "maxact-card check org/model --revision v1.0 --policy release.toml --baseline org/model@v0.9",
+    "maxact-card check ./my-checkpoint --card ./my-checkpoint/README.md --format markdown",
+    "maxact-card check org/model --create-pr --format json       # HF_TOKEN with write access",
+]
+
+HELP = f"""Measure MODEL (with the INT8/FP8 check unless --no-quant), gate it on a policy, report the verdict.
+
+Without --policy the built-in default policy applies. It fails on: any non-finite activation; a
+global max|a| above {FP16_MAX:g} (the largest float16: it overflows when served in fp16);
+int8-dynamic-per-token failing the INT8 check (skipped with --no-quant); peak growth over
+{DEFAULT_POLICY.max_peak_growth_pct:g}% against --baseline (only with --baseline); a stale maxact
+section in --card (only with --card).
+
+With --card the section is spliced into the local card, the chart written to maxact/profile.svg and
+the results to maxact/results.json beside it. With --create-pr a passing check opens (or updates) a
+pull request on the Hub with the results, chart and card section (MODEL must be a repo id).
+
+Exit 0 pass, 1 the gate failed, 2 bad input (policy, baseline, model path...), 3 a runtime failure."""
+
+PolicyOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--policy",
+        help="Policy file (.toml or .json). Default: the built-in policy described above.",
+        envvar="MAXACT_CARD_POLICY",
+        show_default=False,
+    ),
+]
+BaselineOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--baseline",
+        help="Baseline results: a results JSON, or org/name[@revision] on the Hub (its maxact/results.json).",
+        envvar="MAXACT_CARD_BASELINE",
+        show_default=False,
+    ),
+]
+CreatePrOpt = Annotated[
+    bool,
+    typer.Option(
+        "--create-pr",
+        help="When the gate passes, open or update a Hub pull request with results, chart and card section.",
+        envvar="MAXACT_CARD_CREATE_PR",
+    ),
+]
+VerdictOutOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--verdict-out",
+        help="Also write the verdict as JSON to this file (whatever --format says).",
+        envvar="MAXACT_CARD_VERDICT_OUT",
+        show_default=False,
+    ),
+]
+
+
+@dataclass(frozen=True)
+class CheckRequest:
+    """Everything `check` does beyond the measurement itself."""
+
+    measure: MeasureOptions
+    policy_path: Path | None = None
+    baseline: str | None = None
+    out: Path | None = None
+    card: Path | None = None
+    create_pr: bool = False
+
+
+@dataclass(frozen=True)
+class CheckOutcome:
+    """What a check produced: the results, where they were written, the verdict, and the PR (if any)."""
+
+    results: dict[str, Any]
+    results_path: Path | None
+    verdict: Verdict
+    card_path: Path | None = None
+    pr_url: str | None = None
+    pr_skipped: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """What `check --format json` prints."""
+        return {
+            "results_path": None if self.results_path is None else str(self.results_path),
+            "verdict": self.verdict.to_dict(),
+            "pr_url": self.pr_url,
+        }
+
+
+def card_file(card: Path) -> Path:
+    """The card's README.md: `card` itself, or README.md inside it when it is a folder."""
+    return card / CARD_FILE if card.is_dir() else card
+
+
+def card_status(card: Path) -> CardStatus:
+    """Does the local card have a maxact section, and does it still match the results beside it?"""
+    report = validate_card(LocalSource(card))
+    status = {check.name: check.status for check in report.checks}
+    present = status.get("section") is CheckStatus.passed
+    compared = [status.get(name) for name in ("section-text", "front-matter", "weights", "chart")]
+    if not present or status.get("results") is not CheckStatus.passed:
+        return CardStatus(present=present, stale=None)
+    if any(s is CheckStatus.failed for s in compared):
+        return CardStatus(present=True, stale=True)
+    if all(s in (None, CheckStatus.skipped) for s in compared):
+        return CardStatus(present=True, stale=None)
+    return CardStatus(present=True, stale=False)
+
+
+def _preflight(request: CheckRequest) -> tuple[Policy, dict[str, Any] | None]:
+    """Bad input fails before the (long) measurement: policy, baseline, card path, PR target."""
+    policy = load_policy(request.policy_path)
+    baseline = load_baseline(request.baseline, request.measure.token) if request.baseline else None
+    if request.card is not None:
+        target = card_file(request.card)
+        if target.exists() and not target.is_file():
+            raise UsageError(f"{target} is not a file", hint="pass the model card (README.md) or its folder")
+    if request.create_pr:
+        from maxact_card.hub import is_repo_id
+
+        if not is_repo_id(request.measure.model):
+            raise UsageError(
+                f"--create-pr needs a Hub repo id org/name, not {request.measure.model!r}",
+                hint="check the repo id, or drop --create-pr and use --card for a local card",
+            )
+    return policy, baseline
+
+
+def _write_card(results: dict[str, Any], card: Path, out: Path | None) -> Path:
+    """Write results where the card links them, then splice the section and the chart (render's code)."""
+    target = card_file(card)
+    beside = target.parent / DEFAULT_RESULTS_PATH
+    # The card links the results file: --out when it lies under the card's folder, else a copy beside it.
+    linked = out if out is not None and relative_link(out, target.parent) is not None else beside
+    if linked != out:
+        write_results(results, linked)
+    run_render(linked, target, None, None)
+    return target
+
+
+def _publish(results: dict[str, Any], verdict: Verdict, request: CheckRequest) -> str | None:
+    """Open or update the Hub pull request with the card section, results and chart; its URL."""
+    from maxact_card import hub
+
+    opts = request.measure
+    description = (
+        f"maxact-card check: {verdict.word} under policy `{verdict.policy}`; global max|a| "
+        f"{format_value('limits.global_max_abs', results['global']['max_abs'])} at `{results['global']['site']}`."
+    )
+    outcome = hub.publish(
+        opts.model,
+        build_card=lambda old: splice_card(old, results),
+        files={
+            DEFAULT_RESULTS_PATH: dumps(results).encode("utf-8"),
+            DEFAULT_CHART_PATH: render_chart(results).encode("utf-8"),
+        },
+        title=f"{hub.PR_TITLE_PREFIX} Maximum activations",
+        description=description,
+        revision=opts.revision,
+        token=opts.token,
+    )
+    return outcome.url
+
+
+def run_check(
+    request: CheckRequest,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+    on_plan: Callable[[int, int], None] | None = None,
+) -> CheckOutcome:
+    """Measure, validate, gate, and (optionally) write the card and publish. Raises typed errors only."""
+    policy, baseline = _preflight(request)
+    results = run_measure(request.measure, progress=progress, on_plan=on_plan)
+    if request.out is not None:
+        write_results(results, request.out)
+    else:
+        validate_results(results, source="measured results")
+    results_path = request.out
+    card_path: Path | None = None
+    status: CardStatus | None = None
+    if request.card is not None:
+        card_path = _write_card(results, request.card, request.out)
+        results_path = results_path or card_path.parent / DEFAULT_RESULTS_PATH
+        status = card_status(card_path)
+    verdict = evaluate(results, policy, baseline=baseline, card=status)
+    pr_url = None
+    pr_skipped = request.create_pr and not verdict.passed
+    if request.create_pr and verdict.passed:
+        pr_url = _publish(results, verdict, request)
+    return CheckOutcome(results, results_path, verdict, card_path, pr_url, pr_skipped)
+
+
+def rule_table(verdict: Verdict) -> Table:
+    """Every evaluated rule: outcome, measured value, limit, site and message."""
+    table = Table(title=f"release gate (policy {verdict.policy})", title_justify="left")
+    for col in ("rule", "result", "measured", "limit", "site", "message"):
+        table.add_column(col, overflow="fold")
+    for r in verdict.rules:
+        result = "skipped" if r.skipped else ("PASS" if r.passed else "FAIL")
+        table.add_row(r.rule, result, format_value(r.rule, r.measured), format_value(r.rule, r.limit),
+                      r.site or "-", r.message)
+    return table
+
+
+def verdict_lines(verdict: Verdict) -> list[str]:
+    """The verdict line, then one unwrapped line per failed rule (greppable in CI logs)."""
+    lines = [f"verdict: {verdict.word} ({len(verdict.failed)} of {len(verdict.rules)} rules failed, "
+             f"policy {verdict.policy})"]
+    for r in verdict.failed:
+        where = f" at {r.site}" if r.site else ""
+        lines.append(f"FAIL {r.rule}: measured {format_value(r.rule, r.measured)}, "
+                     f"limit {format_value(r.rule, r.limit)}{where}: {r.message}")
+    return lines
+
+
+def print_outcome(outcome: CheckOutcome, fmt: OutputFormat) -> None:
+    """The report on stdout in the asked format."""
+    if fmt is OutputFormat.json:
+        sys.stdout.write(json.dumps(outcome.to_dict(), indent=1, ensure_ascii=False) + "\n")
+    elif fmt is OutputFormat.markdown:
+        sys.stdout.write(render_summary(outcome.results, outcome.verdict))
+    else:
+        console = stdout_console()
+        for renderable in [*summary_tables(outcome.results), rule_table(outcome.verdict)]:
+            console.print(renderable)
+        for line in verdict_lines(outcome.verdict):
+            console.print(line, markup=False)
+    sys.stdout.flush()
+
+
+def _notes(outcome: CheckOutcome) -> None:
+    err = stderr_console()
+    if outcome.results_path is not None:
+        err.print(f"results written to {outcome.results_path}", markup=False)
+    if outcome.pr_url:
+        err.print(f"pull request: {outcome.pr_url}", markup=False)
+    if outcome.pr_skipped:
+        err.print("the gate failed: no pull request was opened", markup=False)
+
+
+@handle_errors
+def check_cmd(
+    model: ModelArg,
+    policy: PolicyOpt = None,
+    baseline: BaselineOpt = None,
+    out: OutOpt = None,
+    card: CardOpt = None,
+    create_pr: CreatePrOpt = False,
+    verdict_out: VerdictOutOpt = None,
+    fmt: FormatOpt = OutputFormat.text,
+    revision: RevisionOpt = None,
+    token: TokenOpt = None,
+    corpus: CorpusOpt = None,
+    samples: SamplesOpt = None,
+    max_seq_len: MaxSeqLenOpt = DEFAULT_MAX_SEQ_LEN,
+    truncate: TruncateOpt = None,
+    seed: SeedOpt = 0,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "auto",
+    device_map: DeviceMapOpt = None,
+    trust_remote_code: RemoteCodeOpt = False,
+    max_batch_tokens: BatchTokensOpt = DEFAULT_MAX_BATCH_TOKENS,
+    batch_size: BatchSizeOpt = None,
+    top_k: TopKOpt = 16,
+    force: ForceOpt = False,
+    quant: QuantOpt = True,
+    eval_fraction: EvalFractionOpt = 1 / 3,
+    quant_sites: QuantSitesOpt = "default",
+    clip_quantile: ClipQuantileOpt = 0.999,
+    min_sqnr: MinSqnrOpt = 20.0,
+) -> None:
+    request = CheckRequest(
+        measure=MeasureOptions(
+            model=model, revision=revision, token=token, corpus=corpus, samples=samples, max_seq_len=max_seq_len,
+            truncate=truncate, seed=seed, dtype=dtype, device=device, device_map=device_map,
+            trust_remote_code=trust_remote_code, max_batch_tokens=max_batch_tokens, batch_size=batch_size,
+            top_k=top_k, force=force, quant=quant, eval_fraction=eval_fraction, quant_sites=quant_sites,
+            clip_quantile=clip_quantile, min_sqnr=min_sqnr,
+        ),
+        policy_path=policy, baseline=baseline, out=out, card=card, create_pr=create_pr,
+    )  # fmt: skip
+    bar = _ProgressBar(enabled=sys.stderr.isatty() and fmt is not OutputFormat.json)
+    try:
+        outcome = run_check(request, progress=bar.update, on_plan=bar.plan)
+    finally:
+        bar.close()
+    if verdict_out is not None:
+        atomic_write_text(verdict_out, json.dumps(outcome.verdict.to_dict(), indent=1, ensure_ascii=False) + "\n")
+    print_outcome(outcome, fmt)
+    _notes(outcome)
+    if not outcome.verdict.passed:
+        raise typer.Exit(EXIT_GATE)
+
+
+def register(app: typer.Typer) -> None:
+    """Add `check` to the app."""
+    app.command("check", help=HELP, epilog="Examples:\n\n" + "\n\n".join(EXAMPLES))(check_cmd)
