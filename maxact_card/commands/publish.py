@@ -54,7 +54,12 @@ EXAMPLES = [
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
 
 
-RepoArg = Annotated[str, typer.Argument(help="The Hub model repo to publish to (org/name).", show_default=False, metavar="ORG/NAME")]
+RepoArg = Annotated[
+    str,
+    typer.Argument(
+        help="The Hub model repo to publish to (org/name).", show_default=False, metavar="ORG/NAME"
+    ),
+]
 ResultsOpt = Annotated[
     Path,
     typer.Option(
@@ -66,11 +71,17 @@ ResultsOpt = Annotated[
 ]
 DirectOpt = Annotated[
     bool,
-    typer.Option("--direct", help="Commit to the branch instead of opening a pull request.", envvar="MAXACT_CARD_DIRECT"),
+    typer.Option(
+        "--direct",
+        help="Commit to the branch instead of opening a pull request.",
+        envvar="MAXACT_CARD_DIRECT",
+    ),
 ]
 DryRunOpt = Annotated[
     bool,
-    typer.Option("--dry-run", help="Print the card's diff and the files; write nothing.", envvar="MAXACT_CARD_DRY_RUN"),
+    typer.Option(
+        "--dry-run", help="Print the card's diff and the files; write nothing.", envvar="MAXACT_CARD_DRY_RUN"
+    ),
 ]
 AllowStaleOpt = Annotated[
     bool,
@@ -104,15 +115,14 @@ def check_weights(
     commit, current = hub.repo_weight_state(repo_id, revision, token)
     measured = {w["path"]: w["sha256"] for w in results["model"].get("weight_files", [])}
     where = f"{repo_id}@{revision or 'main'} (commit {commit[:12]})"
-    problem = (
-        "the results record no weight files" if not measured else weight_mismatch(measured, current)
-    )
+    problem = "the results record no weight files" if not measured else weight_mismatch(measured, current)
     if problem is None:
         return commit
     message = f"the results were measured on other weights than {where}: {problem}"
     if not allow_stale:
         raise UsageError(
-            message, hint=f"re-measure with `maxact-card measure {repo_id} --revision {commit}`, or pass --allow-stale"
+            message,
+            hint=f"re-measure with `maxact-card measure {repo_id} --revision {commit}`, or pass --allow-stale",
         )
     stderr_console().print(f"warning: {message}; publishing anyway (--allow-stale)", markup=False)
     return commit
@@ -141,16 +151,27 @@ def reproduce_commands(
     model, run, corpus = results["model"], results["run"], results["corpus"]
     # Results measured on the Hub name their commit; results from a local folder were checked to
     # hold the same weights as the target commit, so that commit reproduces them.
-    measured_at = model.get("commit_sha") if model.get("source") == "hub" and model.get("commit_sha") else commit
+    measured_at = (
+        model.get("commit_sha") if model.get("source") == "hub" and model.get("commit_sha") else commit
+    )
     measured_repo = model["id"] if model.get("source") == "hub" else repo_id
     samples = int(corpus.get("samples", run["samples"])) + int(corpus.get("eval_samples", 0) or 0)
     measure = [
-        "maxact-card", "measure", measured_repo, "--revision", measured_at,
-        "--corpus", _corpus_spec(corpus["id"]),
-        "--samples", str(samples),
-        "--max-seq-len", str(run["max_seq_len"]),
-        "--seed", str(run["seed"]),
-        "--dtype", str(run["dtype"]),
+        "maxact-card",
+        "measure",
+        measured_repo,
+        "--revision",
+        measured_at,
+        "--corpus",
+        _corpus_spec(corpus["id"]),
+        "--samples",
+        str(samples),
+        "--max-seq-len",
+        str(run["max_seq_len"]),
+        "--seed",
+        str(run["seed"]),
+        "--dtype",
+        str(run["dtype"]),
     ]
     if "truncate" in run:
         measure.append("--truncate" if run["truncate"] else "--no-truncate")
@@ -199,7 +220,9 @@ def _run_context(results: Mapping[str, Any], commit: str) -> dict[str, Any]:
     version_text = ", ".join(f"{md_text(k)} {md_text(v)}" for k, v in versions.items() if k != "maxact_card")
     weights = model.get("weight_files", [])
     if len(weights) <= 4:
-        weight_text = ", ".join(f"{md_code(w['path'], in_table=False)} (sha256 `{w['sha256'][:12]}…`)" for w in weights)
+        weight_text = ", ".join(
+            f"{md_code(w['path'], in_table=False)} (sha256 `{w['sha256'][:12]}…`)" for w in weights
+        )
     else:
         weight_text = f"{len(weights)} files, {fmt.count(sum(int(w['size']) for w in weights))} bytes"
     if model.get("source") == "hub" and model.get("commit_sha"):
@@ -231,7 +254,12 @@ def pr_description(
     results: Mapping[str, Any], repo_id: str, commit: str, *, revision: str | None, direct: bool
 ) -> str:
     """The pull request's Markdown description, rendered from templates/pr_description.md.j2."""
-    glob, loc, boot, massive = results["global"], results["global"]["location"], results["global"]["bootstrap"], results["massive"]
+    glob, loc, boot, massive = (
+        results["global"],
+        results["global"]["location"],
+        results["global"]["bootstrap"],
+        results["massive"],
+    )
     components = [
         {
             "label": COMPONENT_LABELS.get(name, md_text(name)),
@@ -242,8 +270,12 @@ def pr_description(
         if name in results["components"]
     ]
     context = {
+        "direct": direct,
         "model_id": md_code(repo_id, in_table=False),
-        "files": {"results": md_code(DEFAULT_RESULTS_PATH, in_table=False), "chart": md_code(DEFAULT_CHART_PATH, in_table=False)},
+        "files": {
+            "results": md_code(DEFAULT_RESULTS_PATH, in_table=False),
+            "chart": md_code(DEFAULT_CHART_PATH, in_table=False),
+        },
         "peak": {
             "max_abs": fmt.number(glob["max_abs"]),
             "negative": float(glob["value"]) < 0,
@@ -386,8 +418,18 @@ def register(app: typer.Typer) -> None:
         if fmt_ is OutputFormat.markdown:
             raise UsageError("publish reports as text or json", hint="pass --format text or --format json")
         outcome = run_publish(
-            repo_id, results, revision=revision, direct=direct, dry_run=dry_run, allow_stale=allow_stale, token=token
+            repo_id,
+            results,
+            revision=revision,
+            direct=direct,
+            dry_run=dry_run,
+            allow_stale=allow_stale,
+            token=token,
         )
-        out = outcome_json(outcome) if fmt_ is OutputFormat.json else outcome_text(outcome, repo_id, revision, direct=direct)
+        out = (
+            outcome_json(outcome)
+            if fmt_ is OutputFormat.json
+            else outcome_text(outcome, repo_id, revision, direct=direct)
+        )
         sys.stdout.write(out)
         sys.stdout.flush()
