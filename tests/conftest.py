@@ -48,7 +48,8 @@ def _block_network(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.Tem
     monkeypatch.setattr(socket.socket, "connect_ex", _guarded(_real_connect_ex))
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
     monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-    if "HF_HOME" not in os.environ or not os.environ["HF_HOME"].startswith(str(tmp_path_factory.getbasetemp())):
-        monkeypatch.setenv("HF_HOME", str(tmp_path_factory.mktemp("hf_home")))
+    home = tmp_path_factory.mktemp("hf_home")  # a cache of its own for every test
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_CACHE", str(home / "hub"))
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: a stray call fails fast

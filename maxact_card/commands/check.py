@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,15 +20,12 @@ from rich.table import Table
 
 from maxact_card.card import (
     CARD_FILE,
-    DEFAULT_CHART_PATH,
     DEFAULT_RESULTS_PATH,
     CheckStatus,
     LocalSource,
     relative_link,
-    splice_card,
     validate_card,
 )
-from maxact_card.chart import render_chart
 from maxact_card.commands._common import (
     FormatOpt,
     OutOpt,
@@ -51,7 +49,6 @@ from maxact_card.commands.measure import (
     MaxSeqLenOpt,
     MinSqnrOpt,
     ModelArg,
-    QuantOpt,
     QuantSitesOpt,
     RemoteCodeOpt,
     SamplesOpt,
@@ -65,7 +62,7 @@ from maxact_card.commands.render import CardOpt, run_render
 from maxact_card.errors import EXIT_GATE, UsageError
 from maxact_card.gate import CardStatus, Verdict, evaluate, format_value, load_baseline, render_summary
 from maxact_card.policy import DEFAULT_POLICY, FP16_MAX, Policy, load_policy
-from maxact_card.results import atomic_write_text, dumps, validate_results, write_results
+from maxact_card.results import atomic_write_text, validate_results, write_results
 from maxact_card.run import DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_SEQ_LEN, MeasureOptions, run_measure
 
 EXAMPLES = [
@@ -77,7 +74,7 @@ EXAMPLES = [
 
 HELP = f"""Measure MODEL (with the INT8/FP8 check unless --no-quant), gate it on a policy, report the verdict.
 
-Without --policy the built-in default policy applies. It fails on: any non-finite activation; a
+Without --policy the built-in default policy applies. It fails on: any NaN or inf activation; a
 global max|a| above {FP16_MAX:g} (the largest float16: it overflows when served in fp16);
 int8-dynamic-per-token failing the INT8 check (skipped with --no-quant); peak growth over
 {DEFAULT_POLICY.max_peak_growth_pct:g}% against --baseline (only with --baseline); a stale maxact
@@ -113,6 +110,16 @@ CreatePrOpt = Annotated[
         "--create-pr",
         help="When the gate passes, open or update a Hub pull request with results, chart and card section.",
         envvar="MAXACT_CARD_CREATE_PR",
+    ),
+]
+# measure's QuantOpt declares only `--quant` (its default is off); here the check is on by default, so
+# it needs the `--no-quant` switch. Same help and environment variable.
+QuantOnOpt = Annotated[
+    bool,
+    typer.Option(
+        "--quant/--no-quant",
+        help="Also check INT8/FP8 activation scales on held-out data.",
+        envvar="MAXACT_CARD_QUANT",
     ),
 ]
 VerdictOutOpt = Annotated[
@@ -209,28 +216,23 @@ def _write_card(results: dict[str, Any], card: Path, out: Path | None) -> Path:
     return target
 
 
-def _publish(results: dict[str, Any], verdict: Verdict, request: CheckRequest) -> str | None:
-    """Open or update the Hub pull request with the card section, results and chart; its URL."""
-    from maxact_card import hub
+def _publish(results: dict[str, Any], results_path: Path | None, request: CheckRequest) -> str | None:
+    """Open or update the Hub pull request through `publish`'s own code path; the PR's URL."""
+    from maxact_card.commands.publish import run_publish
 
     opts = request.measure
-    description = (
-        f"maxact-card check: {verdict.word} under policy `{verdict.policy}`; global max|a| "
-        f"{format_value('limits.global_max_abs', results['global']['max_abs'])} at `{results['global']['site']}`."
-    )
-    outcome = hub.publish(
-        opts.model,
-        build_card=lambda old: splice_card(old, results),
-        files={
-            DEFAULT_RESULTS_PATH: dumps(results).encode("utf-8"),
-            DEFAULT_CHART_PATH: render_chart(results).encode("utf-8"),
-        },
-        title=f"{hub.PR_TITLE_PREFIX} Maximum activations",
-        description=description,
-        revision=opts.revision,
-        token=opts.token,
-    )
-    return outcome.url
+
+    def publish(path: Path) -> str | None:
+        outcome = run_publish(opts.model, path, revision=opts.revision, direct=False, dry_run=False,
+                              allow_stale=False, token=opts.token)  # fmt: skip
+        return outcome.url
+
+    if results_path is not None:
+        return publish(results_path)
+    with tempfile.TemporaryDirectory(prefix="maxact-card-") as tmp:  # publish reads a results file
+        path = Path(tmp) / "results.json"
+        write_results(results, path)
+        return publish(path)
 
 
 def run_check(
@@ -257,30 +259,39 @@ def run_check(
     pr_url = None
     pr_skipped = request.create_pr and not verdict.passed
     if request.create_pr and verdict.passed:
-        pr_url = _publish(results, verdict, request)
+        pr_url = _publish(results, results_path, request)
     return CheckOutcome(results, results_path, verdict, card_path, pr_url, pr_skipped)
 
 
 def rule_table(verdict: Verdict) -> Table:
     """Every evaluated rule: outcome, measured value, limit, site and message."""
     table = Table(title=f"release gate (policy {verdict.policy})", title_justify="left")
-    for col in ("rule", "result", "measured", "limit", "site", "message"):
-        table.add_column(col, overflow="fold")
+    for col in ("rule", "result", "measured", "limit", "site"):
+        table.add_column(col, no_wrap=True)  # names stay whole, so they can be searched for
+    table.add_column("message", overflow="fold")
     for r in verdict.rules:
         result = "skipped" if r.skipped else ("PASS" if r.passed else "FAIL")
-        table.add_row(r.rule, result, format_value(r.rule, r.measured), format_value(r.rule, r.limit),
-                      r.site or "-", r.message)
+        table.add_row(
+            r.rule,
+            result,
+            format_value(r.rule, r.measured),
+            format_value(r.rule, r.limit),
+            r.site or "-",
+            r.message,
+        )
     return table
 
 
 def verdict_lines(verdict: Verdict) -> list[str]:
     """The verdict line, then one unwrapped line per failed rule (greppable in CI logs)."""
-    lines = [f"verdict: {verdict.word} ({len(verdict.failed)} of {len(verdict.rules)} rules failed, "
-             f"policy {verdict.policy})"]
+    failed = f"{len(verdict.failed)} of {len(verdict.rules)} rules failed"
+    lines = [f"verdict: {verdict.word} ({failed}, policy {verdict.policy})"]
     for r in verdict.failed:
         where = f" at {r.site}" if r.site else ""
-        lines.append(f"FAIL {r.rule}: measured {format_value(r.rule, r.measured)}, "
-                     f"limit {format_value(r.rule, r.limit)}{where}: {r.message}")
+        lines.append(
+            f"FAIL {r.rule}: measured {format_value(r.rule, r.measured)}, "
+            f"limit {format_value(r.rule, r.limit)}{where}: {r.message}"
+        )
     return lines
 
 
@@ -334,7 +345,7 @@ def check_cmd(
     batch_size: BatchSizeOpt = None,
     top_k: TopKOpt = 16,
     force: ForceOpt = False,
-    quant: QuantOpt = True,
+    quant: QuantOnOpt = True,
     eval_fraction: EvalFractionOpt = 1 / 3,
     quant_sites: QuantSitesOpt = "default",
     clip_quantile: ClipQuantileOpt = 0.999,
@@ -356,7 +367,9 @@ def check_cmd(
     finally:
         bar.close()
     if verdict_out is not None:
-        atomic_write_text(verdict_out, json.dumps(outcome.verdict.to_dict(), indent=1, ensure_ascii=False) + "\n")
+        atomic_write_text(
+            verdict_out, json.dumps(outcome.verdict.to_dict(), indent=1, ensure_ascii=False) + "\n"
+        )
     print_outcome(outcome, fmt)
     _notes(outcome)
     if not outcome.verdict.passed:
