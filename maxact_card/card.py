@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import enum
 import functools
-import hashlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +27,15 @@ import yaml
 
 from maxact_card import fmt
 from maxact_card.chart import render_chart
+from maxact_card.documents import (  # noqa: F401 - atomic_write and sha256_file are part of card's API
+    COMPONENTS,
+    RESULTS_SCHEMA,
+    atomic_write,
+    schema_error,
+    sha256_file,
+)
 from maxact_card.errors import SchemaError, UsageError
-from maxact_card.resources import load_schema, template_text
+from maxact_card.resources import template_text
 
 START_MARKER = "<!-- maxact-card:start -->"
 END_MARKER = "<!-- maxact-card:end -->"
@@ -38,22 +43,11 @@ SUMMARY_KEY = "maxact"
 CARD_FILE = "README.md"
 DEFAULT_CHART_PATH = "maxact/profile.svg"
 DEFAULT_RESULTS_PATH = "maxact/results.json"
-RESULTS_SCHEMA = "maxact-results.schema.json"
 SECTION_TEMPLATE = "section.md.j2"
 INT8_QMAX = 127
 QUANTILE_REL_ERROR = 0.02  # the results' quantiles are read from a log histogram, within 2%
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
 
-COMPONENT_ORDER = (
-    "embedding",
-    "residual",
-    "attention",
-    "mlp",
-    "gate",
-    "down_proj_input",
-    "router",
-    "final_norm",
-)
 COMPONENT_LABELS = {
     "embedding": "Embedding",
     "residual": "Residual stream",
@@ -110,29 +104,15 @@ def md_token(token: str, *, in_table: bool = True) -> str:
 
 
 # --- results --------------------------------------------------------------------------------------
-def _json_path(error: Any) -> str:
-    path = "$"
-    for part in error.absolute_path:
-        path += f"[{part}]" if isinstance(part, int) else f".{part}"
-    return path
-
-
 def check_results(results: Any, *, source: str = "results") -> None:
     """Raise SchemaError `source::$.json.path: message` (best match first, then how many others)."""
-    from jsonschema import Draft202012Validator
-    from jsonschema.exceptions import best_match
-
-    validator = Draft202012Validator(
-        load_schema(RESULTS_SCHEMA), format_checker=Draft202012Validator.FORMAT_CHECKER
-    )
-    errors = list(validator.iter_errors(results))
-    if not errors:
+    found = schema_error(results, RESULTS_SCHEMA)
+    if found is None:
         return
-    first = best_match(errors)
-    rest = len(errors) - 1
+    where, rest = found
     more = f" ({rest} other error{'s' if rest != 1 else ''})" if rest else ""
     raise SchemaError(
-        f"{source}::{_json_path(first)}: {first.message}{more}",
+        f"{source}::{where}{more}",
         hint="re-run `maxact-card measure` to write a valid results file",
     )
 
@@ -275,7 +255,7 @@ def _component_rows(
     results: Mapping[str, Any], sites: Mapping[str, Mapping[str, Any]], moe: bool
 ) -> list[dict]:
     components = results.get("components", {})
-    order = [c for c in COMPONENT_ORDER if c in components] + sorted(set(components) - set(COMPONENT_ORDER))
+    order = [c for c in COMPONENTS if c in components] + sorted(set(components) - set(COMPONENTS))
     rows = []
     for name in order:
         entry = components[name]
@@ -299,7 +279,7 @@ def _component_rows(
 def _layer_table(results: Mapping[str, Any], moe: bool) -> dict[str, Any]:
     layers = sorted(results.get("layers", []), key=lambda row: row["layer"])
     present = {c for row in layers for c in row["max_abs"]}
-    columns = [c for c in COMPONENT_ORDER if c in present] + sorted(present - set(COMPONENT_ORDER))
+    columns = [c for c in COMPONENTS if c in present] + sorted(present - set(COMPONENTS))
     glob = results["global"]
     rows = []
     for row in layers:
@@ -858,30 +838,6 @@ def _verify(text: str, before: CardParts | None, block: str, summary: Mapping[st
 
 
 # --- files ----------------------------------------------------------------------------------------
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write through a temp file in the same folder and rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        if path.exists():
-            os.chmod(tmp, path.stat().st_mode & 0o7777)
-        else:
-            os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def decode_card(data: bytes, *, source: str) -> str:
     """A card's bytes as text; a card that is not UTF-8 is unreadable (exit 2)."""
     try:
@@ -903,15 +859,6 @@ def relative_link(target: Path, base_dir: Path) -> str | None:
     if rel.parts and rel.parts[0] == "..":
         return None
     return rel.as_posix()
-
-
-def sha256_file(path: Path, *, chunk: int = 8 << 20) -> str:
-    """The sha256 of a file, read in chunks (weight files are large)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --- validation -----------------------------------------------------------------------------------

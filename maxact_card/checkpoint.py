@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from maxact_card.documents import sha256_file
 from maxact_card.errors import RuntimeFailure, UsageError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -27,15 +26,6 @@ class LoadedModel:
     info: dict[str, Any]  # the results' "model" object
     device: torch.device
     dtype: torch.dtype
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    """Streaming sha256 of a file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def pick_device(device: str) -> torch.device:

@@ -16,6 +16,7 @@ from typing import Any
 
 import jinja2
 
+from maxact_card import documents
 from maxact_card.errors import UsageError
 from maxact_card.fmt import number
 from maxact_card.policy import (
@@ -423,9 +424,7 @@ def evaluate(
 
 def validate_results(doc: Any, source: str) -> None:
     """Validate a results document; raise SchemaError (exit 2) as ``source::$.path: message``."""
-    from maxact_card import results  # lazily: results pulls in torch, evaluate() does not need it
-
-    results.validate_results(doc, source=source)
+    documents.validate_results(doc, source=source)
 
 
 def parse_results(data: bytes | str, source: str) -> dict[str, Any]:
@@ -441,10 +440,8 @@ def parse_results(data: bytes | str, source: str) -> dict[str, Any]:
 
 
 def read_results(path: Path) -> dict[str, Any]:
-    """Read and validate a results file (maxact_card.results.load_results)."""
-    from maxact_card import results
-
-    return results.load_results(Path(path))
+    """Read and validate a results file (maxact_card.documents.load_results)."""
+    return documents.load_results(Path(path))
 
 
 _HUB_SPEC = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>\S+))?")

@@ -46,6 +46,7 @@ from huggingface_hub.errors import (
     SafetensorsParsingError,
 )
 
+from maxact_card.documents import sha256_file
 from maxact_card.errors import MaxactError, RuntimeFailure, UsageError
 
 PR_TITLE_PREFIX = "[maxact-card]"
@@ -290,18 +291,10 @@ def _choose_weights(
     )
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _cached_sha256(path: Path) -> str:
     """The Hub cache names LFS blobs by their sha256: use the name, hash only when it is not one."""
     name = path.resolve().name
-    return name if _SHA256.fullmatch(name) else _sha256_file(path)
+    return name if _SHA256.fullmatch(name) else sha256_file(path)
 
 
 def _human(n: int) -> str:
@@ -382,7 +375,7 @@ def resolve_model(
     files = []
     for w in weights:
         lfs = siblings[w].lfs  # a weight small enough to live outside LFS has no Hub sha256: hash it here
-        sha256 = lfs.sha256 if lfs is not None else _sha256_file(folder / w)
+        sha256 = lfs.sha256 if lfs is not None else sha256_file(folder / w)
         files.append(WeightFile(w, sha256, (folder / w).stat().st_size))
     return ResolvedModel(folder, model, revision or "main", sha, tuple(files), "hub", notes)
 
@@ -394,7 +387,7 @@ def _resolve_local(path: Path) -> ResolvedModel:
         )
     names = {p.name for p in path.iterdir() if p.is_file()}
     weights, _, notes = _choose_weights(names, lambda f: json.loads((path / f).read_text()), str(path))
-    files = tuple(WeightFile(w, _sha256_file(path / w), (path / w).stat().st_size) for w in weights)
+    files = tuple(WeightFile(w, sha256_file(path / w), (path / w).stat().st_size) for w in weights)
     return ResolvedModel(path.resolve(), None, None, None, files, "local", notes)
 
 
@@ -479,7 +472,7 @@ def repo_weight_state(repo_id: str, revision: str | None, token: str | None) -> 
         hashes = {}
         for w in weights:
             lfs = siblings[w].lfs
-            hashes[w] = lfs.sha256 if lfs is not None else _sha256_file(hub.download(repo_id, w, sha))
+            hashes[w] = lfs.sha256 if lfs is not None else sha256_file(hub.download(repo_id, w, sha))
     return sha, hashes
 
 

@@ -64,6 +64,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from maxact_card.documents import COMPONENTS, validate_document
 from maxact_card.errors import UsageError
 
 try:
@@ -77,17 +78,6 @@ POLICY_SCHEMA_VERSION = 1
 #: The largest finite float16 value: an activation above it overflows to inf in fp16.
 FP16_MAX = 65504.0
 
-#: Components in model order (the results schema's enum); reports list them in this order.
-COMPONENTS: tuple[str, ...] = (
-    "embedding",
-    "residual",
-    "attention",
-    "mlp",
-    "gate",
-    "down_proj_input",
-    "router",
-    "final_norm",
-)
 
 #: Quantization policies of the results' quant block, from strictest to most forgiving INT8, then FP8.
 QUANT_POLICIES: tuple[str, ...] = (
@@ -225,8 +215,6 @@ def validate_policy(doc: Any, source: str) -> None:
 
     The same validator and message shape as every results file (maxact_card.results).
     """
-    from maxact_card.results import validate_document  # lazily: results pulls in torch
-
     validate_document(doc, POLICY_SCHEMA, source=source)
 
 

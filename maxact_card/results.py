@@ -6,105 +6,29 @@ every consumer (card, gate, diff, publish) reads it through `load_results`, whic
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import Any
 
 import torch
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import best_match
 
-from maxact_card.errors import SchemaError, UsageError
+from maxact_card.documents import (  # noqa: F401 - the document API, re-exported for callers of results
+    RESULTS_SCHEMA,
+    SCHEMA_VERSION,
+    atomic_write_text,
+    dumps,
+    json_path,
+    load_results,
+    validate_document,
+    validate_results,
+    write_results,
+)
+from maxact_card.errors import UsageError
 from maxact_card.measure import Measurement
-from maxact_card.resources import load_schema
 from maxact_card.stats import MASSIVE_ABS, MASSIVE_RATIO, hist_quantile, nonfinite_count
 
-SCHEMA_VERSION = 1
-RESULTS_SCHEMA = "maxact-results.schema.json"
 BOOTSTRAP_RESAMPLES = 1000
 TOP_CHANNELS = 8
-
-
-# --- validation ---------------------------------------------------------------------------------
-def json_path(error: Any) -> str:
-    """`$.a.b[0]` for a jsonschema error."""
-    path = "$"
-    for part in error.absolute_path:
-        path += f"[{part}]" if isinstance(part, int) else f".{part}"
-    return path
-
-
-def validate_document(doc: Any, schema_name: str, *, source: str) -> None:
-    """Raise SchemaError `source::$.path: message` (best match first, with a count of the rest)."""
-    validator = Draft202012Validator(load_schema(schema_name))
-    errors = list(validator.iter_errors(doc))
-    if not errors:
-        return
-    first = best_match(errors)
-    rest = len(errors) - 1
-    more = f" ({rest} other error{'s' if rest != 1 else ''}; fix this one first)" if rest else ""
-    raise SchemaError(f"{source}::{json_path(first)}: {first.message}{more}")
-
-
-def validate_results(results: Any, *, source: str = "results") -> None:
-    """Validate a results document; an older schema version gets a clear re-run message."""
-    version = results.get("schema_version") if isinstance(results, dict) else None
-    if isinstance(version, int) and version < SCHEMA_VERSION:
-        raise SchemaError(
-            f"{source}: schema version {version} is older than {SCHEMA_VERSION}",
-            hint="re-run `maxact-card measure` with this version to regenerate it",
-        )
-    if isinstance(version, int) and version > SCHEMA_VERSION:
-        raise SchemaError(
-            f"{source}: schema version {version} is newer than this maxact-card understands ({SCHEMA_VERSION})",
-            hint="upgrade maxact-card",
-        )
-    validate_document(results, RESULTS_SCHEMA, source=source)
-
-
-def load_results(path: Path) -> dict[str, Any]:
-    """Read and validate a results file; bad input raises UsageError/SchemaError (exit 2)."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UsageError(f"results file {path} does not exist", hint="pass the file `maxact-card measure --out` wrote") from None
-    except OSError as exc:
-        raise UsageError(f"cannot read results file {path}: {exc.strerror}") from None
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
-    validate_results(doc, source=str(path))
-    return doc
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write through a temp file in the same folder and rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def dumps(results: dict[str, Any]) -> str:
-    """The canonical text of a results file (stable key order, no NaN)."""
-    return json.dumps(results, indent=1, ensure_ascii=False, allow_nan=False) + "\n"
-
-
-def write_results(results: dict[str, Any], path: Path) -> None:
-    """Validate, then write atomically."""
-    validate_results(results, source=str(path))
-    atomic_write_text(path, dumps(results))
 
 
 # --- building -------------------------------------------------------------------------------------

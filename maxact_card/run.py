@@ -12,9 +12,9 @@ import torch
 
 import maxact_card
 from maxact_card import corpus as corpus_mod
+from maxact_card import quant as quant_mod
 from maxact_card.checkpoint import LoadedModel, load
 from maxact_card.errors import UsageError
-from maxact_card import quant as quant_mod
 from maxact_card.measure import Measurement, measure, run_hooked
 from maxact_card.results import build_results
 from maxact_card.sites import SiteMap, discover

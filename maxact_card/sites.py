@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-COMPONENTS = ("embedding", "residual", "attention", "mlp", "gate", "down_proj_input", "router", "final_norm")
+from maxact_card.documents import COMPONENTS  # noqa: F401 - the site components, in model order
 
 # How a site's tensor is taken from its module's call.
 READ_OUTPUT = "output"

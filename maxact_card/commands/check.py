@@ -59,10 +59,10 @@ from maxact_card.commands.measure import (
     summary_tables,
 )
 from maxact_card.commands.render import CardOpt, run_render
+from maxact_card.documents import atomic_write_text, validate_results, write_results
 from maxact_card.errors import EXIT_GATE, UsageError
 from maxact_card.gate import CardStatus, Verdict, evaluate, format_value, load_baseline, render_summary
 from maxact_card.policy import DEFAULT_POLICY, FP16_MAX, Policy, load_policy
-from maxact_card.results import atomic_write_text, validate_results, write_results
 from maxact_card.run import DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_SEQ_LEN, MeasureOptions, run_measure
 
 EXAMPLES = [

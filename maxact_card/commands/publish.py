@@ -22,7 +22,7 @@ import typer
 from maxact_card import fmt, hub
 from maxact_card.card import (
     COMPONENT_LABELS,
-    COMPONENT_ORDER,
+    COMPONENTS,
     DEFAULT_CHART_PATH,
     DEFAULT_RESULTS_PATH,
     md_code,
@@ -41,9 +41,9 @@ from maxact_card.commands._common import (
     stderr_console,
 )
 from maxact_card.corpus import BUILTIN_ID
+from maxact_card.documents import dumps
 from maxact_card.errors import UsageError
 from maxact_card.resources import template_text
-from maxact_card.results import dumps
 
 DESCRIPTION_TEMPLATE = "pr_description.md.j2"
 EXAMPLES = [
@@ -266,7 +266,7 @@ def pr_description(
             "max_abs": fmt.number(results["components"][name]["max_abs"]),
             "site": md_code(results["components"][name]["site"]),
         }
-        for name in [*COMPONENT_ORDER, *sorted(set(results["components"]) - set(COMPONENT_ORDER))]
+        for name in [*COMPONENTS, *sorted(set(results["components"]) - set(COMPONENTS))]
         if name in results["components"]
     ]
     context = {

@@ -1,0 +1,142 @@
+"""The results document and the files around it, without torch: schema checks, atomic writes, hashes.
+
+Everything that reads or writes a results file — measure, render, validate, publish, gate, diff —
+goes through this module, so `maxact-card diff` or `validate` never pays for importing torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from maxact_card.errors import SchemaError, UsageError
+from maxact_card.resources import load_schema
+
+SCHEMA_VERSION = 1
+RESULTS_SCHEMA = "maxact-results.schema.json"
+
+#: Components in model order (the results schema's enum); reports list them in this order.
+COMPONENTS: tuple[str, ...] = (
+    "embedding", "residual", "attention", "mlp", "gate", "down_proj_input", "router", "final_norm",
+)
+
+
+# --- schema checks --------------------------------------------------------------------------------
+def json_path(error: Any) -> str:
+    """`$.a.b[0]` for a jsonschema error."""
+    path = "$"
+    for part in error.absolute_path:
+        path += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return path
+
+
+def schema_error(doc: Any, schema_name: str) -> tuple[str, int] | None:
+    """The most relevant violation as `$.path: message` and how many others there are; None if valid."""
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import best_match
+
+    validator = Draft202012Validator(load_schema(schema_name), format_checker=Draft202012Validator.FORMAT_CHECKER)
+    errors = list(validator.iter_errors(doc))
+    if not errors:
+        return None
+    first = best_match(errors)
+    return f"{json_path(first)}: {first.message}", len(errors) - 1
+
+
+def validate_document(doc: Any, schema_name: str, *, source: str) -> None:
+    """Raise SchemaError `source::$.path: message` (best match first, with a count of the rest)."""
+    found = schema_error(doc, schema_name)
+    if found is None:
+        return
+    where, rest = found
+    more = f" ({rest} other error{'s' if rest != 1 else ''}; fix this one first)" if rest else ""
+    raise SchemaError(f"{source}::{where}{more}")
+
+
+def validate_results(results: Any, *, source: str = "results") -> None:
+    """Validate a results document; an older schema version gets a clear re-run message."""
+    version = results.get("schema_version") if isinstance(results, dict) else None
+    if isinstance(version, int) and version < SCHEMA_VERSION:
+        raise SchemaError(
+            f"{source}: schema version {version} is older than {SCHEMA_VERSION}",
+            hint="re-run `maxact-card measure` with this version to regenerate it",
+        )
+    if isinstance(version, int) and version > SCHEMA_VERSION:
+        raise SchemaError(
+            f"{source}: schema version {version} is newer than this maxact-card understands ({SCHEMA_VERSION})",
+            hint="upgrade maxact-card",
+        )
+    validate_document(results, RESULTS_SCHEMA, source=source)
+
+
+def load_results(path: Path) -> dict[str, Any]:
+    """Read and validate a results file; bad input raises UsageError/SchemaError (exit 2)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"results file {path} does not exist", hint="pass the file `maxact-card measure --out` wrote") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read results file {path}: {exc.strerror}") from None
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    validate_results(doc, source=str(path))
+    return doc
+
+
+# --- files --------------------------------------------------------------------------------------------
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write through a temp file in the same folder and rename: never a half-written file.
+
+    An existing file keeps its permission bits; a new one gets the usual umask-derived mode.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        if path.exists():
+            os.chmod(tmp, path.stat().st_mode & 0o7777)
+        else:
+            os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """`atomic_write` of UTF-8 text, line endings untouched."""
+    atomic_write(path, text.encode("utf-8"))
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def sha256_file(path: Path, *, chunk: int = 8 << 20) -> str:
+    """The sha256 of a file, read in chunks (weight files are large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def dumps(results: dict[str, Any]) -> str:
+    """The canonical text of a results file (stable key order, no NaN)."""
+    return json.dumps(results, indent=1, ensure_ascii=False, allow_nan=False) + "\n"
+
+
+def write_results(results: dict[str, Any], path: Path) -> None:
+    """Validate, then write atomically."""
+    validate_results(results, source=str(path))
+    atomic_write_text(path, dumps(results))
