@@ -49,13 +49,14 @@ from maxact_card.commands.measure import (
     MaxSeqLenOpt,
     MinSqnrOpt,
     ModelArg,
+    ProgressBar,
+    QuantOpt,
     QuantSitesOpt,
     RemoteCodeOpt,
     SamplesOpt,
     SeedOpt,
     TopKOpt,
     TruncateOpt,
-    _ProgressBar,
     summary_tables,
 )
 from maxact_card.commands.render import CardOpt, run_render
@@ -110,16 +111,6 @@ CreatePrOpt = Annotated[
         "--create-pr",
         help="When the gate passes, open or update a Hub pull request with results, chart and card section.",
         envvar="MAXACT_CARD_CREATE_PR",
-    ),
-]
-# measure's QuantOpt declares only `--quant` (its default is off); here the check is on by default, so
-# it needs the `--no-quant` switch. Same help and environment variable.
-QuantOnOpt = Annotated[
-    bool,
-    typer.Option(
-        "--quant/--no-quant",
-        help="Also check INT8/FP8 activation scales on held-out data.",
-        envvar="MAXACT_CARD_QUANT",
     ),
 ]
 VerdictOutOpt = Annotated[
@@ -345,7 +336,7 @@ def check_cmd(
     batch_size: BatchSizeOpt = None,
     top_k: TopKOpt = 16,
     force: ForceOpt = False,
-    quant: QuantOnOpt = True,
+    quant: QuantOpt = True,
     eval_fraction: EvalFractionOpt = 1 / 3,
     quant_sites: QuantSitesOpt = "default",
     clip_quantile: ClipQuantileOpt = 0.999,
@@ -361,7 +352,7 @@ def check_cmd(
         ),
         policy_path=policy, baseline=baseline, out=out, card=card, create_pr=create_pr,
     )  # fmt: skip
-    bar = _ProgressBar(enabled=sys.stderr.isatty() and fmt is not OutputFormat.json)
+    bar = ProgressBar(enabled=sys.stderr.isatty() and fmt is not OutputFormat.json)
     try:
         outcome = run_check(request, progress=bar.update, on_plan=bar.plan)
     finally:

@@ -70,7 +70,7 @@ BatchSizeOpt = Annotated[
                              envvar="MAXACT_CARD_BATCH_SIZE")
 ]
 TopKOpt = Annotated[int, typer.Option("--top-k", help="Largest tokens kept per site.", envvar="MAXACT_CARD_TOP_K")]
-QuantOpt = Annotated[bool, typer.Option("--quant", help="Also check INT8/FP8 activation scales on held-out data.",
+QuantOpt = Annotated[bool, typer.Option("--quant/--no-quant", help="Also check INT8/FP8 activation scales on held-out data.",
                                         envvar="MAXACT_CARD_QUANT")]
 EvalFractionOpt = Annotated[float, typer.Option("--eval-fraction", help="Share of the samples held out for --quant.",
                                                 envvar="MAXACT_CARD_EVAL_FRACTION")]
@@ -158,7 +158,7 @@ def print_results(results: dict[str, Any], fmt: OutputFormat) -> None:
         console.print(renderable)
 
 
-class _ProgressBar:
+class ProgressBar:
     """A progress bar on stderr (only on a terminal) showing samples and tokens/s."""
 
     def __init__(self, enabled: bool) -> None:
@@ -187,11 +187,6 @@ class _ProgressBar:
     def close(self) -> None:
         if self.progress is not None:
             self.progress.stop()
-
-
-def options_from(model: str, **kw: Any) -> MeasureOptions:
-    """Build MeasureOptions from command keyword arguments."""
-    return MeasureOptions(model=model, **kw)
 
 
 @handle_errors
@@ -228,7 +223,7 @@ def measure_cmd(
         top_k=top_k, force=force, quant=quant, eval_fraction=eval_fraction, quant_sites=quant_sites,
         clip_quantile=clip_quantile, min_sqnr=min_sqnr,
     )
-    bar = _ProgressBar(enabled=sys.stderr.isatty() and fmt is not OutputFormat.json)
+    bar = ProgressBar(enabled=sys.stderr.isatty() and fmt is not OutputFormat.json)
     try:
         results = run_measure(opts, progress=bar.update, on_plan=bar.plan)
     finally:
