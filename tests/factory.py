@@ -6,6 +6,7 @@ writes model and tokenizer into a directory exactly as a published checkpoint is
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +23,23 @@ _CORPUS = [
     "1234567890 + - * / = ( ) [ ] { } < > , . ; : ! ?",
     "Über naïve café — 東京 مرحبا Привет 🙂",
 ]
+#: Short, varied texts for CLI runs on tiny checkpoints.
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "def main():\n    return 42\n",
+    "Activations peak in the residual stream at a few channels of the first token.",
+    "1234567890 + - * / = ( ) [ ] { } < > , . ; : ! ?",
+    "Über naïve café — 東京 مرحبا Привет 🙂",
+    "The lazy dog sleeps in the stream.",
+]
+
+
+def write_corpus(path: Path, texts: list[str] = TEXTS) -> Path:
+    """A .jsonl corpus of `texts`, one {"text": ...} per line."""
+    path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
+    return path
+
+
 CHAT_TEMPLATE = (
     "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<s>assistant: {% endif %}"

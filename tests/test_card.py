@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import difflib
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from maxact_card.card import (
 )
 from maxact_card.cli import app
 from maxact_card.errors import SchemaError
+from tests.goldens import assert_golden
 
 HERE = Path(__file__).parent
 EXAMPLE = HERE / "data" / "results_example.json"
@@ -139,21 +139,6 @@ def read_card(name: str) -> str:
     return (CARDS / name).read_bytes().decode("utf-8")
 
 
-def assert_golden(name: str, text: str) -> None:
-    """Compare with tests/golden/NAME; MAXACT_UPDATE_GOLDEN=1 rewrites it instead."""
-    path = GOLDEN / name
-    if os.environ.get("MAXACT_UPDATE_GOLDEN") == "1":
-        path.write_bytes(text.encode("utf-8"))
-        return
-    assert path.exists(), f"golden file {path} missing: run with MAXACT_UPDATE_GOLDEN=1 once and review it"
-    expected = path.read_bytes().decode("utf-8")
-    if text != expected:
-        diff = "".join(
-            difflib.unified_diff(
-                expected.splitlines(True), text.splitlines(True), f"golden/{name}", "rendered", n=1
-            )
-        )
-        pytest.fail(f"{name} differs from the golden file (MAXACT_UPDATE_GOLDEN=1 to accept):\n{diff}")
 
 
 # --- number formatting ----------------------------------------------------------------------------

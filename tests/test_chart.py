@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import copy
-import difflib
 import json
-import os
 import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from maxact_card.chart import render_chart
+from tests.goldens import assert_golden
 
 HERE = Path(__file__).parent
 EXAMPLE = HERE / "data" / "results_example.json"
@@ -25,21 +22,6 @@ def load_example() -> dict[str, Any]:
     return json.loads(EXAMPLE.read_text(encoding="utf-8"))
 
 
-def assert_golden(name: str, text: str) -> None:
-    """Compare with tests/golden/NAME; MAXACT_UPDATE_GOLDEN=1 rewrites it instead."""
-    path = GOLDEN / name
-    if os.environ.get("MAXACT_UPDATE_GOLDEN") == "1":
-        path.write_bytes(text.encode("utf-8"))
-        return
-    assert path.exists(), f"golden file {path} missing: run with MAXACT_UPDATE_GOLDEN=1 once and review it"
-    expected = path.read_bytes().decode("utf-8")
-    if text != expected:
-        diff = "".join(
-            difflib.unified_diff(
-                expected.splitlines(True), text.splitlines(True), f"golden/{name}", "rendered", n=1
-            )
-        )
-        pytest.fail(f"{name} differs from the golden file (MAXACT_UPDATE_GOLDEN=1 to accept):\n{diff}")
 
 
 def texts(root: ET.Element) -> list[str]:

@@ -15,15 +15,8 @@ from typer.testing import CliRunner
 from maxact_card.cli import app
 from maxact_card.results import load_results
 from tests import factory
+from tests.factory import TEXTS, write_corpus
 
-TEXTS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "def main():\n    return 42\n",
-    "Activations peak in the residual stream at a few channels of the first token.",
-    "1234567890 + - * / = ( ) [ ] { } < > , . ; : ! ?",
-    "Über naïve café — 東京 مرحبا Привет 🙂",
-    "The lazy dog sleeps in the stream.",
-]
 GATED = {
     "llama",
     "mistral",
@@ -43,11 +36,6 @@ MULTIMODAL = {"gemma3", "qwen2_5_vl"}
 PLANT = 1234.5
 
 
-def _write_corpus(path: Path, texts: list[str] = TEXTS) -> Path:
-    path.write_text(
-        "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8"
-    )
-    return path
 
 
 def _invoke(args: list[str], **kw: Any) -> Any:
@@ -60,7 +48,7 @@ def shelf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("checkpoints")
     for arch in factory.ARCHITECTURES:
         factory.save(arch, root / arch)
-    _write_corpus(root / "corpus.jsonl")
+    write_corpus(root / "corpus.jsonl")
     return root
 
 

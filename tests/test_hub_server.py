@@ -31,7 +31,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from tests.hub_server import HubServer, hub_server, tiny_llama_files  # noqa: F401
+from tests.hub_server import HubServer, tiny_llama_files
 
 REPO = "org/tiny"
 WRITE, READ = "hf_write_token_for_tests", "hf_read_token_for_tests"

@@ -17,16 +17,9 @@ from maxact_card.measure import measure
 from maxact_card.results import TOP_CHANNELS, bootstrap_max, build_results
 from maxact_card.stats import BatchContext, SiteStats, nonfinite_count
 from tests import factory
+from tests.factory import TEXTS, write_corpus
 
 CPU = torch.device("cpu")
-TEXTS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "def main():\n    return 42\n",
-    "Activations peak in the residual stream at a few channels of the first token.",
-    "1234567890 + - * / = ( ) [ ] { } < > , . ; : ! ?",
-    "Über naïve café — 東京 مرحبا Привет 🙂",
-    "The lazy dog sleeps in the stream.",
-]
 QUANTILES = {"median": 0.5, "q0.99": 0.99, "q0.999": 0.999, "q0.9999": 0.9999}
 
 
@@ -41,11 +34,6 @@ def token_ids(tokenizer: Any) -> list[list[int]]:
     return [tokenizer(t)["input_ids"] for t in TEXTS]
 
 
-def _write_corpus(path: Path, texts: list[str] = TEXTS) -> Path:
-    path.write_text(
-        "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8"
-    )
-    return path
 
 
 def _llama(layers: int = 3, seed: int = 0) -> Any:
@@ -206,7 +194,7 @@ def planted_run(tmp_path_factory: pytest.TempPathFactory, token_ids: list[list[i
 
     root = tmp_path_factory.mktemp("planted")
     ckpt = factory.save("llama", root / "ckpt", edit=edit)
-    corpus = _write_corpus(root / "c.jsonl")
+    corpus = write_corpus(root / "c.jsonl")
     res = _invoke(
         ["measure", str(ckpt), "--corpus", str(corpus), "--format", "json", "--out", str(root / "r.json")]
     )
@@ -528,7 +516,7 @@ def quant_dirs(tmp_path_factory: pytest.TempPathFactory, token_ids: list[list[in
     return {
         "plain": factory.save("llama", root / "plain"),
         "planted": factory.save("llama", root / "planted", edit=plant),
-        "corpus": _write_corpus(root / "c.jsonl"),
+        "corpus": write_corpus(root / "c.jsonl"),
     }
 
 
