@@ -9,8 +9,10 @@ transfer to the host is the final one.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -21,6 +23,61 @@ from maxact_card.stats import BatchContext, SiteStats
 
 ProgressFn = Callable[[int, int], None]  # (samples done, tokens done)
 Consumer = Callable[[torch.Tensor, BatchContext], None]  # what a hook feeds: a [B, T, H] tensor and its batch
+
+
+class Transaction(Protocol):
+    """Accumulators the loop can roll back, so a batch that fails half-way is never half-merged."""
+
+    def snapshot(self) -> object: ...
+
+    def restore(self, saved: object) -> None: ...
+
+
+class Accumulators:
+    """A named group of accumulators with `state_dict()`/`load_state_dict()`: snapshots, checkpoints."""
+
+    def __init__(self, members: dict[str, object]) -> None:
+        self.members = members
+
+    def snapshot(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Copies of every state tensor, on their devices (no host transfer)."""
+        return {name: {k: v.clone() for k, v in acc.state_dict().items()}  # type: ignore[attr-defined]
+                for name, acc in self.members.items()}
+
+    def restore(self, saved: object) -> None:
+        """Put back a snapshot taken by `snapshot`."""
+        assert isinstance(saved, dict)
+        for name, state in saved.items():
+            self.members[name].load_state_dict(state)  # type: ignore[attr-defined]
+
+    def to_host(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Every state tensor copied to the host: what a checkpoint file holds."""
+        return {name: {k: v.detach().to("cpu", copy=True) for k, v in acc.state_dict().items()}  # type: ignore[attr-defined]
+                for name, acc in self.members.items()}
+
+
+@dataclass
+class LoopReport:
+    """What a pass of the batch loop reports besides the statistics it fed."""
+
+    wall_time_s: float
+    unreadable: dict[str, str]
+    oom_splits: int = 0
+    smallest_failed_tokens: int | None = None
+
+
+@dataclass
+class LoopControl:
+    """Where the batch loop starts, what it calls after each planned batch, and how it undoes one.
+
+    skip: planned batches already done (a resumed run). after_batch(done, report): called once
+    every part of planned batch `done - 1` is merged; checkpoints and stop requests go there.
+    transaction: what to roll back when a batch runs out of memory half-way.
+    """
+
+    skip: int = 0
+    after_batch: Callable[[int, LoopReport], None] | None = None
+    transaction: Transaction | None = None
 
 
 @dataclass
@@ -219,8 +276,18 @@ def measure(
     pad_token_id: int = 0,
     top_k: int = 16,
     progress: ProgressFn | None = None,
+    control: LoopControl | None = None,
 ) -> Measurement:
     """Run every batch through the base model with hooks on every site; return the statistics."""
+    measurement = prepare(model, token_ids, device=device, top_k=top_k)
+    report = run_measurement(measurement, model, batches=batches, device=device, pad_token_id=pad_token_id,
+                             progress=progress, control=control)
+    drop_sites(measurement, report.unreadable)
+    return measurement
+
+
+def prepare(model: nn.Module, token_ids: list[list[int]], *, device: torch.device, top_k: int = 16) -> Measurement:
+    """Discover the sites and build a fresh accumulator for each (nothing runs over the corpus yet)."""
     if not token_ids:
         raise UsageError("the corpus selected no samples", hint="check --corpus and --samples")
     site_map = discover(model)
@@ -249,16 +316,40 @@ def measure(
             stats[s.name] = SiteStats(hidden, num_samples, input_device, top_k=top_k, massive=True)
         sites = [s for s in sites if s.component != "residual"] + fallback_sites
         site_map = SiteMap(tuple(sites), site_map.missing, None, len(fallback_sites))
+    return Measurement(site_map, stats, [len(t) for t in token_ids], token_ids, hidden_states_fallback=fallback)
 
-    measurement = Measurement(site_map, stats, [len(t) for t in token_ids], token_ids,
-                              hidden_states_fallback=fallback)
+
+def run_measurement(measurement: Measurement, model: nn.Module, *, batches: list[list[int]], device: torch.device,
+                    pad_token_id: int = 0, progress: ProgressFn | None = None,
+                    control: LoopControl | None = None) -> LoopReport:
+    """Feed `batches` of the measurement's samples into its accumulators; time adds to `wall_time_s`.
+
+    Sites found unreadable are reported, not dropped: a resumed or distributed run first learns
+    what every session and process found (`drop_sites`).
+    """
+    stats = measurement.stats
+    sites = measurement.site_map.sites
     hooked = [s for s in sites if not s.module.startswith("<")]
-    after = (lambda out, ctx: _feed_hidden_states(out, stats, ctx, len(fallback_sites))) if fallback else None
-    measurement.wall_time_s, unreadable = run_hooked(
-        model, token_ids, batches=batches, sites=hooked, consumers={s.name: stats[s.name].update for s in hooked},
-        device=device, pad_token_id=pad_token_id, progress=progress, after_forward=after,
+    fallback_count = len(sites) - len(hooked)
+    after = ((lambda out, ctx: _feed_hidden_states(out, stats, ctx, fallback_count))
+             if measurement.hidden_states_fallback else None)
+    control = control or LoopControl()
+    if control.transaction is None:
+        control = LoopControl(control.skip, control.after_batch, Accumulators(dict(stats)))
+    report = run_hooked(
+        model, measurement.token_ids, batches=batches, sites=hooked,
+        consumers={s.name: stats[s.name].update for s in hooked}, device=device, pad_token_id=pad_token_id,
+        progress=progress, after_forward=after, control=control,
     )
+    measurement.wall_time_s += report.wall_time_s
+    return report
+
+
+def drop_sites(measurement: Measurement, unreadable: dict[str, str]) -> None:
+    """Move sites whose module gave no usable tensor from the measured to the missing list."""
     for name, reason in unreadable.items():
+        if name not in measurement.stats:
+            continue
         measurement.site_map = SiteMap(
             tuple(s for s in measurement.site_map.sites if s.name != name),
             measurement.site_map.missing + ((name, reason),),
@@ -266,7 +357,11 @@ def measure(
             measurement.site_map.num_layers,
         )
         measurement.stats.pop(name, None)
-    return measurement
+
+
+def padded_tokens(token_ids: list[list[int]], batch: list[int]) -> int:
+    """What a batch costs on the device: rows times its longest row."""
+    return len(batch) * max(len(token_ids[i]) for i in batch)
 
 
 def run_hooked(
@@ -280,11 +375,17 @@ def run_hooked(
     pad_token_id: int = 0,
     progress: ProgressFn | None = None,
     after_forward: Callable[[object, BatchContext], None] | None = None,
-) -> tuple[float, dict[str, str]]:
+    control: LoopControl | None = None,
+) -> LoopReport:
     """Run every batch through the base model with `consumers` hooked on `sites`.
 
-    Returns the wall time (device work included) and the sites whose module gave no usable tensor.
+    A batch that runs out of device memory is rolled back (`control.transaction`), split in two
+    and retried, and every later batch is kept under half the size that failed; statistics do not
+    depend on the batching, so the result is the same. A single sample that does not fit fails the
+    run. Returns the wall time (device work included), the sites whose module gave no usable
+    tensor and how many splits were needed.
     """
+    control = control or LoopControl()
     runner = base_model(model)
     input_device = _input_device(model, device)
     if input_device.type == "cuda":
@@ -295,34 +396,80 @@ def run_hooked(
         offsets.append(total)
         total += len(t)
     hooks = _Hooks(model, sites, consumers)
+    report = LoopReport(0.0, hooks.unreadable)
     start = time.perf_counter()
     done_samples = done_tokens = 0
+    queue = deque((k, batch) for k, batch in enumerate(batches) if k >= control.skip)
+    parts_left = {k: 1 for k, _ in queue}
+    ceiling: int | None = None  # padded tokens a batch may hold after an out-of-memory error
     try:
         with torch.inference_mode():
-            for batch in batches:
-                ids, mask, token_index = _pad(token_ids, batch, offsets, pad_token_id)
-                ids, mask, token_index = ids.to(input_device), mask.to(input_device), token_index.to(input_device)
-                hooks.ctx = BatchContext(mask, token_index, torch.tensor(batch, device=input_device), ids)
-                hooks.shape = (ids.shape[0], ids.shape[1])
+            while queue:
+                k, batch = queue.popleft()
+                if ceiling is not None and len(batch) > 1 and padded_tokens(token_ids, batch) > ceiling:
+                    _split_front(queue, parts_left, k, batch)
+                    continue
+                saved = control.transaction.snapshot() if control.transaction is not None else None
                 try:
-                    out = runner(input_ids=ids, attention_mask=mask.long(), use_cache=False,
-                                 output_hidden_states=after_forward is not None)
-                except torch.OutOfMemoryError as exc:
-                    raise RuntimeFailure(
-                        f"out of memory on a batch of {ids.shape[0]}x{ids.shape[1]} tokens",
-                        hint="lower --max-batch-tokens or --max-seq-len, or use --device-map auto",
-                    ) from exc
-                if after_forward is not None:
-                    after_forward(out, hooks.ctx)
+                    _forward_one(runner, hooks, token_ids, batch, offsets, pad_token_id, input_device, after_forward)
+                except torch.OutOfMemoryError:
+                    failed = padded_tokens(token_ids, batch)
+                    shape = f"{len(batch)}x{failed // len(batch)}"
+                else:
+                    failed = 0
+                if failed:
+                    # outside the except block, so the failed batch's tensors are already released
+                    if control.transaction is not None:
+                        control.transaction.restore(saved)
+                    if input_device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    if len(batch) == 1:
+                        raise RuntimeFailure(
+                            f"out of memory on a single sample of {shape} tokens",
+                            hint="lower --max-seq-len, or use --device-map auto or a larger device",
+                        )
+                    report.oom_splits += 1
+                    report.smallest_failed_tokens = min(failed, report.smallest_failed_tokens or failed)
+                    ceiling = failed // 2
+                    _split_front(queue, parts_left, k, batch)
+                    continue
                 done_samples += len(batch)
                 done_tokens += sum(len(token_ids[i]) for i in batch)
                 if progress is not None:
                     progress(done_samples, done_tokens)
+                parts_left[k] -= 1
+                if parts_left[k] == 0 and control.after_batch is not None:
+                    report.wall_time_s = time.perf_counter() - start
+                    control.after_batch(k + 1, report)
         if input_device.type == "cuda":
             torch.cuda.synchronize(input_device)
     finally:
         hooks.remove()
-    return time.perf_counter() - start, hooks.unreadable
+    report.wall_time_s = time.perf_counter() - start
+    return report
+
+
+def _split_front(queue: deque[tuple[int, list[int]]], parts_left: dict[int, int], k: int, batch: list[int]) -> None:
+    half = len(batch) // 2
+    queue.appendleft((k, batch[half:]))
+    queue.appendleft((k, batch[:half]))
+    parts_left[k] += 1
+
+
+def _forward_one(runner: nn.Module, hooks: _Hooks, token_ids: list[list[int]], batch: list[int], offsets: list[int],
+                 pad_token_id: int, input_device: torch.device,
+                 after_forward: Callable[[object, BatchContext], None] | None) -> None:
+    ids, mask, token_index = _pad(token_ids, batch, offsets, pad_token_id)
+    ids, mask, token_index = ids.to(input_device), mask.to(input_device), token_index.to(input_device)
+    hooks.ctx = BatchContext(mask, token_index, torch.tensor(batch, device=input_device), ids)
+    hooks.shape = (ids.shape[0], ids.shape[1])
+    try:
+        out = runner(input_ids=ids, attention_mask=mask.long(), use_cache=False,
+                     output_hidden_states=after_forward is not None)
+        if after_forward is not None:
+            after_forward(out, hooks.ctx)
+    finally:
+        hooks.ctx = None
 
 
 def _pad(token_ids: list[list[int]], batch: list[int], offsets: list[int],

@@ -367,6 +367,11 @@ class QuantAccumulator:
         """The state tensors (on the device; copies), every one merged by `MERGE_OPS` (sum)."""
         return {name: value.clone() for name, value in self._state.items()}
 
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Replace the state with `state` (as `state_dict` returns it): a rollback or a resume."""
+        for name in _FIELDS:
+            self._state[name] = state[name].to(self.device)
+
     @classmethod
     def from_state_dict(
         cls,

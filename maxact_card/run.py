@@ -4,20 +4,36 @@ from __future__ import annotations
 
 import datetime as _dt
 import platform
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 import maxact_card
 from maxact_card import corpus as corpus_mod
+from maxact_card import distributed
 from maxact_card import quant as quant_mod
+from maxact_card.budget import auto_batch_tokens
 from maxact_card.checkpoint import LoadedModel, load
-from maxact_card.errors import UsageError
-from maxact_card.measure import Measurement, measure, run_hooked
+from maxact_card.errors import RuntimeFailure, UsageError
+from maxact_card.measure import (
+    Accumulators,
+    LoopControl,
+    LoopReport,
+    Measurement,
+    drop_sites,
+    prepare,
+    run_hooked,
+    run_measurement,
+)
 from maxact_card.results import build_results
 from maxact_card.sites import SiteMap, discover
+from maxact_card.state import PassState, StateDir, fingerprint_digest
 
 DEFAULT_MAX_SEQ_LEN = 4096
 DEFAULT_MAX_BATCH_TOKENS = 16384
@@ -39,7 +55,7 @@ class MeasureOptions:
     device: str = "auto"
     device_map: str | None = None
     trust_remote_code: bool = False
-    max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS
+    max_batch_tokens: int | str | None = "auto"  # an int, or "auto": sized from free device memory
     batch_size: int | None = None
     top_k: int = 16
     force: bool = False
@@ -48,6 +64,9 @@ class MeasureOptions:
     quant_sites: str = "default"
     clip_quantile: float = 0.999
     min_sqnr: float = 20.0
+    state_dir: str | None = None
+    resume: bool = False
+    checkpoint_every: int = 20
 
     def check(self) -> None:
         """Reject impossible values before any work is done."""
@@ -57,8 +76,14 @@ class MeasureOptions:
             raise UsageError(f"--max-seq-len must be at least 1, got {self.max_seq_len}")
         if self.batch_size is not None and self.batch_size < 1:
             raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.max_batch_tokens is not None and self.max_batch_tokens < 1:
+        if isinstance(self.max_batch_tokens, str) and self.max_batch_tokens != "auto":
+            raise UsageError(f"--max-batch-tokens must be a number of tokens or auto, got {self.max_batch_tokens!r}")
+        if isinstance(self.max_batch_tokens, int) and self.max_batch_tokens < 1:
             raise UsageError(f"--max-batch-tokens must be at least 1, got {self.max_batch_tokens}")
+        if self.checkpoint_every < 1:
+            raise UsageError(f"--checkpoint-every must be at least 1, got {self.checkpoint_every}")
+        if self.resume and not self.state_dir:
+            raise UsageError("--resume needs the --state-dir of the run to continue")
         if self.top_k < 1:
             raise UsageError(f"--top-k must be at least 1, got {self.top_k}")
         if self.quant and not 0.0 < self.eval_fraction < 1.0:
@@ -95,11 +120,38 @@ def prepare_tokens(loaded: LoadedModel, opts: MeasureOptions, samples: list[corp
     return corpus_mod.tokenize(samples, loaded.tokenizer, opts.max_seq_len, truncate=truncate), truncate
 
 
-def plan_batches(lengths: list[int], opts: MeasureOptions) -> list[list[int]]:
+def parse_batch_tokens(value: str | int | None) -> int | str | None:
+    """`--max-batch-tokens`: a positive number of tokens, or auto."""
+    if value is None or isinstance(value, int):
+        return value
+    text = value.strip().lower()
+    if text == "auto":
+        return "auto"
+    try:
+        return int(text.replace("_", ""))
+    except ValueError:
+        raise UsageError(f"--max-batch-tokens must be a number of tokens or auto, got {value!r}",
+                         hint="pass e.g. --max-batch-tokens 16384, or auto to size it from free memory") from None
+
+
+def batch_budget(opts: MeasureOptions, loaded: LoadedModel) -> int | None:
+    """The padded-token budget of a batch (None with --batch-size)."""
+    if opts.batch_size is not None:
+        return None
+    if opts.max_batch_tokens in (None, "auto"):
+        return auto_batch_tokens(loaded.model, loaded.device, loaded.dtype, opts.max_seq_len,
+                                 sharded=bool(opts.device_map))
+    assert isinstance(opts.max_batch_tokens, int)
+    return opts.max_batch_tokens
+
+
+def plan_batches(lengths: list[int], opts: MeasureOptions, budget: int | None = None) -> list[list[int]]:
     """Length-sorted batches under a padded-token budget, or of a fixed size."""
     if opts.batch_size is not None:
         return corpus_mod.batches(lengths, batch_size=opts.batch_size)
-    return corpus_mod.batches(lengths, max_batch_tokens=opts.max_batch_tokens or DEFAULT_MAX_BATCH_TOKENS)
+    if budget is None:
+        budget = opts.max_batch_tokens if isinstance(opts.max_batch_tokens, int) else DEFAULT_MAX_BATCH_TOKENS
+    return corpus_mod.batches(lengths, max_batch_tokens=budget)
 
 
 def decoder(tokenizer: Any) -> Callable[[int], str]:
@@ -115,34 +167,213 @@ def decoder(tokenizer: Any) -> Callable[[int], str]:
 
 
 def run_measure(opts: MeasureOptions, *, progress: Callable[[int, int], None] | None = None,
-                on_plan: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """Measure `opts.model` (and with `opts.quant`, check INT8/FP8 on held-out data); return the results."""
+                on_plan: Callable[[int, int], None] | None = None) -> dict[str, Any] | None:
+    """Measure `opts.model` (and with `opts.quant`, check INT8/FP8 on held-out data); return the results.
+
+    Under torchrun every process measures its share of the batches and all of them end up with
+    the same merged statistics; only rank 0 gets the results, the others get None.
+    """
     opts.check()
+    world = distributed.world_from_env()
+    if world.distributed and opts.device_map:
+        raise UsageError("--device-map spreads one model over the GPUs; it cannot be combined with several processes",
+                         hint="use either --device-map auto (one process) or torchrun/--gpus (one model per GPU)")
     corpus = corpus_mod.load_corpus(opts.corpus)
     samples = corpus_mod.select(corpus, opts.samples, opts.seed)
     held_out: list[corpus_mod.Sample] = []
     if opts.quant:
         samples, held_out = corpus_mod.split(samples, opts.eval_fraction, opts.seed)
-    thresholds = quant_mod.Thresholds(min_sqnr_db=opts.min_sqnr, min_token_sqnr_db=opts.min_sqnr) if opts.quant else None
     started = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0)
-    loaded = load(opts.model, revision=opts.revision, token=opts.token, dtype=opts.dtype, device=opts.device,
-                  device_map=opts.device_map, trust_remote_code=opts.trust_remote_code, force=opts.force)
-    if opts.quant:
-        check_quant_sites(opts.quant_sites, discover(loaded.model))
-    builtin = corpus.id == corpus_mod.BUILTIN_ID
-    token_ids, truncate = prepare_tokens(loaded, opts, samples, builtin)
-    batches = plan_batches([len(t) for t in token_ids], opts)
-    if on_plan is not None:
-        on_plan(len(samples), sum(len(t) for t in token_ids))
-    measurement = measure(loaded.model, token_ids, batches=batches, device=loaded.device,
-                          pad_token_id=_pad_id(loaded.tokenizer), top_k=opts.top_k, progress=progress)
-    results = assemble(loaded, opts, corpus, samples, measurement, truncate=truncate, started=started,
-                       eval_samples=len(held_out))
-    if opts.quant:
-        assert thresholds is not None
-        eval_ids, _ = prepare_tokens(loaded, opts, held_out, builtin)
-        results["quant"] = quant_check(loaded, opts, measurement, results, eval_ids, thresholds)
-    return results
+    loaded = load(opts.model, revision=opts.revision, token=opts.token, dtype=opts.dtype,
+                  device=world.device(opts.device), device_map=opts.device_map,
+                  trust_remote_code=opts.trust_remote_code, force=opts.force)
+    distributed.init(world, loaded.device)
+    try:
+        with _stop_on_signals(enabled=opts.state_dir is not None) as stop:
+            run = _Run(opts, world, loaded, corpus, samples, held_out, stop)
+            return run.execute(started, progress if world.is_main else None, on_plan if world.is_main else None)
+    finally:
+        distributed.close(world)
+
+
+class _StopRequest:
+    """Set by SIGTERM/SIGINT while a checkpointed run is going: stop after the batch in flight."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+
+
+@contextmanager
+def _stop_on_signals(*, enabled: bool) -> Iterator[_StopRequest]:
+    stop = _StopRequest()
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        stop.signal = signal.Signals(signum).name
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+class _Run:
+    """One run's passes: the measurement, then (with --quant) the held-out check, each resumable."""
+
+    def __init__(self, opts: MeasureOptions, world: distributed.World, loaded: LoadedModel,
+                 corpus: corpus_mod.Corpus, samples: list[corpus_mod.Sample], held_out: list[corpus_mod.Sample],
+                 stop: _StopRequest) -> None:
+        self.opts = opts
+        self.world = world
+        self.loaded = loaded
+        self.corpus = corpus
+        self.samples = samples
+        self.held_out = held_out
+        self.stop = stop
+        self.store: StateDir | None = None
+        self.resumed = False
+        self.oom_splits = 0
+
+    def execute(self, started: _dt.datetime, progress: Callable[[int, int], None] | None,
+                on_plan: Callable[[int, int], None] | None) -> dict[str, Any] | None:
+        opts, loaded = self.opts, self.loaded
+        if opts.quant:
+            check_quant_sites(opts.quant_sites, discover(loaded.model))
+        builtin = self.corpus.id == corpus_mod.BUILTIN_ID
+        token_ids, truncate = prepare_tokens(loaded, opts, self.samples, builtin)
+        budget = batch_budget(opts, loaded)
+        plan = plan_batches([len(t) for t in token_ids], opts, budget)
+        if opts.state_dir:
+            self.store = self._open_state(Path(opts.state_dir), truncate)
+        if on_plan is not None:
+            shard = self.world.shard(plan)
+            on_plan(sum(len(b) for b in shard), sum(len(token_ids[i]) for b in shard for i in b))
+        measurement = prepare(loaded.model, token_ids, device=loaded.device, top_k=opts.top_k)
+        stats = measurement.stats
+
+        def run_fn(batches: list[list[int]], control: LoopControl) -> LoopReport:
+            return run_measurement(measurement, loaded.model, batches=batches, device=loaded.device,
+                                   pad_token_id=_pad_id(loaded.tokenizer), progress=progress, control=control)
+
+        wall, unreadable, _ = self.run_pass("measure", stats, plan, run_fn)
+        unreadable = distributed.union_unreadable(self.world, unreadable)
+        drop_sites(measurement, unreadable)
+        distributed.all_reduce_fields(self.world, [measurement.stats[n] for n in sorted(measurement.stats)])
+        measurement.wall_time_s = distributed.all_reduce_max_float(self.world, wall, loaded.device)
+        batching = (f"batch_size={opts.batch_size}" if budget is None else
+                    f"max_batch_tokens={budget}" + (" (auto)" if opts.max_batch_tokens in (None, "auto") else ""))
+        results = assemble(loaded, opts, self.corpus, self.samples, measurement, truncate=truncate, started=started,
+                           eval_samples=len(self.held_out), world_size=self.world.size, batching=batching)
+        if opts.quant:
+            eval_ids, _ = prepare_tokens(loaded, opts, self.held_out, builtin)
+            results["quant"] = self.quant_pass(measurement, results, eval_ids, budget)
+        return results if self.world.is_main else None
+
+    def _open_state(self, directory: Path, truncate: bool) -> StateDir:
+        opts, info = self.opts, self.loaded.info
+        fingerprint = {
+            "model": info["id"], "commit_sha": info.get("commit_sha"),
+            "weights": fingerprint_digest(info.get("weight_files") or []),
+            "corpus": {"id": self.corpus.id, "sha256": self.corpus.sha256},
+            "samples": fingerprint_digest([s.id for s in self.samples]),
+            "held_out": fingerprint_digest([s.id for s in self.held_out]),
+            "settings": {"max_seq_len": opts.max_seq_len, "truncate": truncate, "seed": opts.seed,
+                         "dtype": str(self.loaded.dtype).removeprefix("torch."), "top_k": opts.top_k,
+                         "quant": opts.quant, "eval_fraction": opts.eval_fraction if opts.quant else None,
+                         "quant_sites": opts.quant_sites if opts.quant else None,
+                         "clip_quantile": opts.clip_quantile if opts.quant else None,
+                         "min_sqnr": opts.min_sqnr if opts.quant else None},
+            "world_size": self.world.size,
+            "maxact_card": maxact_card.__version__,
+        }
+        store = StateDir(directory, fingerprint, resume=opts.resume, rank=self.world.rank)
+        if self.world.distributed:
+            import torch.distributed as dist
+
+            dist.barrier()  # rank 0 has checked and created the directory
+        return store
+
+    def run_pass(self, name: str, accumulators: dict[str, Any], plan: list[list[int]],
+                 run_fn: Callable[[list[list[int]], LoopControl], LoopReport]) -> tuple[float, dict[str, str], int]:
+        """Run one pass over this process's share of `plan`, resuming and checkpointing when asked.
+
+        Returns the wall time (earlier sessions of a resumed run included), the unreadable sites
+        and the number of out-of-memory splits.
+        """
+        group = Accumulators(accumulators)
+        saved = self.store.load(name) if self.store is not None else None
+        skip, wall_before, unreadable_before = 0, 0.0, {}
+        if saved is not None:
+            if set(saved.accumulators) != set(accumulators):
+                raise UsageError(f"the {name} checkpoint in {self.opts.state_dir} does not match this model's sites",
+                                 hint="choose a new --state-dir")
+            plan = saved.plan
+            group.restore({k: {f: t.to(_device_of(accumulators[k])) for f, t in v.items()}
+                           for k, v in saved.accumulators.items()})
+            skip, wall_before, unreadable_before = saved.done, saved.wall_time_s, saved.unreadable
+            self.resumed = True
+        shard = self.world.shard(plan)
+        every = self.opts.checkpoint_every
+        store, stop = self.store, self.stop
+
+        def after_batch(done: int, report: LoopReport) -> None:
+            if store is None:
+                return
+            last = done == len(shard)
+            if done % every == 0 or last or stop.signal:
+                unreadable = dict(unreadable_before, **report.unreadable)
+                store.save(name, PassState(plan, done, group.to_host(), unreadable, wall_before + report.wall_time_s))
+            if stop.signal and not last:
+                raise RuntimeFailure(
+                    f"stopped by {stop.signal} after {done} of {len(shard)} batches of the {name} pass; "
+                    f"the state is saved in {self.opts.state_dir}",
+                    hint="continue with the same command and --resume",
+                )
+
+        report = run_fn(shard, LoopControl(skip=skip, after_batch=after_batch, transaction=group))
+        self.oom_splits += report.oom_splits
+        return wall_before + report.wall_time_s, dict(unreadable_before, **report.unreadable), report.oom_splits
+
+    def quant_pass(self, measurement: Measurement, results: dict[str, Any], eval_ids: list[list[int]],
+                   budget: int | None) -> dict[str, Any]:
+        """One extra forward pass over the held-out part, every policy evaluated at every chosen site."""
+        opts, loaded = self.opts, self.loaded
+        thresholds = quant_mod.Thresholds(min_sqnr_db=opts.min_sqnr, min_token_sqnr_db=opts.min_sqnr)
+        names = quant_sites(opts.quant_sites, results)
+        by_name = measurement.site_map.by_name()
+        accumulators: dict[str, quant_mod.QuantAccumulator] = {}
+        for name in names:
+            stats = measurement.stats[name]
+            site_result = next(s for s in results["sites"] if s["name"] == name)
+            scales = quant_mod.static_scales(site_result["max_abs"], stats.hist.cpu(), opts.clip_quantile)
+            accumulators[name] = quant_mod.QuantAccumulator(scales, device=stats.max.device, thresholds=thresholds)
+        plan = plan_batches([len(t) for t in eval_ids], opts, budget)
+
+        def run_fn(batches: list[list[int]], control: LoopControl) -> LoopReport:
+            return run_hooked(
+                loaded.model, eval_ids, batches=batches, sites=[by_name[n] for n in names],
+                consumers={n: (lambda x, ctx, acc=accumulators[n]: acc.update(x, ctx.mask)) for n in names},
+                device=loaded.device, pad_token_id=_pad_id(loaded.tokenizer), control=control,
+            )
+
+        wall, unreadable, _ = self.run_pass("quant", dict(accumulators), plan, run_fn)
+        unreadable = distributed.union_unreadable(self.world, unreadable)
+        kept = [n for n in names if n not in unreadable]
+        distributed.all_reduce_fields(self.world, [accumulators[n] for n in kept])
+        wall = distributed.all_reduce_max_float(self.world, wall, loaded.device)
+        return quant_block(opts, thresholds, by_name, {n: accumulators[n].result() for n in kept}, results,
+                           eval_ids, wall)
+
+
+def _device_of(acc: Any) -> torch.device:
+    device = getattr(acc, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    return acc.max.device  # SiteStats
 
 
 def check_quant_sites(spec: str, site_map: SiteMap) -> None:
@@ -182,25 +413,12 @@ def quant_sites(spec: str, results: dict[str, Any]) -> list[str]:
     return [n for n in names if n in chosen]
 
 
-def quant_check(loaded: LoadedModel, opts: MeasureOptions, measurement: Measurement, results: dict[str, Any],
-                eval_ids: list[list[int]], thresholds: quant_mod.Thresholds) -> dict[str, Any]:
-    """One extra forward pass over the held-out part, every policy evaluated at every chosen site."""
-    names = quant_sites(opts.quant_sites, results)
-    by_name = measurement.site_map.by_name()
-    accumulators: dict[str, quant_mod.QuantAccumulator] = {}
-    for name in names:
-        stats = measurement.stats[name]
-        site_result = next(s for s in results["sites"] if s["name"] == name)
-        scales = quant_mod.static_scales(site_result["max_abs"], stats.hist.cpu(), opts.clip_quantile)
-        accumulators[name] = quant_mod.QuantAccumulator(scales, device=stats.max.device, thresholds=thresholds)
-    batches = plan_batches([len(t) for t in eval_ids], opts)
-    wall, unreadable = run_hooked(
-        loaded.model, eval_ids, batches=batches, sites=[by_name[n] for n in names],
-        consumers={n: (lambda x, ctx, acc=accumulators[n]: acc.update(x, ctx.mask)) for n in names},
-        device=loaded.device, pad_token_id=_pad_id(loaded.tokenizer),
-    )
-    per_site = {n: accumulators[n].result() for n in names if n not in unreadable}
-    summary = quant_mod.summarize(per_site, peak_site=results["global"]["site"] if results["global"]["site"] in per_site else None)
+def quant_block(opts: MeasureOptions, thresholds: quant_mod.Thresholds, by_name: dict[str, Any],
+                per_site: dict[str, dict[str, Any]], results: dict[str, Any], eval_ids: list[list[int]],
+                wall: float) -> dict[str, Any]:
+    """The results' `quant` block from every chosen site's policy figures."""
+    peak = results["global"]["site"]
+    summary = quant_mod.summarize(per_site, peak_site=peak if peak in per_site else None)
     site_rows = []
     for name in per_site:
         s = by_name[name]
@@ -220,7 +438,8 @@ def quant_check(loaded: LoadedModel, opts: MeasureOptions, measurement: Measurem
 
 def assemble(loaded: LoadedModel, opts: MeasureOptions, corpus: corpus_mod.Corpus,
              samples: list[corpus_mod.Sample], measurement: Measurement, *, truncate: bool,
-             started: _dt.datetime, eval_samples: int = 0) -> dict[str, Any]:
+             started: _dt.datetime, eval_samples: int = 0, world_size: int = 1,
+             batching: str | None = None) -> dict[str, Any]:
     """The results document for a finished measurement."""
     tokens = measurement.tokens
     categories: dict[str, int] = {}
@@ -231,15 +450,15 @@ def assemble(loaded: LoadedModel, opts: MeasureOptions, corpus: corpus_mod.Corpu
         "device": device_name(loaded.device),
         "device_type": loaded.device.type,
         "device_map": opts.device_map,
-        "world_size": 1,
+        "world_size": world_size,
         "versions": versions(),
         "seed": opts.seed,
         "samples": len(samples),
         "tokens": tokens,
         "max_seq_len": opts.max_seq_len,
         "truncate": truncate,
-        "batching": f"batch_size={opts.batch_size}" if opts.batch_size is not None
-        else f"max_batch_tokens={opts.max_batch_tokens or DEFAULT_MAX_BATCH_TOKENS}",
+        "batching": batching or (f"batch_size={opts.batch_size}" if opts.batch_size is not None
+                                 else f"max_batch_tokens={opts.max_batch_tokens}"),
         "wall_time_s": round(measurement.wall_time_s, 3),
         "tokens_per_s": round(tokens / measurement.wall_time_s, 1) if measurement.wall_time_s > 0 else 0.0,
         "started_at": started.isoformat(),

@@ -321,7 +321,7 @@ def test_unexpected_exception_is_exit_3_with_one_line(
     def boom(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("kernel exploded\nsecond line of detail")
 
-    monkeypatch.setattr("maxact_card.run.measure", boom)
+    monkeypatch.setattr("maxact_card.run.run_measurement", boom)
     args = [
         "measure",
         str(shelf / "llama"),

@@ -14,6 +14,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 
+from maxact_card.distributed import record_exit
 from maxact_card.errors import EXIT_RUNTIME, EXIT_USAGE, MaxactError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -68,32 +69,42 @@ def handle_errors(func: F) -> F:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return func(*args, **kwargs)
-        except typer.Exit:
+            result = _mapped(func, *args, **kwargs)
+        except typer.Exit as exc:
+            record_exit(exc.exit_code)
             raise
-        except MaxactError as exc:
-            if _debug():
-                traceback.print_exc()
-            print(f"error: {exc.line()}", file=sys.stderr)
-            raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
-            print("error: interrupted", file=sys.stderr)
-            raise typer.Exit(EXIT_RUNTIME) from None
-        except MemoryError:
-            print("error: out of memory; use fewer --samples, a smaller --max-seq-len or a larger device", file=sys.stderr)
-            raise typer.Exit(EXIT_RUNTIME) from None
-        except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, exit 3
-            if _debug():
-                traceback.print_exc()
-            name = type(exc).__name__
-            print(
-                f"error: unexpected {name}: {str(exc).splitlines()[0] if str(exc) else ''}; "
-                "rerun with MAXACT_CARD_DEBUG=1 for the traceback and report it",
-                file=sys.stderr,
-            )
-            raise typer.Exit(EXIT_RUNTIME) from None
+        record_exit(0)
+        return result
 
     return wrapper  # type: ignore[return-value]
+
+
+def _mapped(func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    try:
+        return func(*args, **kwargs)
+    except typer.Exit:
+        raise
+    except MaxactError as exc:
+        if _debug():
+            traceback.print_exc()
+        print(f"error: {exc.line()}", file=sys.stderr)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        raise typer.Exit(EXIT_RUNTIME) from None
+    except MemoryError:
+        print("error: out of memory; use fewer --samples, a smaller --max-seq-len or a larger device", file=sys.stderr)
+        raise typer.Exit(EXIT_RUNTIME) from None
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, exit 3
+        if _debug():
+            traceback.print_exc()
+        name = type(exc).__name__
+        print(
+            f"error: unexpected {name}: {str(exc).splitlines()[0] if str(exc) else ''}; "
+            "rerun with MAXACT_CARD_DEBUG=1 for the traceback and report it",
+            file=sys.stderr,
+        )
+        raise typer.Exit(EXIT_RUNTIME) from None
 
 
 __all__ = [

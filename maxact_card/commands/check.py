@@ -45,7 +45,9 @@ from maxact_card.commands.measure import (
     DeviceOpt,
     DtypeOpt,
     EvalFractionOpt,
+    CheckpointEveryOpt,
     ForceOpt,
+    GpusOpt,
     MaxSeqLenOpt,
     MinSqnrOpt,
     ModelArg,
@@ -53,10 +55,13 @@ from maxact_card.commands.measure import (
     QuantOpt,
     QuantSitesOpt,
     RemoteCodeOpt,
+    ResumeOpt,
     SamplesOpt,
     SeedOpt,
+    StateDirOpt,
     TopKOpt,
     TruncateOpt,
+    launch_if_asked,
     summary_tables,
 )
 from maxact_card.commands.render import CardOpt, run_render
@@ -64,7 +69,7 @@ from maxact_card.documents import atomic_write_text, validate_results, write_res
 from maxact_card.errors import EXIT_GATE, UsageError
 from maxact_card.gate import CardStatus, Verdict, evaluate, format_value, load_baseline, render_summary
 from maxact_card.policy import DEFAULT_POLICY, FP16_MAX, Policy, load_policy
-from maxact_card.run import DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_SEQ_LEN, MeasureOptions, run_measure
+from maxact_card.run import DEFAULT_MAX_SEQ_LEN, MeasureOptions, parse_batch_tokens, run_measure
 
 EXAMPLES = [
     "maxact-card check ./my-checkpoint --out results.json",
@@ -231,10 +236,15 @@ def run_check(
     *,
     progress: Callable[[int, int], None] | None = None,
     on_plan: Callable[[int, int], None] | None = None,
-) -> CheckOutcome:
-    """Measure, validate, gate, and (optionally) write the card and publish. Raises typed errors only."""
+) -> CheckOutcome | None:
+    """Measure, validate, gate, and (optionally) write the card and publish. Raises typed errors only.
+
+    Returns None in the processes other than rank 0 of a data-parallel run.
+    """
     policy, baseline = _preflight(request)
     results = run_measure(request.measure, progress=progress, on_plan=on_plan)
+    if results is None:
+        return None
     if request.out is not None:
         write_results(results, request.out)
     else:
@@ -332,7 +342,7 @@ def check_cmd(
     device: DeviceOpt = "auto",
     device_map: DeviceMapOpt = None,
     trust_remote_code: RemoteCodeOpt = False,
-    max_batch_tokens: BatchTokensOpt = DEFAULT_MAX_BATCH_TOKENS,
+    max_batch_tokens: BatchTokensOpt = "auto",
     batch_size: BatchSizeOpt = None,
     top_k: TopKOpt = 16,
     force: ForceOpt = False,
@@ -341,22 +351,31 @@ def check_cmd(
     quant_sites: QuantSitesOpt = "default",
     clip_quantile: ClipQuantileOpt = 0.999,
     min_sqnr: MinSqnrOpt = 20.0,
+    state_dir: StateDirOpt = None,
+    resume: ResumeOpt = False,
+    checkpoint_every: CheckpointEveryOpt = 20,
+    gpus: GpusOpt = None,
 ) -> None:
     request = CheckRequest(
         measure=MeasureOptions(
             model=model, revision=revision, token=token, corpus=corpus, samples=samples, max_seq_len=max_seq_len,
             truncate=truncate, seed=seed, dtype=dtype, device=device, device_map=device_map,
-            trust_remote_code=trust_remote_code, max_batch_tokens=max_batch_tokens, batch_size=batch_size,
-            top_k=top_k, force=force, quant=quant, eval_fraction=eval_fraction, quant_sites=quant_sites,
-            clip_quantile=clip_quantile, min_sqnr=min_sqnr,
+            trust_remote_code=trust_remote_code, max_batch_tokens=parse_batch_tokens(max_batch_tokens),
+            batch_size=batch_size, top_k=top_k, force=force, quant=quant, eval_fraction=eval_fraction,
+            quant_sites=quant_sites, clip_quantile=clip_quantile, min_sqnr=min_sqnr,
+            state_dir=str(state_dir) if state_dir is not None else None, resume=resume,
+            checkpoint_every=checkpoint_every,
         ),
         policy_path=policy, baseline=baseline, out=out, card=card, create_pr=create_pr,
     )  # fmt: skip
+    launch_if_asked(gpus, request.measure, "check")
     bar = ProgressBar(enabled=sys.stderr.isatty() and fmt is not OutputFormat.json)
     try:
         outcome = run_check(request, progress=bar.update, on_plan=bar.plan)
     finally:
         bar.close()
+    if outcome is None:  # another process of a data-parallel run: rank 0 reports
+        return
     if verdict_out is not None:
         atomic_write_text(
             verdict_out, json.dumps(outcome.verdict.to_dict(), indent=1, ensure_ascii=False) + "\n"

@@ -22,7 +22,9 @@ from maxact_card.commands._common import (
     stdout_console,
 )
 from maxact_card.results import dumps, write_results
-from maxact_card.run import DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_SEQ_LEN, MeasureOptions, run_measure
+from maxact_card import distributed
+from maxact_card.errors import UsageError
+from maxact_card.run import DEFAULT_MAX_SEQ_LEN, MeasureOptions, parse_batch_tokens, run_measure
 
 EXAMPLES = """
 Examples:
@@ -63,7 +65,8 @@ RemoteCodeOpt = Annotated[
                        envvar="MAXACT_CARD_TRUST_REMOTE_CODE")
 ]
 BatchTokensOpt = Annotated[
-    int | None, typer.Option("--max-batch-tokens", help="Padded tokens per batch.", envvar="MAXACT_CARD_MAX_BATCH_TOKENS")
+    str, typer.Option("--max-batch-tokens", help="Padded tokens per batch, or auto: sized from free device memory.",
+                      envvar="MAXACT_CARD_MAX_BATCH_TOKENS")
 ]
 BatchSizeOpt = Annotated[
     int | None, typer.Option("--batch-size", help="Fixed samples per batch instead of a token budget.",
@@ -80,6 +83,19 @@ ClipQuantileOpt = Annotated[float, typer.Option("--clip-quantile", help="Quantil
                                                 envvar="MAXACT_CARD_CLIP_QUANTILE")]
 MinSqnrOpt = Annotated[float, typer.Option("--min-sqnr", help="SQNR in dB a policy needs, over the tensor and per token.",
                                            envvar="MAXACT_CARD_MIN_SQNR")]
+StateDirOpt = Annotated[
+    Path | None, typer.Option("--state-dir", help="Checkpoint the statistics here, so an interrupted run can --resume.",
+                              envvar="MAXACT_CARD_STATE_DIR")
+]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the run checkpointed in --state-dir.",
+                                         envvar="MAXACT_CARD_RESUME")]
+CheckpointEveryOpt = Annotated[int, typer.Option("--checkpoint-every", help="Batches between checkpoints.",
+                                                 envvar="MAXACT_CARD_CHECKPOINT_EVERY")]
+GpusOpt = Annotated[
+    int | None,
+    typer.Option("--gpus", help="Measure data-parallel in N processes, one per GPU, through torchrun "
+                 "(with --device cpu: N CPU processes).", envvar="MAXACT_CARD_GPUS"),
+]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Load even when the weights look too large for the devices.",
                                         envvar="MAXACT_CARD_FORCE")]
 
@@ -189,6 +205,32 @@ class ProgressBar:
             self.progress.stop()
 
 
+def launch_if_asked(gpus: int | None, opts: MeasureOptions, command: str) -> None:
+    """`--gpus N`: check the options here, then run this same command line in N processes via torchrun."""
+    if gpus is None or distributed.world_from_env().distributed:
+        return
+    if gpus < 1:
+        raise UsageError(f"--gpus must be at least 1, got {gpus}")
+    opts.check()
+    if gpus == 1:
+        return
+    if opts.device_map:
+        raise UsageError("--gpus runs one copy of the model per GPU; it cannot be combined with --device-map",
+                         hint="drop --device-map, or drop --gpus to spread one model over the GPUs")
+    if opts.device != "cpu":
+        import torch
+
+        available = torch.cuda.device_count()
+        if available < gpus:
+            raise UsageError(f"--gpus {gpus} asks for more GPUs than the {available} visible",
+                             hint="lower --gpus, or pass --device cpu for CPU processes")
+    argv = sys.argv[1:]
+    if command not in argv:
+        raise UsageError("--gpus relaunches the command line; call it from a shell",
+                         hint=f"or start torchrun yourself: torchrun --nproc-per-node {gpus} -m maxact_card {command} ...")
+    raise typer.Exit(distributed.launch(gpus, distributed.strip_gpus(argv)))
+
+
 @handle_errors
 def measure_cmd(
     model: ModelArg,
@@ -205,7 +247,7 @@ def measure_cmd(
     device: DeviceOpt = "auto",
     device_map: DeviceMapOpt = None,
     trust_remote_code: RemoteCodeOpt = False,
-    max_batch_tokens: BatchTokensOpt = DEFAULT_MAX_BATCH_TOKENS,
+    max_batch_tokens: BatchTokensOpt = "auto",
     batch_size: BatchSizeOpt = None,
     top_k: TopKOpt = 16,
     force: ForceOpt = False,
@@ -214,20 +256,28 @@ def measure_cmd(
     quant_sites: QuantSitesOpt = "default",
     clip_quantile: ClipQuantileOpt = 0.999,
     min_sqnr: MinSqnrOpt = 20.0,
+    state_dir: StateDirOpt = None,
+    resume: ResumeOpt = False,
+    checkpoint_every: CheckpointEveryOpt = 20,
+    gpus: GpusOpt = None,
 ) -> None:
     """Measure max|a| at every site of MODEL over a calibration corpus."""
     opts = MeasureOptions(
         model=model, revision=revision, token=token, corpus=corpus, samples=samples, max_seq_len=max_seq_len,
         truncate=truncate, seed=seed, dtype=dtype, device=device, device_map=device_map,
-        trust_remote_code=trust_remote_code, max_batch_tokens=max_batch_tokens, batch_size=batch_size,
-        top_k=top_k, force=force, quant=quant, eval_fraction=eval_fraction, quant_sites=quant_sites,
-        clip_quantile=clip_quantile, min_sqnr=min_sqnr,
+        trust_remote_code=trust_remote_code, max_batch_tokens=parse_batch_tokens(max_batch_tokens),
+        batch_size=batch_size, top_k=top_k, force=force, quant=quant, eval_fraction=eval_fraction,
+        quant_sites=quant_sites, clip_quantile=clip_quantile, min_sqnr=min_sqnr,
+        state_dir=str(state_dir) if state_dir is not None else None, resume=resume, checkpoint_every=checkpoint_every,
     )
+    launch_if_asked(gpus, opts, "measure")
     bar = ProgressBar(enabled=sys.stderr.isatty() and fmt is not OutputFormat.json)
     try:
         results = run_measure(opts, progress=bar.update, on_plan=bar.plan)
     finally:
         bar.close()
+    if results is None:  # another process of a data-parallel run: rank 0 reports
+        return
     if out is not None:
         write_results(results, Path(out))
     print_results(results, fmt)

@@ -1,0 +1,70 @@
+"""`--max-batch-tokens auto`: a token budget sized from free device memory and the model's shape.
+
+A forward pass of a decoder holds, per token in flight, a few residual-width tensors (the stream,
+the normed input, q/k/v/o), the widest MLP intermediate two or three times (gate, up, the product
+fed to down_proj; for MoE the routed experts' share) and, with eager attention, one row of scores
+per head. The statistics add one temporary of the widest site. The estimate below counts those
+with a safety factor and keeps half of the free memory as headroom; a batch that still does not
+fit is split and retried by the loop, so an estimate on the high side costs one retry, not the run.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+CPU_BUDGET = 16384  # bigger batches buy nothing on a CPU; memory still caps it below
+MIN_BUDGET = 256
+MAX_BUDGET = 262144
+HEADROOM = 0.5  # share of the free memory the batch may use
+
+
+def bytes_per_token(config: Any, dtype: torch.dtype, max_seq_len: int, attn_implementation: str | None) -> int:
+    """Peak bytes one token in flight costs in one layer's forward, with the statistics' temporaries."""
+    get = getattr(config, "get_text_config", None)
+    text = get() if callable(get) else config
+    hidden = int(getattr(text, "hidden_size", 0) or getattr(text, "n_embd", 0) or 1024)
+    intermediate = int(getattr(text, "intermediate_size", 0) or getattr(text, "n_inner", 0) or 4 * hidden)
+    moe_width = int(getattr(text, "moe_intermediate_size", 0) or 0)
+    routed = int(getattr(text, "num_experts_per_tok", 0) or getattr(text, "num_experts_per_token", 0) or 0)
+    if moe_width and routed:
+        intermediate = max(intermediate, moe_width * routed)
+    heads = int(getattr(text, "num_attention_heads", 0) or getattr(text, "n_head", 0) or 1)
+    item = torch.empty((), dtype=dtype).element_size()
+    # residual-width tensors alive at once, the MLP's three intermediates, fp32 statistics of the widest site
+    per_token = item * (12 * hidden + 4 * intermediate) + 4 * max(hidden, intermediate)
+    if attn_implementation in (None, "eager"):
+        per_token += 2 * item * heads * max_seq_len  # scores and probabilities, one row per head
+    return per_token
+
+
+def free_bytes(device: torch.device, *, all_gpus: bool = False) -> int:
+    """Memory free for activations on `device` now (after the weights are loaded).
+
+    With `all_gpus` (a model spread by --device-map), the least free of the visible GPUs: every
+    batch passes through each of them.
+    """
+    if device.type == "cuda":
+        if all_gpus:
+            return min(int(torch.cuda.mem_get_info(i)[0]) for i in range(torch.cuda.device_count()))
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def auto_batch_tokens(model: Any, device: torch.device, dtype: torch.dtype, max_seq_len: int, *,
+                      sharded: bool = False) -> int:
+    """The padded-token budget for `--max-batch-tokens auto`, rounded down to a multiple of 256."""
+    config = getattr(model, "config", None)
+    attn = getattr(config, "_attn_implementation", None)
+    per_token = bytes_per_token(config, dtype, max_seq_len, attn)
+    budget = int(free_bytes(device, all_gpus=sharded) * HEADROOM) // max(per_token, 1)
+    if device.type != "cuda":
+        budget = min(budget, CPU_BUDGET)
+    budget = max(MIN_BUDGET, min(MAX_BUDGET, budget))
+    return budget - budget % 256
