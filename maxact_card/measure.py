@@ -64,6 +64,7 @@ class LoopReport:
     unreadable: dict[str, str]
     oom_splits: int = 0
     smallest_failed_tokens: int | None = None
+    batches_run: list[list[int]] = field(default_factory=list)  # what ran, after any splits
 
 
 @dataclass
@@ -433,6 +434,7 @@ def run_hooked(
                     ceiling = failed // 2
                     _split_front(queue, parts_left, k, batch)
                     continue
+                report.batches_run.append(batch)
                 done_samples += len(batch)
                 done_tokens += sum(len(token_ids[i]) for i in batch)
                 if progress is not None:

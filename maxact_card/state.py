@@ -49,7 +49,7 @@ class StateDir:
 
     def __init__(self, directory: Path, fingerprint: dict[str, Any], *, resume: bool, rank: int = 0) -> None:
         self.directory = directory
-        self.fingerprint = dict(fingerprint, state_format=STATE_FORMAT)
+        self.fingerprint = _flatten(dict(fingerprint, state_format=STATE_FORMAT))
         self.rank = rank
         self.resume = resume
         self._check_or_create()
@@ -67,7 +67,9 @@ class StateDir:
             if not self.resume:
                 raise UsageError(f"--state-dir {self.directory} already holds a run",
                                  hint="pass --resume to continue it, or choose a new --state-dir")
-            differ = [k for k in sorted(set(saved) | set(self.fingerprint)) if saved.get(k) != self.fingerprint.get(k)]
+            # in the fingerprint's own order: model before corpus before settings
+            keys = list(self.fingerprint) + [k for k in saved if k not in self.fingerprint]
+            differ = [k for k in keys if saved.get(k) != self.fingerprint.get(k)]
             if differ:
                 key = differ[0]
                 raise UsageError(
@@ -81,7 +83,7 @@ class StateDir:
                              hint="pass an empty or new directory")
         if self.rank == 0:
             self.directory.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(run_file, json.dumps(self.fingerprint, indent=1, sort_keys=True) + "\n")
+            atomic_write_text(run_file, json.dumps(self.fingerprint, indent=1) + "\n")
 
     def _path(self, name: str) -> Path:
         return self.directory / f"{name}-rank{self.rank}.pt"
@@ -116,6 +118,17 @@ class StateDir:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested settings as dotted keys, so a refusal names the one setting that differs."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def _short(value: Any) -> str:
