@@ -2,6 +2,11 @@
 
     python bench/bench_overhead.py --shape qwen3-8b            # on a GPU
     python bench/bench_overhead.py --shape tiny --device cpu   # anywhere
+    python bench/bench_overhead.py --shape qwen3-8b --max-batch-tokens auto --growth 64,256,1024
+
+Besides the ratios it prints tokens/s and bf16 MFU (model FLOPs: 2 x active parameters x tokens,
+plus causal attention, 2 x layers x heads x head_dim x sum of squared lengths; over the device's
+dense bf16 peak), and with --growth the hooked time at several corpus sizes, per token.
 
 Random weights cost the same to run as trained ones, so real-size shapes need no download.
 Both sides run the base model (no LM head) over identical length-sorted batches; each side is
@@ -108,6 +113,37 @@ def quant_pass(model: torch.nn.Module, token_ids: list[list[int]], plan: list[li
     return run
 
 
+# Dense bf16 tensor-core peaks, TFLOP/s (vendor data sheets, SXM parts).
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}
+
+
+def peak_tflops(device: torch.device, override: float | None) -> float | None:
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+def active_params(runner: torch.nn.Module, config) -> float:  # type: ignore[no-untyped-def]
+    """Parameters one token passes through: all of them, less the experts it is not routed to."""
+    total = sum(p.numel() for p in runner.parameters())
+    experts = int(getattr(config, "num_experts", 0) or 0)
+    routed = int(getattr(config, "num_experts_per_tok", 0) or 0)
+    if not experts or not routed:
+        return float(total)
+    expert_params = sum(p.numel() for n, p in runner.named_parameters() if ".experts." in n or n.endswith(".experts"))
+    return total - expert_params * (1 - routed / experts)
+
+
+def model_flops(runner: torch.nn.Module, config, lengths: list[int]) -> float:  # type: ignore[no-untyped-def]
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    attention = 2.0 * config.num_hidden_layers * heads * head_dim * sum(n * n for n in lengths)
+    return 2.0 * active_params(runner, config) * sum(lengths) + attention
+
+
 def peak(fn, device: torch.device) -> float:  # type: ignore[no-untyped-def]
     """Peak allocated device memory (weights included) while fn runs, MiB."""
     if device.type != "cuda":
@@ -126,7 +162,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--min-len", type=int, default=128)
     parser.add_argument("--max-len", type=int, default=2048)
-    parser.add_argument("--max-batch-tokens", type=int, default=16384)
+    parser.add_argument("--max-batch-tokens", default="16384", help="a number, or auto (what measure does by default)")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of the device, TFLOP/s")
+    parser.add_argument("--growth", default="", help="comma-separated sample counts: hooked time per token at each")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile", choices=["off", "on", "both"], default="both")
     parser.add_argument("--quant", action="store_true", help="also time the INT8/FP8 held-out pass")
@@ -140,11 +178,25 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     lengths = lengths_for(args.samples, args.min_len, args.max_len, seed=0)
     token_ids = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
-    plan = make_batches(lengths, max_batch_tokens=args.max_batch_tokens)
+    if args.max_batch_tokens == "auto":
+        from maxact_card.budget import auto_batch_tokens
+
+        budget = auto_batch_tokens(model, device, dtype, args.max_len)
+    else:
+        budget = int(args.max_batch_tokens)
+    plan = make_batches(lengths, max_batch_tokens=budget)
     tokens = sum(lengths)
     params = sum(p.numel() for p in runner.parameters())
-    print(f"shape={args.shape} params={params / 1e9:.2f}B device={torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} "
-          f"dtype={args.dtype} samples={args.samples} tokens={tokens} batches={len(plan)} budget={args.max_batch_tokens}")
+    flops = model_flops(runner, model.config, lengths)
+    peak_tf = peak_tflops(device, args.peak_tflops)
+    print(f"shape={args.shape} params={params / 1e9:.2f}B active={active_params(runner, model.config) / 1e9:.2f}B "
+          f"device={torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} "
+          f"dtype={args.dtype} samples={args.samples} tokens={tokens} batches={len(plan)} budget={budget}"
+          f"{' (auto)' if args.max_batch_tokens == 'auto' else ''}")
+
+    def mfu(seconds: float) -> str:
+        achieved = flops / seconds / 1e12
+        return f"{achieved:.0f} TFLOP/s" + (f" = {100 * achieved / peak_tf:.1f}% bf16 MFU" if peak_tf else "")
 
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     if device.type != "cuda":
@@ -160,9 +212,9 @@ def main() -> None:
             hooked.append(time_hooked(model, token_ids, plan, device))
         hooked_peak = peak(lambda: time_hooked(model, token_ids, plan, device), device)
         b, h = statistics.median(bare), statistics.median(hooked)
-        flops = 2 * params * tokens
-        print(f"compile={'on' if compiled else 'off'}: bare {b:.3f}s ({tokens / b:,.0f} tok/s, {flops / b / 1e12:.0f} TFLOP/s)  "
-              f"hooked {h:.3f}s  time ratio {h / b:.3f}x  peak memory bare {bare_peak:,.0f} MiB hooked {hooked_peak:,.0f} MiB "
+        print(f"compile={'on' if compiled else 'off'}: bare {b:.3f}s ({tokens / b:,.0f} tok/s, {mfu(b)})  "
+              f"hooked {h:.3f}s ({tokens / h:,.0f} tok/s, {mfu(h)})  time ratio {h / b:.3f}x  "
+              f"peak memory bare {bare_peak:,.0f} MiB hooked {hooked_peak:,.0f} MiB "
               f"ratio {hooked_peak / bare_peak if bare_peak == bare_peak and bare_peak > 0 else float('nan'):.3f}x")
     if args.quant:
         os.environ["MAXACT_CARD_COMPILE"] = "1"
@@ -174,6 +226,20 @@ def main() -> None:
             extra.append(run())
         b, q = statistics.median(bare), statistics.median(extra)
         print(f"quant held-out pass: bare {b:.3f}s  with every policy {q:.3f}s  ratio {q / b:.3f}x")
+    if args.growth:
+        os.environ["MAXACT_CARD_COMPILE"] = "1"
+        rows = []
+        for n in (int(v) for v in args.growth.split(",")):
+            lens = lengths_for(n, args.min_len, args.max_len, seed=1)
+            ids = [torch.randint(0, vocab, (k,), generator=g).tolist() for k in lens]
+            grow_plan = make_batches(lens, max_batch_tokens=budget)
+            time_hooked(model, ids, grow_plan[:2], device)  # warm-up of new batch shapes
+            t = time_hooked(model, ids, grow_plan, device)
+            rows.append((n, sum(lens), t))
+        base = rows[0][2] / rows[0][1]
+        for n, toks, t in rows:
+            print(f"growth: {n} samples, {toks} tokens: hooked {t:.3f}s, {toks / t:,.0f} tok/s, "
+                  f"time per token {t / toks / base:.3f}x the smallest run's")
 
 
 if __name__ == "__main__":
