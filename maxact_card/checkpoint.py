@@ -100,6 +100,8 @@ def load(ref: str, *, revision: str | None = None, token: str | None = None, dty
 
     dtype_name = parse_dtype(dtype)
     dev = pick_device(device)
+    if device_map:
+        _check_device_map(device_map)
     quiet_libraries()
     local_dir, gguf_file, info = resolve(ref, revision=revision, token=token,
                                          memory_budget_bytes=memory_budget_bytes, force=force)
@@ -149,6 +151,18 @@ def load(ref: str, *, revision: str | None = None, token: str | None = None, dty
 
 
 _CAUSAL_HEADS = ("CausalLM", "LMHeadModel", "ForConditionalGeneration")
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _check_device_map(device_map: str) -> None:
+    """`--device-map` takes accelerate's placement strategies, and needs accelerate installed."""
+    import importlib.util
+
+    if device_map not in DEVICE_MAPS:
+        raise UsageError(f"--device-map must be one of {', '.join(DEVICE_MAPS)}, got {device_map!r}")
+    if importlib.util.find_spec("accelerate") is None:
+        raise UsageError("--device-map needs the accelerate package",
+                         hint="pip install 'maxact-card[sharded]' (or pip install accelerate)")
 
 
 def _refuse_non_causal(ref: str, config: Any) -> None:

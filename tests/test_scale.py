@@ -337,3 +337,30 @@ def test_auto_budget_is_recorded_and_bad_values_are_refused(work: Path) -> None:
     assert json.loads(_invoke([*base, "--max-batch-tokens", "512"]).stdout)["run"]["batching"] == "max_batch_tokens=512"
     bad = _invoke([*base, "--max-batch-tokens", "lots"])
     assert bad.exit_code == 2 and "--max-batch-tokens must be a number of tokens or auto, got 'lots'" in bad.output
+
+
+# --- sharded models -----------------------------------------------------------------------------
+
+
+def test_device_map_auto_measures_the_same_as_one_device(work: Path) -> None:
+    base = ["measure", str(work / "model"), "--corpus", str(work / "corpus.jsonl"), "--samples", "8",
+            "--batch-size", "4", "--format", "json"]
+    plain = _invoke(base)
+    mapped = _invoke([*base, "--device-map", "auto"])
+    assert plain.exit_code == 0 and mapped.exit_code == 0, mapped.output
+    one, spread = json.loads(plain.stdout), json.loads(mapped.stdout)
+    assert spread["run"]["device_map"] == "auto"
+    spread["run"]["device_map"] = None
+    _assert_same(_stable(spread), _stable(one))
+
+
+def test_device_map_needs_a_known_strategy_and_accelerate(work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    base = ["measure", str(work / "model"), "--corpus", str(work / "corpus.jsonl")]
+    res = _invoke([*base, "--device-map", "everywhere"])
+    assert res.exit_code == 2 and "--device-map must be one of auto, balanced" in res.output
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "accelerate" else real(name, *a))
+    res = _invoke([*base, "--device-map", "auto"])
+    assert res.exit_code == 2 and "--device-map needs the accelerate package" in res.output
