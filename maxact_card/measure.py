@@ -34,20 +34,49 @@ class Transaction(Protocol):
 
 
 class Accumulators:
-    """A named group of accumulators with `state_dict()`/`load_state_dict()`: snapshots, checkpoints."""
+    """A named group of accumulators with `state_dict()`/`load_state_dict()`: snapshots, checkpoints.
+
+    A snapshot is taken before every batch, so it is made cheap: the state is copied into buffers
+    kept from one batch to the next, with one multi-tensor copy per (device, dtype) rather than one
+    kernel per field; only a rollback (rare) allocates.
+    """
 
     def __init__(self, members: dict[str, object]) -> None:
         self.members = members
+        self._buffers: list[torch.Tensor] = []
 
-    def snapshot(self) -> dict[str, dict[str, torch.Tensor]]:
-        """Copies of every state tensor, on their devices (no host transfer)."""
-        return {name: {k: v.clone() for k, v in acc.state_dict().items()}  # type: ignore[attr-defined]
-                for name, acc in self.members.items()}
+    def _live(self) -> list[tuple[str, str, torch.Tensor]]:
+        return [(name, field, value) for name, acc in self.members.items()
+                for field, value in acc.state_dict().items()]  # type: ignore[attr-defined]
+
+    def snapshot(self) -> list[tuple[str, str, torch.Tensor]]:
+        """Copies of every state tensor, on their devices (no host transfer, no synchronisation)."""
+        live = self._live()
+        if len(self._buffers) != len(live) or any(
+            b.shape != v.shape or b.dtype != v.dtype or b.device != v.device
+            for b, (_, _, v) in zip(self._buffers, live, strict=True)
+        ):
+            self._buffers = [torch.empty_like(v) for _, _, v in live]
+        groups: dict[tuple[torch.device, torch.dtype], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        for buffer, (_, _, value) in zip(self._buffers, live, strict=True):
+            dst, src = groups.setdefault((value.device, value.dtype), ([], []))
+            dst.append(buffer)
+            src.append(value)
+        for dst, src in groups.values():
+            torch._foreach_copy_(dst, src)
+        return [(name, field, buffer) for buffer, (name, field, _) in zip(self._buffers, live, strict=True)]
 
     def restore(self, saved: object) -> None:
-        """Put back a snapshot taken by `snapshot`."""
-        assert isinstance(saved, dict)
-        for name, state in saved.items():
+        """Put back a snapshot taken by `snapshot` (as fresh tensors: the buffers are reused)."""
+        assert isinstance(saved, list)
+        states: dict[str, dict[str, torch.Tensor]] = {}
+        for name, field, value in saved:
+            states.setdefault(name, {})[field] = value.clone()
+        self.load(states)
+
+    def load(self, states: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Replace each member's state (a checkpoint read back, or a rollback)."""
+        for name, state in states.items():
             self.members[name].load_state_dict(state)  # type: ignore[attr-defined]
 
     def to_host(self) -> dict[str, dict[str, torch.Tensor]]:

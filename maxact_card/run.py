@@ -312,8 +312,8 @@ class _Run:
                 raise UsageError(f"the {name} checkpoint in {self.opts.state_dir} does not match this model's sites",
                                  hint="choose a new --state-dir")
             plan = saved.plan
-            group.restore({k: {f: t.to(_device_of(accumulators[k])) for f, t in v.items()}
-                           for k, v in saved.accumulators.items()})
+            group.load({k: {f: t.to(_device_of(accumulators[k])) for f, t in v.items()}
+                        for k, v in saved.accumulators.items()})
             skip, wall_before, unreadable_before = saved.done, saved.wall_time_s, saved.unreadable
             self.resumed = True
         shard = self.world.shard(plan)
