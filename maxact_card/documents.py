@@ -16,7 +16,7 @@ from typing import Any
 from maxact_card.errors import SchemaError, UsageError
 from maxact_card.resources import load_schema
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 RESULTS_SCHEMA = "maxact-results.schema.json"
 
 #: Components in model order (the results schema's enum); reports list them in this order.
@@ -35,7 +35,15 @@ def json_path(error: Any) -> str:
 
 
 def schema_error(doc: Any, schema_name: str) -> tuple[str, int] | None:
-    """The most relevant violation as `$.path: message` and how many others there are; None if valid."""
+    """The most relevant violation as `$.path: message` and how many others there are; None if valid.
+
+    A results document of another schema version reports only that: its other violations are the
+    expected differences between versions, and listing them would hide what to do.
+    """
+    if schema_name == RESULTS_SCHEMA:
+        other_version = _version_problem(doc)
+        if other_version is not None:
+            return other_version[0], 0
     from jsonschema import Draft202012Validator
     from jsonschema.exceptions import best_match
 
@@ -57,19 +65,28 @@ def validate_document(doc: Any, schema_name: str, *, source: str) -> None:
     raise SchemaError(f"{source}::{where}{more}")
 
 
+# The hint `card.check_results` gives too: render and publish validate through `schema_error`, so with
+# it every command reports an out-of-date results file in the same words.
+_RERUN_HINT = "re-run `maxact-card measure` to write a valid results file"
+
+
+def _version_problem(doc: Any) -> tuple[str, str] | None:
+    """(`$.schema_version: ...`, what to do) for a results document of another schema version; else None."""
+    version = doc.get("schema_version") if isinstance(doc, dict) else None
+    if not isinstance(version, int) or isinstance(version, bool) or version == SCHEMA_VERSION:
+        return None  # a missing or mistyped version is an ordinary schema violation
+    if version < SCHEMA_VERSION:
+        return f"$.schema_version: schema version {version} is older than {SCHEMA_VERSION}", _RERUN_HINT
+    newer = f"schema version {version} is newer than this maxact-card understands ({SCHEMA_VERSION})"
+    return f"$.schema_version: {newer}", "upgrade maxact-card, or re-run `maxact-card measure` with this version"
+
+
 def validate_results(results: Any, *, source: str = "results") -> None:
-    """Validate a results document; an older schema version gets a clear re-run message."""
-    version = results.get("schema_version") if isinstance(results, dict) else None
-    if isinstance(version, int) and version < SCHEMA_VERSION:
-        raise SchemaError(
-            f"{source}: schema version {version} is older than {SCHEMA_VERSION}",
-            hint="re-run `maxact-card measure` with this version to regenerate it",
-        )
-    if isinstance(version, int) and version > SCHEMA_VERSION:
-        raise SchemaError(
-            f"{source}: schema version {version} is newer than this maxact-card understands ({SCHEMA_VERSION})",
-            hint="upgrade maxact-card",
-        )
+    """Validate a results document; another schema version gets one line saying what to do."""
+    other_version = _version_problem(results)
+    if other_version is not None:
+        where, hint = other_version
+        raise SchemaError(f"{source}::{where}", hint=hint)
     validate_document(results, RESULTS_SCHEMA, source=source)
 
 

@@ -28,6 +28,7 @@ from maxact_card.card import (
     splice_card,
 )
 from maxact_card.cli import app
+from maxact_card.documents import SCHEMA_VERSION
 from maxact_card.errors import SchemaError
 from tests.goldens import assert_golden
 
@@ -36,7 +37,93 @@ EXAMPLE = HERE / "data" / "results_example.json"
 CARDS = HERE / "cards"
 GOLDEN = HERE / "golden"
 
-QUANT = {
+# A crafted quant block in the shape `measure --quant` writes (schema-valid) for the example's model:
+# five checked sites; massive activations in layers 1-3 break the static INT8 policies.
+QUANT_TOKENS = 91_712
+# site -> (max|a|, {policy: (verdict, sqnr_db, token p05, token median, share below 20 dB, clip rate)})
+QUANT_SITE_FIGURES: dict[str, tuple[float, dict[str, tuple[str, float, float, float, float, float]]]] = {
+    "blocks.0.hook_resid_post": (12.5, {
+        "int8-static-maxabs": ("FAIL", 24.1, 12.5, 30.0, 0.12, 0.0),
+        "int8-static-percentile": ("PASS", 27.3, 24.5, 31.0, 0.003, 0.001),
+        "int8-static-mse": ("PASS", 28.0, 25.25, 31.5, 0.002, 0.0002),
+        "int8-dynamic-per-token": ("PASS", 36.0, 27.5, 38.0, 0.0, 0.0),
+        "fp8-e4m3-static": ("PASS", 31.2, 24.0, 31.75, 0.0, 0.0),
+    }),
+    "blocks.1.hook_resid_post": (35_328.0, {
+        "int8-static-maxabs": ("FAIL", 20.9, 3.0, 14.0, 0.62, 0.0),
+        "int8-static-percentile": ("FAIL", 9.71, 14.25, 26.0, 0.08, 0.001),
+        "int8-static-mse": ("FAIL", 13.5, 17.5, 27.0, 0.06, 0.0002),
+        "int8-dynamic-per-token": ("PASS", 34.4, 26.0, 37.25, 0.0, 0.0),
+        "fp8-e4m3-static": ("PASS", 30.5, 23.25, 31.25, 0.002, 0.0),
+    }),
+    "blocks.1.mlp.hook_post": (8_832.0, {
+        "int8-static-maxabs": ("PASS", 35.2, 27.75, 36.5, 0.004, 0.0),
+        "int8-static-percentile": ("PASS", 33.0, 29.0, 34.25, 0.002, 0.001),
+        "int8-static-mse": ("PASS", 34.1, 30.0, 35.0, 0.001, 0.0001),
+        "int8-dynamic-per-token": ("PASS", 31.62, 24.25, 33.5, 0.001, 0.0),
+        "fp8-e4m3-static": ("PASS", 31.0, 24.75, 31.5, 0.0, 0.0),
+    }),
+    "blocks.2.hook_resid_post": (35_410.25, {
+        "int8-static-maxabs": ("FAIL", 19.8, 1.5, 12.25, 0.66, 0.0),
+        "int8-static-percentile": ("FAIL", 11.4, 16.0, 26.5, 0.07, 0.001),
+        "int8-static-mse": ("FAIL", 12.06, 17.0, 27.25, 0.055, 0.0002),
+        "int8-dynamic-per-token": ("PASS", 33.8, 25.5, 37.0, 0.0, 0.0),
+        "fp8-e4m3-static": ("PASS", 30.1, 23.0, 31.0, 0.003, 0.0),
+    }),
+    "blocks.3.hook_resid_post": (36_011.5, {
+        "int8-static-maxabs": ("FAIL", 18.46, 0.0, 11.0, 0.7, 0.0),
+        "int8-static-percentile": ("FAIL", 10.2, 15.0, 26.25, 0.075, 0.001),
+        "int8-static-mse": ("FAIL", 12.8, 17.25, 27.5, 0.05, 0.0002),
+        "int8-dynamic-per-token": ("PASS", 33.1, 25.0, 36.75, 0.0, 0.0),
+        "fp8-e4m3-static": ("PASS", 29.94, 22.5, 30.75, 0.004, 0.0),
+    }),
+}  # fmt: skip
+# the percentile policy clips at the sites' q0.999 (9.0), the MSE policy a little above it
+_CLIPS = {"int8-static-percentile": 9.0, "int8-static-mse": 48.0}
+_QMAX = {"fp8-e4m3-static": 448.0}
+
+
+def _quant_row(
+    policy: str, max_abs: float, figures: tuple[str, float, float, float, float, float]
+) -> dict[str, Any]:
+    verdict, sqnr, p05, median, share, clip_rate = figures
+    clip = None if policy == "int8-dynamic-per-token" else _CLIPS.get(policy, max_abs)
+    rel_rmse = 10 ** (-sqnr / 20)
+    return {
+        "scale": None if clip is None else clip / _QMAX.get(policy, 127.0),
+        "clip": clip,
+        "sqnr_db": sqnr,
+        "rel_rmse": rel_rmse,
+        "rel_mae": rel_rmse * 0.6,
+        "clip_rate": clip_rate,
+        "token_sqnr_median_db": median,
+        "token_sqnr_p05_db": p05,
+        "token_share_below": share,
+        "tokens": QUANT_TOKENS,
+        "verdict": verdict,
+    }
+
+
+def _quant_site(name: str) -> dict[str, Any]:
+    max_abs, figures = QUANT_SITE_FIGURES[name]
+    layer = int(name.split(".")[1])
+    return {
+        "site": name,
+        "component": "down_proj_input" if name.endswith("mlp.hook_post") else "residual",
+        "layer": layer,
+        "policies": {policy: _quant_row(policy, max_abs, row) for policy, row in figures.items()},
+    }
+
+
+QUANT: dict[str, Any] = {
+    "eval_fraction": 1 / 3,
+    "eval_samples": 128,
+    "eval_tokens": QUANT_TOKENS,
+    "clip_quantile": 0.999,
+    "thresholds": {"min_sqnr_db": 20.0, "min_token_sqnr_db": 20.0, "min_token_share": 0.99},
+    "wall_time_s": 4.2,
+    "sites": [_quant_site(name) for name in QUANT_SITE_FIGURES],
+    # what maxact_card.quant.summarize makes of the sites (tests/test_quant_schema.py checks it)
     "policies": {
         "int8-static-maxabs": {
             "verdict": "FAIL",
@@ -56,7 +143,7 @@ QUANT = {
             "verdict": "FAIL",
             "worst_site": "blocks.2.hook_resid_post",
             "worst_sqnr_db": 12.06,
-            "worst_token_sqnr_p05_db": 16.9,
+            "worst_token_sqnr_p05_db": 17.0,
             "failing_sites": 3,
         },
         "int8-dynamic-per-token": {
@@ -75,7 +162,6 @@ QUANT = {
         },
     },
     "recommended": "fp8-e4m3-static",
-    "thresholds": {"min_sqnr_db": 20.0, "min_token_sqnr_db": 20.0, "min_token_share": 0.99},
     "peak_site": {
         "site": "blocks.3.hook_resid_post",
         "policies": {
@@ -117,6 +203,7 @@ def load_example() -> dict[str, Any]:
 def with_quant(results: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(results)
     out["quant"] = copy.deepcopy(QUANT)
+    out["corpus"]["eval_samples"] = QUANT["eval_samples"]
     return out
 
 
@@ -137,8 +224,6 @@ def with_new_peak(results: dict[str, Any], peak: float = 52_480.0) -> dict[str, 
 
 def read_card(name: str) -> str:
     return (CARDS / name).read_bytes().decode("utf-8")
-
-
 
 
 # --- number formatting ----------------------------------------------------------------------------
@@ -472,7 +557,7 @@ def test_card_without_front_matter_gets_one_hf_can_read() -> None:
 
     text = splice_card(read_card("no_front_matter.md"), load_example())
     assert text.startswith("---\nlibrary_name: transformers\nmaxact:\n")
-    assert ModelCard(text).data.to_dict()[SUMMARY_KEY]["schema_version"] == 1
+    assert ModelCard(text).data.to_dict()[SUMMARY_KEY]["schema_version"] == SCHEMA_VERSION
 
 
 @pytest.mark.parametrize("name", ["big_front_matter.md", "crlf.md", "non_ascii.md", "old_section.md"])
@@ -608,7 +693,7 @@ def test_summary_yaml_is_only_the_maxact_block() -> None:
     assert "  - llama   # trained in-house\n" in fm
     assert 'datasets: [HuggingFaceFW/fineweb-edu, "allenai/c4"]\n' in fm
     assert fm.endswith(
-        "maxact:\n  schema_version: 1\n  results: maxact/results.json\n  chart: maxact/profile.svg\n"
+        f"maxact:\n  schema_version: {SCHEMA_VERSION}\n  results: maxact/results.json\n  chart: maxact/profile.svg\n"
         "  global_max_abs: 36011.5\n  site: blocks.3.hook_resid_post\n  component: residual\n"
         "  layer: 3\n  massive_layers: [1, 2, 3]\n"
     )

@@ -25,12 +25,13 @@ def old_results() -> dict[str, Any]:
         recommended="int8-static-maxabs",
         int8_static_maxabs=quant_entry("PASS", 31.0),
         int8_dynamic_per_token=quant_entry("PASS", 40.0),
+        fp8_e4m3_static=quant_entry("FAIL", 17.0, PEAK_SITE, failing=1),
     )
 
 
 def new_results() -> dict[str, Any]:
     """The example after a fine-tune: peak +25 %, layer 0 became massive and layer 1 stopped, a site
-    removed and one added, static INT8 now fails, FP8 newly measured."""
+    removed and one added, static INT8 max-abs now fails and FP8 now passes."""
     new = scaled_peak(example(), PEAK * 1.25)
     new["model"]["revision"] = "v2"
     new["model"]["commit_sha"] = "b" * 40
@@ -89,9 +90,13 @@ def test_diff_of_a_crafted_pair() -> None:
     assert diff["massive_layers"] == {"old": [1, 2, 3], "new": [0, 2, 3], "became": [0], "stopped": [1]}
     assert [(q["policy"], q["old"], q["new"], q["changed"]) for q in diff["quant"]["policies"]] == [
         ("int8-static-maxabs", "PASS", "FAIL", True),
+        ("int8-static-percentile", "PASS", "PASS", False),
+        ("int8-static-mse", "PASS", "PASS", False),
         ("int8-dynamic-per-token", "PASS", "PASS", False),
-        ("fp8-e4m3-static", None, "PASS", True),
+        ("fp8-e4m3-static", "FAIL", "PASS", True),
     ]
+    fp8 = diff["quant"]["policies"][-1]
+    assert (fp8["old_worst_sqnr_db"], fp8["new_worst_sqnr_db"]) == (17.0, 27.0)
     assert diff["quant"]["recommended"] == {"old": "int8-static-maxabs", "new": "int8-dynamic-per-token"}
     mlp = next(c for c in diff["components"] if c["component"] == "mlp")
     assert (mlp["old"], mlp["new"], mlp["status"]) == (8832.0, 8000.0, "changed")

@@ -40,6 +40,15 @@ def example() -> dict[str, Any]:
     return json.loads(EXAMPLE.read_text(encoding="utf-8"))
 
 
+QUANT_POLICIES = (
+    "int8-static-maxabs",
+    "int8-static-percentile",
+    "int8-static-mse",
+    "int8-dynamic-per-token",
+    "fp8-e4m3-static",
+)
+
+
 def quant_entry(
     verdict: str, sqnr: float | None = 31.5, site: str = "blocks.1.mlp.hook_post", failing: int = 0
 ) -> dict[str, Any]:
@@ -52,14 +61,70 @@ def quant_entry(
     }
 
 
+def _site_figures(policy: str, entry: dict[str, Any]) -> dict[str, Any]:
+    """A site row that agrees with a summary entry whose worst site it is."""
+    sqnr, p05 = entry["worst_sqnr_db"], entry["worst_token_sqnr_p05_db"]
+    clip = None if policy == "int8-dynamic-per-token" else 36_011.5
+    return {
+        "scale": None if clip is None else clip / (448.0 if policy == "fp8-e4m3-static" else 127.0),
+        "clip": clip,
+        "sqnr_db": sqnr,
+        "rel_rmse": None if sqnr is None else 10 ** (-sqnr / 20),
+        "rel_mae": None if sqnr is None else 0.6 * 10 ** (-sqnr / 20),
+        "clip_rate": None if sqnr is None else 0.0,
+        "token_sqnr_median_db": None if p05 is None else p05 + 4.0,
+        "token_sqnr_p05_db": p05,
+        "token_share_below": 0.0 if entry["verdict"] == "PASS" or p05 is None else 0.25,
+        "tokens": 0 if p05 is None else 4_096,
+        "verdict": entry["verdict"],
+    }
+
+
 def with_quant(
     results: dict[str, Any], recommended: str | None = None, **entries: dict[str, Any]
 ) -> dict[str, Any]:
-    """Add a quant block; keyword names use underscores for dashes (int8_dynamic_per_token)."""
+    """Add a schema-valid quant block whose summary holds `entries` and a passing entry for every other
+    policy; keyword names use underscores for dashes (int8_dynamic_per_token). The sites hold one row
+    per worst site, each agreeing with the entries of the policies whose worst site it is; the gate
+    reads the summary only. `recommended` is taken as given."""
+    named = {name.replace("_", "-"): entry for name, entry in entries.items()}
+    policies = {name: named.get(name, quant_entry("PASS")) for name in QUANT_POLICIES}
+    worst_sites = {entry["worst_site"] for entry in policies.values()}
+    by_site = {s["name"]: s for s in results["sites"]}
+    site_names = [name for name in by_site if name in worst_sites]  # in results order, as measure writes them
+    passing = quant_entry("PASS", 40.0)
+    sites = [
+        {
+            "site": name,
+            "component": by_site[name]["component"],
+            "layer": by_site[name]["layer"],
+            "policies": {
+                policy: _site_figures(policy, entry if entry["worst_site"] == name else passing)
+                for policy, entry in policies.items()
+            },
+        }
+        for name in site_names
+    ]
+    peak = next((s for s in sites if s["site"] == results["global"]["site"]), None)
     results["quant"] = {
-        "policies": {name.replace("_", "-"): entry for name, entry in entries.items()},
+        "eval_fraction": 0.25,
+        "eval_samples": 64,
+        "eval_tokens": 40_960,
+        "clip_quantile": 0.999,
+        "thresholds": {"min_sqnr_db": 20.0, "min_token_sqnr_db": 20.0, "min_token_share": 0.99},
+        "wall_time_s": 3.5,
+        "sites": sites,
+        "policies": policies,
         "recommended": recommended,
-        "sites": [],
+        "peak_site": None
+        if peak is None
+        else {
+            "site": peak["site"],
+            "policies": {
+                policy: {key: figures[key] for key in ("sqnr_db", "token_sqnr_p05_db", "verdict")}
+                for policy, figures in peak["policies"].items()
+            },
+        },
     }
     return results
 
@@ -88,6 +153,21 @@ def only(verdict: Verdict) -> RuleOutcome:
 
 def test_the_example_is_valid_results() -> None:
     validate_results(example(), "example")
+
+
+def test_crafted_quant_blocks_are_valid_results() -> None:
+    validate_results(with_quant(example()), "crafted")
+    crafted = with_quant(
+        example(),
+        recommended="int8-dynamic-per-token",
+        int8_static_maxabs=quant_entry("FAIL", None, PEAK_SITE, failing=3),
+        int8_dynamic_per_token=quant_entry("PASS", 28.0),
+    )
+    validate_results(crafted, "crafted")
+    assert [s["site"] for s in crafted["quant"]["sites"]] == ["blocks.1.mlp.hook_post", PEAK_SITE]
+    assert crafted["quant"]["peak_site"]["policies"]["int8-static-maxabs"] == {
+        "sqnr_db": None, "token_sqnr_p05_db": None, "verdict": "FAIL",
+    }  # fmt: skip
 
 
 # --- each rule passes and fails --------------------------------------------------------------------
@@ -229,6 +309,8 @@ def test_quant_rules_without_a_quant_block(if_missing: str) -> None:
 
 def test_quant_block_without_the_named_policy() -> None:
     results = with_quant(example(), int8_static_maxabs=quant_entry("PASS"))
+    # the schema requires every policy; a hand-edited block without one still gets a clear rule
+    del results["quant"]["policies"]["fp8-e4m3-static"]
     rule = only(evaluate(results, policy(quant=QuantRules(require_pass=("fp8-e4m3-static",)))))
     assert not rule.passed and "no verdict for fp8-e4m3-static in the quant block" in rule.message
 

@@ -13,10 +13,13 @@ from typer.testing import CliRunner
 
 from maxact_card import results as results_mod
 from maxact_card.cli import app
+from maxact_card.documents import RESULTS_SCHEMA, SCHEMA_VERSION
 from maxact_card.errors import SchemaError, UsageError
+from maxact_card.resources import load_schema
 from maxact_card.results import dumps, load_results, validate_results, write_results
 from tests import factory
 
+EXAMPLE = Path(__file__).parent / "data" / "results_example.json"
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
     "def main():\n    return 42\n",
@@ -102,20 +105,69 @@ def test_several_errors_are_counted(measured: dict[str, Any]) -> None:
 
 def test_an_older_schema_version_asks_for_a_rerun(measured: dict[str, Any], tmp_path: Path) -> None:
     doc = copy.deepcopy(measured["doc"])
-    doc["schema_version"] = 0
+    doc["schema_version"] = SCHEMA_VERSION - 1
     old = _write(tmp_path / "old.json", doc)
     with pytest.raises(SchemaError) as info:
         load_results(old)
-    line = info.value.line()
-    assert "schema version 0 is older than 1" in line
-    assert "re-run `maxact-card measure`" in line
+    assert info.value.line() == (
+        f"{old}::$.schema_version: schema version {SCHEMA_VERSION - 1} is older than {SCHEMA_VERSION}; "
+        "re-run `maxact-card measure` to write a valid results file"
+    )
 
 
 def test_a_newer_schema_version_asks_for_an_upgrade(measured: dict[str, Any]) -> None:
     doc = copy.deepcopy(measured["doc"])
-    doc["schema_version"] = 2
-    with pytest.raises(SchemaError, match="newer"):
-        validate_results(doc)
+    doc["schema_version"] = SCHEMA_VERSION + 1
+    with pytest.raises(SchemaError) as info:
+        validate_results(doc, source="r.json")
+    line = info.value.line()
+    assert line.startswith(f"r.json::$.schema_version: schema version {SCHEMA_VERSION + 1} is newer than")
+    assert "upgrade maxact-card" in line
+
+
+def test_the_schema_carries_the_version_the_code_writes() -> None:
+    schema = load_schema(RESULTS_SCHEMA)
+    assert schema["properties"]["schema_version"] == {"const": SCHEMA_VERSION}
+    assert schema["$id"].endswith(f"/maxact-results/v{SCHEMA_VERSION}.schema.json")
+    assert SCHEMA_VERSION == 2  # version 2 added the quant block; bump it (and the $id) with any change
+
+
+# A results file of schema version 1, the version before the quant block, read by every command.
+OLD_LINE = (
+    "error: {path}::$.schema_version: schema version 1 is older than 2; "
+    "re-run `maxact-card measure` to write a valid results file\n"
+)
+
+
+@pytest.fixture
+def version_1(tmp_path: Path) -> dict[str, Path]:
+    current = json.loads(EXAMPLE.read_text(encoding="utf-8"))
+    old = dict(current, schema_version=1)
+    return {
+        "old": _write(tmp_path / "old.json", old),
+        "current": _write(tmp_path / "current.json", current),
+        "model": tmp_path,  # `check` reads its baseline before it loads any model
+    }
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["render", "{old}"],
+        ["diff", "{old}", "{current}"],
+        ["diff", "{current}", "{old}"],
+        ["publish", "org/model", "--results", "{old}", "--dry-run"],
+        ["check", "{model}", "--baseline", "{old}", "--no-quant"],
+    ],
+    ids=["render", "diff-old", "diff-new", "publish", "check-baseline"],
+)
+def test_every_command_refuses_a_version_1_file_in_one_line(
+    version_1: dict[str, Path], args: list[str]
+) -> None:
+    res = CliRunner().invoke(app, [a.format(**version_1) for a in args])
+    assert res.exit_code == 2, res.output
+    assert res.stdout == ""
+    assert res.stderr == OLD_LINE.format(path=version_1["old"])
 
 
 @pytest.mark.parametrize(
@@ -134,8 +186,7 @@ def test_unreadable_files_are_usage_errors(tmp_path: Path, content: str | None, 
 
 
 def test_shipped_example_validates() -> None:
-    example = Path(__file__).parent / "data" / "results_example.json"
-    assert load_results(example)["schema_version"] == 1
+    assert load_results(EXAMPLE)["schema_version"] == SCHEMA_VERSION
 
 
 # --- writing ---------------------------------------------------------------------------------------

@@ -170,6 +170,28 @@ def test_schema_invalid_results_fail(model: Path) -> None:
     assert [found[name] for name in CHECKS[2:]] == ["SKIP"] * 4
 
 
+@pytest.mark.parametrize("explicit", [False, True])
+def test_results_of_schema_version_1_fail_with_the_rerun_line(
+    model: Path, tmp_path: Path, explicit: bool
+) -> None:
+    """validate reports bad results as a failed check (exit 1), in the words every other command uses."""
+    path = model / "maxact" / "results.json"
+    results = json.loads(path.read_text(encoding="utf-8"))
+    results["schema_version"] = 1
+    if explicit:
+        path = tmp_path / "v1.json"
+    path.write_text(json.dumps(results), encoding="utf-8")
+    code, stdout, stderr = validate(str(model), *(["--results", str(path)] if explicit else []))
+    assert code == 1 and stderr == ""
+    found = statuses(stdout)
+    assert found["results"] == "FAIL" and [found[name] for name in CHECKS[2:]] == ["SKIP"] * 4
+    name = str(path) if explicit else "maxact/results.json"
+    assert (
+        f"FAIL  results       {name}::$.schema_version: schema version 1 is older than 2; "
+        "fix: re-run `maxact-card measure` to write a valid results file"
+    ) in stdout.splitlines()
+
+
 def test_missing_results_fail_but_missing_explicit_results_is_bad_input(model: Path) -> None:
     (model / "maxact" / "results.json").unlink()
     code, stdout, _ = validate(str(model))
