@@ -271,6 +271,10 @@ class _Run:
         if opts.quant:
             eval_ids, _ = prepare_tokens(loaded, opts, self.held_out, builtin)
             results["quant"] = self.quant_pass(measurement, results, eval_ids, budget)
+        splits = distributed.all_reduce_max_float(self.world, float(self.oom_splits), loaded.device) if \
+            self.world.distributed else self.oom_splits
+        results["run"]["oom_splits"] = int(splits)
+        results["run"]["resumed"] = self.resumed
         return results if self.world.is_main else None
 
     def _open_state(self, directory: Path, truncate: bool) -> StateDir:
