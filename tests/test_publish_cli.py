@@ -114,7 +114,22 @@ def test_description_shows_quant_verdicts(hub: HubServer, files: dict[str, bytes
     assert "## Quantization verdicts" in description
     assert "| `int8-static-maxabs` | **FAIL** | 18.5 dB |" in description
     assert "Recommended: `fp8-e4m3-static`." in description
-    assert "--quant --min-sqnr 20" in description
+    assert "--quant --min-sqnr 20 --out" in description  # default split and clip: not repeated
+
+
+def test_reproduce_command_carries_a_non_default_split_and_clip(
+    hub: HubServer, files: dict[str, bytes], tmp_path: Path
+) -> None:
+    from tests.test_card import QUANT
+
+    results = make_results(hub, files)
+    results["quant"] = copy.deepcopy(QUANT)
+    results["quant"]["eval_fraction"] = 0.25
+    results["quant"]["clip_quantile"] = 0.9999
+    result = publish(write(tmp_path, results))
+    assert result.exit_code == 0, result.stderr
+    description = hub.repo_state(REPO)["pull_requests"][1]["description"]
+    assert "--quant --min-sqnr 20 --eval-fraction 0.25 --clip-quantile 0.9999 --out" in description
 
 
 def test_second_publish_updates_the_open_pull_request(

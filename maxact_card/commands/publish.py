@@ -180,6 +180,12 @@ def reproduce_commands(
         min_sqnr = (results["quant"].get("thresholds") or {}).get("min_sqnr_db")
         if isinstance(min_sqnr, (int, float)) and not isinstance(min_sqnr, bool):
             measure += ["--min-sqnr", f"{min_sqnr:g}"]
+        # the split and the clip change the figures: carry them when they are not the defaults
+        eval_fraction, clip = results["quant"].get("eval_fraction"), results["quant"].get("clip_quantile")
+        if isinstance(eval_fraction, float) and abs(eval_fraction - 1 / 3) > 1e-12:
+            measure += ["--eval-fraction", repr(eval_fraction)]
+        if isinstance(clip, float) and clip != 0.999:
+            measure += ["--clip-quantile", repr(clip)]
     measure += ["--out", DEFAULT_RESULTS_PATH]
     publish = ["maxact-card", "publish", repo_id, "--results", DEFAULT_RESULTS_PATH]
     if revision:
