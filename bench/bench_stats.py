@@ -1,9 +1,14 @@
 """Per-piece cost of one statistics update on one activation tensor, against a matmul of the same width.
 
     python bench/bench_stats.py --device cuda
+    python bench/bench_stats.py --device cuda --sweep     # also time other block shapes of the scan
+    python bench/bench_stats.py --device cuda --check     # fused vs reference, field by field, first
 
 Prints milliseconds per call for each piece of `SiteStats.update` and `QuantAccumulator.update`
-on [tokens, width] bf16 tensors, so the expensive pieces show before and after a change.
+on [tokens, width] bf16 tensors, so the expensive pieces show before and after a change; then a
+summary: `SiteStats.update` through the fused Triton kernels (kernels.py) against the reference
+path (compiled dense_scan + bincount), a same-size matmul and one read of the tensor (amax), with
+massive sites on and off. On CPU the kernel rows are skipped.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -39,55 +45,179 @@ def bench(fn, device: torch.device, repeats: int = 20) -> float:  # type: ignore
     return (time.perf_counter() - t) * 1000 / repeats
 
 
+def _fused_rows(x: torch.Tensor, ctx: stats.BatchContext, width: int, device: torch.device,
+                sweep: bool) -> dict[str, Any]:
+    from maxact_card import kernels
+
+    rows: dict[str, Any] = {}
+    for massive in (False, True):
+        tag = " (massive)" if massive else ""
+        acc = stats.SiteStats(width, 64, device, massive=massive)
+        rows[f"fused scan+fold{tag}"] = lambda acc=acc: kernels.fused_update(
+            acc, x, ctx.mask, ctx.token_index, ctx.sample_index, ctx.input_ids)
+    if sweep:
+        acc = stats.SiteStats(width, 64, device)
+        default = kernels.scan_config(width, x.element_size())
+        for block_n in (1, 2, 4, 8, 16):
+            for block_h in (256, 512, 1024, 2048):
+                for warps in (4, 8):
+                    cfg = kernels.ScanConfig(block_n, block_h, warps)
+                    tile = block_n * block_h
+                    if not 1024 <= tile <= 4096 or block_h > _next_pow2(width) or cfg == default:
+                        continue
+                    rows[f"  scan+fold n={block_n} h={block_h} w={warps}"] = lambda cfg=cfg: kernels.fused_update(
+                        acc, x, ctx.mask, ctx.token_index, ctx.sample_index, ctx.input_ids, config=cfg)
+        rows[f"  (default n={default.block_n} h={default.block_h} w={default.num_warps})"] = rows["fused scan+fold"]
+    return rows
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _update(acc: stats.SiteStats, x: torch.Tensor, ctx: stats.BatchContext, fused: bool) -> None:
+    stats.use_kernels(fused)
+    acc.update(x, ctx)
+
+
+def summary(x: torch.Tensor, w: torch.Tensor, ctx: stats.BatchContext, width: int, device: torch.device,
+            sweep: bool) -> None:
+    """The fused update against the reference path, a matmul and one read of x, as ms and ratios."""
+    b, t = x.shape[:2]
+    matmul = bench(lambda: x @ w, device)
+    read = bench(lambda: x.amax(), device)
+    print(f"--- summary [{b}x{t}, {width}] bf16 on {device}")
+    print(f"{'matmul x@W':44s} {matmul:8.3f} ms")
+    print(f"{'one read of x (amax)':44s} {read:8.3f} ms   {read / matmul:6.2f}x matmul")
+    kernels_ok = device.type == "cuda"
+    if kernels_ok:
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            kernels_ok = False
+    for massive in (False, True):
+        tag = " (massive)" if massive else ""
+        stats.use_compile(device.type == "cuda")
+        old = stats.SiteStats(width, 64, device, massive=massive)
+        t_old = bench(lambda old=old: _update(old, x, ctx, False), device)
+        print(f"{'SiteStats.update, reference path' + tag:44s} {t_old:8.3f} ms   {t_old / matmul:6.2f}x matmul")
+        if not kernels_ok:
+            print(f"{'SiteStats.update, fused kernels' + tag:44s}  skipped: needs CUDA and Triton")
+            continue
+        new = stats.SiteStats(width, 64, device, massive=massive)
+        t_new = bench(lambda new=new: _update(new, x, ctx, True), device)
+        print(f"{'SiteStats.update, fused kernels' + tag:44s} {t_new:8.3f} ms   {t_new / matmul:6.2f}x matmul"
+              f"   {t_new / read:6.2f}x one read   {t_old / t_new:6.1f}x faster")
+    stats.use_kernels(None)
+    if kernels_ok:
+        for name, fn in _fused_rows(x, ctx, width, device, sweep).items():
+            try:
+                ms = bench(fn, device)
+                print(f"{name:44s} {ms:8.3f} ms   {ms / read:6.2f}x one read")
+            except Exception as exc:  # noqa: BLE001 - report and go on
+                print(f"{name:44s} failed: {type(exc).__name__}: {str(exc)[:120]}")
+
+
+def check(x: torch.Tensor, ctx: stats.BatchContext, width: int, device: torch.device) -> bool:
+    """Fused and reference updates of the same batches, compared field by field; True when equal."""
+    xs = [x, x * 3, x.flip(0)]
+    xs[1][1, 7, width // 2] = -9000.0
+    xs[2][0, 3, 11] = float("inf")
+    ok = True
+    for massive in (False, True):
+        accs = []
+        for fused in (False, True):
+            acc = stats.SiteStats(width, 64, device, massive=massive)
+            for i, xi in enumerate(xs):
+                shifted = stats.BatchContext(ctx.mask, ctx.token_index + i * ctx.mask.numel(), ctx.sample_index,
+                                             ctx.input_ids)
+                _update(acc, xi, shifted, fused)
+            accs.append(acc)
+        stats.use_kernels(None)
+        ref, got = accs
+        for name in stats.SiteStats.MERGE_OPS:
+            a, b = getattr(ref, name), getattr(got, name)
+            if name in ("sum", "sumsq"):
+                same = bool(torch.isclose(a, b, rtol=1e-5))
+            elif name.startswith("topk") and name != "topk_key":
+                filled = ref.topk_key >= 0
+                same = torch.equal(a[filled], b[filled])
+            else:
+                same = torch.equal(a, b)
+            if not same:
+                ok = False
+                print(f"check [{x.shape[0]}x{x.shape[1]}, {width}] massive={massive}: {name} differs")
+    print(f"check [{x.shape[0]}x{x.shape[1]}, {width}]: {'fused == reference' if ok else 'MISMATCH'}")
+    return ok
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--widths", default="4096,12288")
+    parser.add_argument("--sweep", action="store_true", help="time other block shapes of the fused scan")
+    parser.add_argument("--check", action="store_true", help="compare fused and reference updates first")
+    parser.add_argument("--summary-only", action="store_true", help="skip the per-piece table")
     args = parser.parse_args()
     device = torch.device(args.device)
+    failed = False
     for width in map(int, args.widths.split(",")):
         b, t = 8, args.tokens // 8
         x = torch.randn(b, t, width, device=device, dtype=torch.bfloat16)
         mask = torch.ones(b, t, dtype=torch.bool, device=device)
         mask[-1, t // 2:] = False
-        w = torch.randn(width, width if width <= 4096 else 4096, device=device, dtype=torch.bfloat16)
+        w = torch.randn(width, min(width, 4096), device=device, dtype=torch.bfloat16)
         ctx = stats.BatchContext(mask, torch.arange(b * t, device=device).view(b, t), torch.arange(b, device=device),
                                  torch.zeros(b, t, dtype=torch.long, device=device))
-        keys = stats.abs_hist_keys(x)
-        acc = stats.SiteStats(width, 64, device)
-        acc_m = stats.SiteStats(width, 64, device, massive=True)
-        hist = torch.zeros(stats.HIST_BINS, dtype=torch.int64)
-        hist[int(stats.abs_hist_keys(torch.tensor(1.0)))] = 1000
-        qacc = quant.QuantAccumulator(quant.static_scales(8.0, hist, 0.999), device=device)
-        pieces = {
-            "matmul x@W (reference)": lambda: x @ w,
-            "max+min with indices": lambda: (x.max(-1), x.min(-1)),
-            "aminmax per token": lambda: torch.aminmax(x, dim=-1),
-            "sum + norm per token": lambda: (x.sum(-1, dtype=torch.float32),
-                                             torch.linalg.vector_norm(x, 2, -1, dtype=torch.float32)),
-            "channel max (where+norm)": lambda: torch.linalg.vector_norm(
-                torch.where(mask.unsqueeze(-1), x, 0).reshape(-1, width), ord=torch.inf, dim=0),
-            "hist keys + where": lambda: torch.where(mask.unsqueeze(-1), stats.abs_hist_keys(x), 0),
-            f"bincount {stats.HIST_BINS} bins": lambda: torch.bincount(keys.reshape(-1), minlength=stats.HIST_BINS),
-            "bincount 4096 bins": lambda: torch.bincount((keys >> 3).reshape(-1), minlength=4096),
-            "median |a| per token": lambda: x.abs().median(-1),
-            "count |a| < max/1000 per token": lambda: (x.abs() < (x.amax(-1, keepdim=True).float() / 1000)).sum(-1),
-            "topk over tokens": lambda: x.amax(-1).reshape(-1).topk(16),
-            "SiteStats.update": lambda: acc.update(x, ctx),
-            "SiteStats.update (massive)": lambda: acc_m.update(x, ctx),
-            "QuantAccumulator.update": lambda: qacc.update(x, mask),
-        }
-        if device.type == "cuda":
-            compiled = torch.compile(stats.dense_scan, dynamic=True)
-            pieces["dense_scan compiled"] = lambda: compiled(x, mask, False)
-            pieces["dense_scan eager"] = lambda: stats.dense_scan(x, mask, False)
-        print(f"--- [{b}x{t}, {width}] bf16 on {device}")
-        for name, fn in pieces.items():
-            try:
-                print(f"{name:32s} {bench(fn, device):8.3f} ms")
-            except Exception as exc:  # noqa: BLE001 - report and go on
-                print(f"{name:32s} failed: {type(exc).__name__}: {str(exc)[:120]}")
+        if args.check and device.type == "cuda":
+            failed |= not check(x, ctx, width, device)
+        if not args.summary_only:
+            pieces_table(x, w, mask, ctx, width, b, t, device)
+        summary(x, w, ctx, width, device, args.sweep)
+    if failed:
+        raise SystemExit(1)
+
+
+def pieces_table(x: torch.Tensor, w: torch.Tensor, mask: torch.Tensor, ctx: stats.BatchContext, width: int,
+                 b: int, t: int, device: torch.device) -> None:
+    """Milliseconds per call of each piece of the reference update."""
+    keys = stats.abs_hist_keys(x)
+    stats.use_kernels(False)
+    acc = stats.SiteStats(width, 64, device)
+    acc_m = stats.SiteStats(width, 64, device, massive=True)
+    hist = torch.zeros(stats.HIST_BINS, dtype=torch.int64)
+    hist[int(stats.abs_hist_keys(torch.tensor(1.0)))] = 1000
+    qacc = quant.QuantAccumulator(quant.static_scales(8.0, hist, 0.999), device=device)
+    pieces = {
+        "matmul x@W (reference)": lambda: x @ w,
+        "max+min with indices": lambda: (x.max(-1), x.min(-1)),
+        "aminmax per token": lambda: torch.aminmax(x, dim=-1),
+        "sum + norm per token": lambda: (x.sum(-1, dtype=torch.float32),
+                                         torch.linalg.vector_norm(x, 2, -1, dtype=torch.float32)),
+        "channel max (where+norm)": lambda: torch.linalg.vector_norm(
+            torch.where(mask.unsqueeze(-1), x, 0).reshape(-1, width), ord=torch.inf, dim=0),
+        "hist keys + where": lambda: torch.where(mask.unsqueeze(-1), stats.abs_hist_keys(x), 0),
+        f"bincount {stats.HIST_BINS} bins": lambda: torch.bincount(keys.reshape(-1), minlength=stats.HIST_BINS),
+        "bincount 4096 bins": lambda: torch.bincount((keys >> 3).reshape(-1), minlength=4096),
+        "median |a| per token": lambda: x.abs().median(-1),
+        "count |a| < max/1000 per token": lambda: (x.abs() < (x.amax(-1, keepdim=True).float() / 1000)).sum(-1),
+        "topk over tokens": lambda: x.amax(-1).reshape(-1).topk(16),
+        "SiteStats.update (reference path)": lambda: acc.update(x, ctx),
+        "SiteStats.update (reference, massive)": lambda: acc_m.update(x, ctx),
+        "QuantAccumulator.update": lambda: qacc.update(x, mask),
+    }
+    if device.type == "cuda":
+        compiled = torch.compile(stats.dense_scan, dynamic=True)
+        pieces["dense_scan compiled"] = lambda: compiled(x, mask, False)
+        pieces["dense_scan eager"] = lambda: stats.dense_scan(x, mask, False)
+    print(f"--- [{b}x{t}, {width}] bf16 on {device}")
+    for name, fn in pieces.items():
+        try:
+            print(f"{name:44s} {bench(fn, device):8.3f} ms")
+        except Exception as exc:  # noqa: BLE001 - report and go on
+            print(f"{name:44s} failed: {type(exc).__name__}: {str(exc)[:120]}")
+    stats.use_kernels(None)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,10 @@ combine into the same answer whatever the order.
 
 from __future__ import annotations
 
+import os
+import sys
+from typing import Any, ClassVar
+
 import torch
 
 # |a| histogram. The key of a value comes from the bit pattern of |a| as bfloat16: its exponent
@@ -151,6 +155,44 @@ def use_compile(enabled: bool) -> None:
         _compiled_scan = torch.compile(dense_scan, dynamic=True)
 
 
+# The fused Triton kernels (kernels.py) replace the scan, the histogram and the small reductions on
+# CUDA: two launches per update. They are imported on the first CUDA update, so CPU-only runs never
+# import Triton. MAXACT_CARD_KERNELS=0 keeps the reference path; a kernel that fails to build or
+# launch costs speed, never the run: the update falls back to the reference path and stays there.
+# On CPU tensors they run only when asked for with use_kernels(True) and kernels.py was built for
+# Triton's interpreter (tests).
+_KERNELS: dict[str, Any] = {"on": None, "module": None, "error": None}
+
+
+def use_kernels(enabled: bool | None) -> None:
+    """Use the fused Triton kernels where they can run; None: the default (on unless MAXACT_CARD_KERNELS=0)."""
+    _KERNELS["on"] = enabled
+    _KERNELS["error"] = None
+
+
+def _kernel_module(x: torch.Tensor) -> Any:
+    """kernels.py when it can fold `x`, else None (host-side checks only)."""
+    on = _KERNELS["on"]
+    if x.is_cuda:
+        if on is None:
+            on = os.environ.get("MAXACT_CARD_KERNELS", "1") not in ("0", "false", "off")
+        if not on:
+            return None
+        module = _KERNELS["module"]
+        if module is None:
+            try:
+                from maxact_card import kernels as module
+            except Exception as exc:  # noqa: BLE001 - no Triton, or a broken one: the reference path
+                _KERNELS["on"], _KERNELS["error"] = False, repr(exc)
+                return None
+            _KERNELS["module"] = module
+    else:
+        module = sys.modules.get("maxact_card.kernels")
+        if on is not True or module is None or not module.INTERPRET:
+            return None
+    return module if module.available(x) else None
+
+
 class BatchContext:
     """What every hook of one forward pass needs to know about the batch (all tensors on device).
 
@@ -226,6 +268,19 @@ class SiteStats:
             x = x.to(self.max.device)
         if ctx.mask.device != x.device:
             ctx = ctx.on(x.device)
+        kernels = _kernel_module(x)
+        if kernels is not None and self._fusable(x, ctx):
+            try:
+                scan = kernels.fused_update(self, x, ctx.mask, ctx.token_index, ctx.sample_index, ctx.input_ids)
+            except Exception as exc:  # noqa: BLE001 - see _KERNELS
+                # Only the scan may have run: its fields are maxima, which the reference path
+                # below can apply a second time without changing them.
+                kernels._forget_scratch()
+                _KERNELS["on"], _KERNELS["error"] = False, repr(exc)
+            else:
+                if self.massive:
+                    self._fused_medians(x, scan.source)
+                return
         mask = ctx.mask
         tok_max, tok_min, tok_abs, tok_signed, tok_channel, valid, tok_sum, tok_sq, channel_max, keys, below = _scan(
             x, mask, self.massive
@@ -244,6 +299,35 @@ class SiteStats:
         if below is not None:
             hit = valid & (tok_abs > MASSIVE_ABS) & (below >= (x.shape[-1] - 1) // 2 + 1)
             self.massive_tokens += hit.sum()
+
+    _DTYPES: ClassVar[dict[str, torch.dtype]] = {
+        "max": torch.float32, "min": torch.float32, "channel_max": torch.float32, "count": torch.int64,
+        "sum": torch.float64, "sumsq": torch.float64, "hist": torch.int64, "nonfinite_tokens": torch.int64,
+        "massive_tokens": torch.int64, "sample_max": torch.float32, "topk_key": torch.int64,
+        "topk_value": torch.float32, "topk_channel": torch.int64, "topk_token_id": torch.int64,
+        "topk_median": torch.float32,
+    }
+
+    def _fusable(self, x: torch.Tensor, ctx: BatchContext) -> bool:
+        """Whether the fused kernels may update this accumulator in place (host-side checks only)."""
+        if x.dim() != 3 or x.numel() == 0 or self.top_k < 1 or self.topk_key.numel() != self.top_k:
+            return False
+        shape = x.shape[:-1]
+        if ctx.mask.shape != shape or ctx.token_index.shape != shape or ctx.input_ids.shape != shape:
+            return False
+        if ctx.mask.dtype != torch.bool or ctx.sample_index.dtype != torch.int64:
+            return False
+        for name, dtype in self._DTYPES.items():
+            t = getattr(self, name)
+            if t.dtype != dtype or t.device != x.device or not t.is_contiguous():
+                return False
+        return True
+
+    def _fused_medians(self, x: torch.Tensor, source: torch.Tensor) -> None:
+        """The median |a| of the top-K entries the fused update took from `x` (source: their rows, or -1)."""
+        rows = x.reshape(-1, x.shape[-1]).index_select(0, source.clamp(min=0))
+        median = rows.abs().median(dim=-1).values.float()
+        self.topk_median = torch.where(source >= 0, median, self.topk_median)
 
     def _update_topk(self, x: torch.Tensor, abs_valid: torch.Tensor, signed: torch.Tensor, channel: torch.Tensor,
                      valid: torch.Tensor, ctx: BatchContext) -> None:

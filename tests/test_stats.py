@@ -189,6 +189,13 @@ def test_massive_ratio_does_not_depend_on_batching() -> None:
         assert _top_ratio(apart.state_dict()) == expected
         assert _top_ratio(together.state_dict()) == expected
 
+def test_cpu_updates_take_the_reference_path_unless_asked() -> None:
+    # the fused kernels run on CUDA; on CPU only through Triton's interpreter, when a test asks
+    from maxact_card.stats import _kernel_module
+
+    assert _kernel_module(torch.zeros(2, 3, 4)) is None
+
+
 def test_dense_scan_marks_non_finite_tokens_invalid() -> None:
     x = torch.tensor([[[1.0, float("nan")], [float("-inf"), 2.0], [3.0, -1.0]]])
     mask = torch.tensor([[True, True, False]])

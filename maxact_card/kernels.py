@@ -1,0 +1,472 @@
+"""Fused Triton kernels for `SiteStats.update`: every statistic of one activation in two launches.
+
+`dense_scan` + `torch.bincount` in `stats.py` are the reference; these kernels give the same
+numbers (bit for bit, except the float sums, whose order of addition differs) without writing
+anything per element:
+
+1. `_scan_kernel`, one program per block of rows. Pass 1 reads the block from memory: per row the
+   max, min (NaN-propagating, so inf/NaN show), sum and sum of squares. Pass 2 reads it again (from
+   L2: a block is at most 32 KB) now that validity and extremes are known, and works on the bits of
+   |a|: column maxima over valid rows (an atomic max on the int32 bits, only where the block beats
+   the stored value), the |a| histogram of masked rows (atomic adds into one of several private
+   int32 histograms, so that no bin is hit by every program at once) and, for massive sites, the
+   per-row count of channels below |a|max/1000. Per row it writes its extremes and moments; rows
+   whose top-K key beats the current K-th entry go to a short candidate list; per program it
+   writes partial max/min/sum/sumsq/counts; the sample maxima take an atomic max per row.
+2. `_fold_kernel`: the first programs add the private histograms into the int64 counts and zero
+   them for the next call; the last one folds the partials into the scalar statistics in a fixed
+   order (so sums are deterministic), picks the best candidates, finds the first channel of each
+   one's extreme by reading its row, and merges them into the top-K in place.
+
+Nothing synchronises with the host. Triton is optional: `available()` says whether the kernels can
+run on a tensor (Triton installed and the tensor on CUDA, or Triton's interpreter switched on with
+TRITON_INTERPRET=1 before Triton is imported, which runs them on CPU tensors for tests). Only
+long-standing Triton features are used (masked loads and stores, reductions, atomics, while
+loops), so that the Triton bundled with older PyTorch builds them too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from maxact_card.stats import (
+    _KEY_OFFSET,
+    HIST_BINS,
+    HIST_NONFINITE,
+    HIST_OVERFLOW,
+    MASSIVE_ABS,
+    MASSIVE_RATIO,
+)
+
+if TYPE_CHECKING:
+    from maxact_card.stats import SiteStats
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the environment
+    triton = None
+    tl = None
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+"""Whether the kernels run on Triton's CPU interpreter (fixed when this module is imported)."""
+
+# A private histogram: HIST_BINS counters, padding to a multiple of 8, then 32 spare counters that
+# take the atomic add of every element that counts nowhere (padding, zeros, past the last channel),
+# one per lane of a warp so that they land in one cache line: an unconditional atomic add is cheaper
+# than a branch around each one. Spare counters are zeroed by the fold and never read.
+HIST_SPARE = 4104
+HIST_STRIDE = HIST_SPARE + 32
+_FINE_BIAS = _KEY_OFFSET - 1  # key = (bf16 |a| bits >> 1) - _FINE_BIAS, clamped, as `abs_hist_keys`
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def available(x: torch.Tensor) -> bool:
+    """Whether the fused kernels can fold `x` (Triton importable, and `x` on CUDA or the interpreter on)."""
+    if triton is None or x.dtype not in _DTYPES:
+        return False
+    return INTERPRET or x.is_cuda
+
+
+@dataclass(frozen=True)
+class ScanConfig:
+    """Block shape of the scan kernel: rows per program, channels per step, warps per program."""
+
+    block_n: int
+    block_h: int
+    num_warps: int
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << (max(n, 1).bit_length() - 1)
+
+
+def scan_config(width: int, itemsize: int) -> ScanConfig:
+    """The default block shape for rows of `width` elements of `itemsize` bytes.
+
+    A program holds at most 32 KB of rows (up to 16), so that pass 2 finds them in L2: the few
+    hundred programs in flight on a GPU hold a few tens of MB at most. It steps over them in tiles
+    of 2,048 elements, 8 per thread with 8 warps (one 16-byte load of bf16). More rows per program
+    mean fewer reads of the column maxima; from 64 to 30,000 channels the tile stays full.
+    """
+    block_n = max(1, min(_pow2_floor(32768 // max(width * itemsize, 1)), 16))
+    block_h = max(16, min(2048 // block_n, 1 << max(width - 1, 0).bit_length()))
+    tile = block_n * block_h
+    num_warps = 8 if tile >= 2048 else 4 if tile >= 512 else 2
+    return ScanConfig(block_n, block_h, num_warps)
+
+
+# --- the kernels ------------------------------------------------------------------------------------
+if triton is not None:
+
+    @triton.jit
+    def _load_tile(x_ptr, offsets, ok, IS_BF16: tl.constexpr, EVICT: tl.constexpr):  # type: ignore[no-untyped-def]
+        """x as float32; bf16 arrives as its int16 bits (widened by hand: exact everywhere, subnormals too)."""
+        if IS_BF16:
+            raw = tl.load(x_ptr + offsets, mask=ok, other=0, eviction_policy=EVICT)
+            v = (raw.to(tl.int32) << 16).to(tl.float32, bitcast=True)
+        else:
+            v = tl.load(x_ptr + offsets, mask=ok, other=0.0, eviction_policy=EVICT).to(tl.float32)
+        return v
+
+    # Sizes that change from batch to batch are not specialised on (a value divisible by 16, or
+    # equal to 1, would otherwise compile a variant of its own); the row stride and the width are,
+    # since they decide whether loads are vectorised.
+    @triton.jit(do_not_specialize=["n_rows", "tokens_per_row", "top_k", "hist_copies", "n_parts"])
+    def _scan_kernel(  # type: ignore[no-untyped-def]
+        x_ptr, row_stride, n_rows, width, tokens_per_row,
+        mask_ptr, token_ptr, sample_ptr, topk_key_ptr, top_k,
+        channel_max_ptr, sample_max_ptr, hist_ptr, hist_copies, n_cand_ptr,
+        row_f_ptr, row_i_ptr, cand_key_ptr, cand_row_ptr, part_f_ptr, part_i_ptr, n_parts,
+        FINE_BIAS: tl.constexpr, OVERFLOW: tl.constexpr, NONFINITE: tl.constexpr,
+        HIST_STRIDE: tl.constexpr, HIST_SPARE: tl.constexpr, MASSIVE_ABS: tl.constexpr, MASSIVE_RATIO: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, MASSIVE: tl.constexpr, IS_BF16: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < n_rows
+        in_mask = (tl.load(mask_ptr + rows, mask=row_ok, other=0) != 0) & row_ok
+        row_off = rows.to(tl.int64)[:, None] * row_stride
+        lanes = tl.arange(0, BLOCK_H)
+
+        # pass 1: per-row extremes and moments, running per lane and reduced once at the end. NaN
+        # propagates through the lane extremes, so a lane holding inf or NaN shows it at the end:
+        # a row is valid when its max and min are finite, as in dense_scan.
+        hi = tl.full([BLOCK_N, BLOCK_H], float("-inf"), tl.float32)
+        lo = tl.full([BLOCK_N, BLOCK_H], float("inf"), tl.float32)
+        total = tl.zeros([BLOCK_N, BLOCK_H], tl.float32)
+        total_sq = tl.zeros([BLOCK_N, BLOCK_H], tl.float32)
+        for start in range(0, width, BLOCK_H):
+            cols = start + lanes
+            col_ok = cols < width
+            ok = row_ok[:, None] & col_ok[None, :]
+            v = _load_tile(x_ptr, row_off + cols[None, :], ok, IS_BF16, "evict_last")
+            hi = tl.maximum(hi, tl.where(col_ok[None, :], v, float("-inf")), propagate_nan=tl.PropagateNan.ALL)
+            lo = tl.minimum(lo, tl.where(col_ok[None, :], v, float("inf")), propagate_nan=tl.PropagateNan.ALL)
+            total += v
+            total_sq += v * v
+        # `hi < inf` is false for inf and NaN; a lane that saw no channel keeps -inf / +inf
+        lane_bad = ~(hi < float("inf")) | ~(lo > float("-inf"))
+        valid = in_mask & (tl.max(lane_bad.to(tl.int32), axis=1) == 0)
+        tok_max = tl.max(hi, axis=1)
+        tok_min = tl.min(lo, axis=1)
+        tok_sum = tl.sum(total, axis=1)
+        tok_sq = tl.sum(total_sq, axis=1)
+        positive = tok_max >= -tok_min
+        tok_abs = tl.where(positive, tok_max, -tok_min)
+        abs_bits = tok_abs.to(tl.int32, bitcast=True)
+        # the fp32 quotient, correctly rounded: a float64 quotient rounded again to fp32 is exact
+        # (53 >= 2 * 24 + 2 bits), where a plain fp32 `/` may be compiled to an approximate divide.
+        # Its bits, as |a| < threshold is compared on bits in pass 2.
+        threshold = (tok_abs.to(tl.float64) / MASSIVE_RATIO).to(tl.float32).to(tl.int32, bitcast=True)
+
+        # pass 2, on the bits of |a| (non-negative floats order as ints): column maxima over valid
+        # rows, the histogram over masked rows, the massive test
+        under = tl.zeros([BLOCK_N, BLOCK_H], tl.int32)
+        below = tl.zeros([BLOCK_N, BLOCK_H], tl.int32)
+        hist_row = hist_ptr + (pid % hist_copies) * HIST_STRIDE
+        for start in range(0, width, BLOCK_H):
+            cols = start + lanes
+            col_ok = cols < width
+            ok = row_ok[:, None] & col_ok[None, :]
+            offsets = row_off + cols[None, :]
+            if IS_BF16:
+                half = tl.load(x_ptr + offsets, mask=ok, other=0, eviction_policy="evict_first").to(tl.int32) & 0x7FFF
+                bits = half << 16
+                bf = half
+            else:
+                v = tl.load(x_ptr + offsets, mask=ok, other=0.0, eviction_policy="evict_first").to(tl.float32)
+                bits = v.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+                # to bf16, to nearest even; inf/NaN are sorted out below
+                bf = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+            # the block's column maxima, then one atomic per column that beats the stored value:
+            # the stored maxima only grow, so a stale read costs an extra atomic, never a loss
+            block_max = tl.max(tl.where(valid[:, None], bits, 0), axis=0)
+            current = tl.load(channel_max_ptr + cols, mask=col_ok, other=0)
+            tl.atomic_max(channel_max_ptr + cols, block_max, mask=col_ok & (block_max > current), sem="relaxed")
+            # the key of `abs_hist_keys`: exponent and top mantissa bits of the bf16 |a|, clamped;
+            # inf/NaN, and finite values that round to inf in bf16, are NONFINITE
+            fine = tl.minimum(tl.maximum((bf >> 1) - FINE_BIAS, 0), OVERFLOW)
+            key = tl.where((bits >= 0x7F800000) | (bf >= 0x7F80), NONFINITE, fine)
+            counted = in_mask[:, None] & ok
+            # zeros (and anything below the range) are common: counted here, not by atomics
+            under += (counted & (key == 0)).to(tl.int32)
+            spare = HIST_SPARE + (cols % 32)[None, :]
+            tl.atomic_add(hist_row + tl.where(counted & (key != 0), key, spare), 1, sem="relaxed")
+            if MASSIVE:
+                below += ((bits < threshold[:, None]) & ok).to(tl.int32)
+        tl.atomic_add(hist_row, tl.sum(tl.sum(under, axis=1), axis=0), sem="relaxed")
+
+        # per row: what the top-K and the tests read
+        n = n_rows
+        tl.store(row_f_ptr + rows, tok_max, mask=row_ok)
+        tl.store(row_f_ptr + n + rows, tok_min, mask=row_ok)
+        tl.store(row_f_ptr + 2 * n + rows, tok_sum, mask=row_ok)
+        tl.store(row_f_ptr + 3 * n + rows, tok_sq, mask=row_ok)
+        n_below = tl.sum(below, axis=1)
+        tl.store(row_i_ptr + rows, valid.to(tl.int32), mask=row_ok)
+        tl.store(row_i_ptr + n + rows, n_below, mask=row_ok)
+        massive_hit = valid & (tok_abs > MASSIVE_ABS) & (n_below >= (width - 1) // 2 + 1)
+
+        # the top-K key (|a| bits high, complement of the run index low). Only a row that beats the
+        # current K-th entry can enter the top-K: those few are appended to a candidate list
+        token = tl.load(token_ptr + rows, mask=row_ok, other=0)
+        key = (abs_bits.to(tl.int64) << 32) | (4294967295 - token)
+        candidate = valid & (key > tl.load(topk_key_ptr + top_k - 1))
+        at = tl.atomic_add(n_cand_ptr + tl.zeros_like(rows), 1, mask=candidate, sem="relaxed")
+        tl.store(cand_key_ptr + at, key, mask=candidate)
+        tl.store(cand_row_ptr + at, rows, mask=candidate)
+        sample = tl.load(sample_ptr + rows // tokens_per_row, mask=valid, other=0)
+        tl.atomic_max(sample_max_ptr + sample, abs_bits, mask=valid, sem="relaxed")
+
+        # per program: partial scalars, folded in a fixed order by _fold_kernel
+        tl.store(part_f_ptr + pid, tl.sum(tl.where(valid, tok_sum, 0.0).to(tl.float64), axis=0))
+        tl.store(part_f_ptr + n_parts + pid, tl.sum(tl.where(valid, tok_sq, 0.0).to(tl.float64), axis=0))
+        tl.store(part_f_ptr + 2 * n_parts + pid, tl.max(tl.where(valid, tok_max, float("-inf")), axis=0))
+        tl.store(part_f_ptr + 3 * n_parts + pid, tl.min(tl.where(valid, tok_min, float("inf")), axis=0))
+        tl.store(part_i_ptr + pid, tl.sum(valid.to(tl.int32), axis=0))
+        tl.store(part_i_ptr + n_parts + pid, tl.sum((in_mask & ~valid).to(tl.int32), axis=0))
+        tl.store(part_i_ptr + 2 * n_parts + pid, tl.sum(massive_hit.to(tl.int32), axis=0))
+
+    @triton.jit(do_not_specialize=["hist_copies", "n_parts", "width", "row_stride", "n_rows", "top_k"])
+    def _fold_kernel(  # type: ignore[no-untyped-def]
+        hist_ptr, hist_copies, counts_ptr, n_cand_ptr,
+        part_f_ptr, part_i_ptr, n_parts, width,
+        max_ptr, min_ptr, count_ptr, sum_ptr, sumsq_ptr, nonfinite_ptr, massive_ptr,
+        x_ptr, row_stride, row_f_ptr, cand_key_ptr, cand_row_ptr, ids_ptr, n_rows,
+        topk_key_ptr, topk_value_ptr, topk_channel_ptr, topk_token_ptr, topk_median_ptr, top_k, source_ptr,
+        N_BINS: tl.constexpr, HIST_STRIDE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr,
+        BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_W: tl.constexpr,
+        IS_BF16: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        if pid < tl.cdiv(HIST_STRIDE, BLOCK_B):
+            # the private histograms into the counts, then back to zero (spare counters too)
+            bins = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+            bin_ok = bins < N_BINS
+            acc = tl.zeros([BLOCK_B], tl.int64)
+            for c0 in range(0, hist_copies, BLOCK_C):
+                copies = c0 + tl.arange(0, BLOCK_C)
+                at = hist_ptr + copies[:, None] * HIST_STRIDE + bins[None, :]
+                ok = (copies < hist_copies)[:, None] & (bins < HIST_STRIDE)[None, :]
+                part = tl.load(at, mask=ok & bin_ok[None, :], other=0)
+                acc += tl.sum(part.to(tl.int64), axis=0)
+                tl.store(at, tl.zeros([BLOCK_C, BLOCK_B], tl.int32), mask=ok)
+            old = tl.load(counts_ptr + bins, mask=bin_ok, other=0)
+            tl.store(counts_ptr + bins, old + acc, mask=bin_ok)
+        else:
+            # scalars: the per-program partials in a fixed order
+            lanes = tl.arange(0, BLOCK_P)
+            s = tl.zeros([BLOCK_P], tl.float64)
+            sq = tl.zeros([BLOCK_P], tl.float64)
+            hi = tl.full([BLOCK_P], float("-inf"), tl.float32)
+            lo = tl.full([BLOCK_P], float("inf"), tl.float32)
+            n_valid = tl.zeros([BLOCK_P], tl.int64)
+            n_bad = tl.zeros([BLOCK_P], tl.int64)
+            n_massive = tl.zeros([BLOCK_P], tl.int64)
+            for p0 in range(0, n_parts, BLOCK_P):
+                p = p0 + lanes
+                ok = p < n_parts
+                s += tl.load(part_f_ptr + p, mask=ok, other=0.0)
+                sq += tl.load(part_f_ptr + n_parts + p, mask=ok, other=0.0)
+                hi = tl.maximum(hi, tl.load(part_f_ptr + 2 * n_parts + p, mask=ok, other=float("-inf")).to(tl.float32))
+                lo = tl.minimum(lo, tl.load(part_f_ptr + 3 * n_parts + p, mask=ok, other=float("inf")).to(tl.float32))
+                n_valid += tl.load(part_i_ptr + p, mask=ok, other=0).to(tl.int64)
+                n_bad += tl.load(part_i_ptr + n_parts + p, mask=ok, other=0).to(tl.int64)
+                n_massive += tl.load(part_i_ptr + 2 * n_parts + p, mask=ok, other=0).to(tl.int64)
+            tl.store(sum_ptr, tl.load(sum_ptr) + tl.sum(s, axis=0))
+            tl.store(sumsq_ptr, tl.load(sumsq_ptr) + tl.sum(sq, axis=0))
+            tl.store(max_ptr, tl.maximum(tl.load(max_ptr), tl.max(hi, axis=0)))
+            tl.store(min_ptr, tl.minimum(tl.load(min_ptr), tl.min(lo, axis=0)))
+            tl.store(count_ptr, tl.load(count_ptr) + tl.sum(n_valid, axis=0) * width)
+            tl.store(nonfinite_ptr, tl.load(nonfinite_ptr) + tl.sum(n_bad, axis=0))
+            tl.store(massive_ptr, tl.load(massive_ptr) + tl.sum(n_massive, axis=0))
+
+            # top-K: the candidates in descending key order, by repeated maxima below the last one
+            # (valid keys are unique: the low half is the token's run index). Every row is a
+            # candidate in the first batch; after a few batches there are none or a handful.
+            n_cand = tl.load(n_cand_ptr)
+            tl.store(n_cand_ptr, 0)  # for the next update
+            slot = tl.arange(0, BLOCK_K)
+            r_lanes = tl.arange(0, BLOCK_R)
+            picked = tl.full([BLOCK_K], -1, tl.int64)
+            picked_at = tl.zeros([BLOCK_K], tl.int32)
+            below_key = tl.full([], 9223372036854775807, tl.int64)
+            i = tl.full([], 0, tl.int32)
+            go = (n_cand > 0) & (top_k > 0)
+            while go:
+                best = tl.full([], -1, tl.int64)
+                best_at = tl.full([], 0, tl.int32)
+                for r0 in range(0, n_cand, BLOCK_R):
+                    r = r0 + r_lanes
+                    k = tl.load(cand_key_ptr + r, mask=r < n_cand, other=-1)
+                    k = tl.where(k < below_key, k, -1)
+                    m, m_at = tl.max(k, axis=0, return_indices=True)
+                    better = m > best
+                    best = tl.where(better, m, best)
+                    best_at = tl.where(better, r0 + m_at, best_at)
+                found = best >= 0
+                here = (slot == i) & found
+                picked = tl.where(here, best, picked)
+                picked_at = tl.where(here, best_at, picked_at)
+                below_key = best
+                i += 1
+                go = found & (i < top_k)
+
+            # the new entries' signed extreme, and its first channel: found here, for these few
+            # rows only, rather than tracked for every row by the scan
+            new = picked >= 0
+            row = tl.load(cand_row_ptr + picked_at, mask=new, other=0)
+            t_max = tl.load(row_f_ptr + row, mask=new, other=0.0)
+            t_min = tl.load(row_f_ptr + n_rows + row, mask=new, other=0.0)
+            value = tl.where(t_max >= -t_min, t_max, t_min)
+            first = tl.full([BLOCK_K], 2147483647, tl.int32)
+            if i > 0:
+                w_lanes = tl.arange(0, BLOCK_W)
+                row_off = row.to(tl.int64)[:, None] * row_stride
+                for c0 in range(0, width, BLOCK_W):
+                    c = c0 + w_lanes
+                    ok = new[:, None] & (c < width)[None, :]
+                    v = _load_tile(x_ptr, row_off + c[None, :], ok, IS_BF16, "evict_first")
+                    hit = ok & (v == value[:, None])
+                    first = tl.minimum(first, tl.min(tl.where(hit, c[None, :], 2147483647), axis=1))
+            token_id = tl.load(ids_ptr + row, mask=new, other=0)
+
+            # merge with the stored top-K (sorted, descending): every entry's rank in the union
+            # (>= for the new ones: were a key ever in both, the stored one would rank first)
+            in_k = slot < top_k
+            old_key = tl.load(topk_key_ptr + slot, mask=in_k, other=-1)
+            old_value = tl.load(topk_value_ptr + slot, mask=in_k, other=0.0)
+            old_channel = tl.load(topk_channel_ptr + slot, mask=in_k, other=0)
+            old_token = tl.load(topk_token_ptr + slot, mask=in_k, other=0)
+            old_median = tl.load(topk_median_ptr + slot, mask=in_k, other=0.0)
+            rank_old = slot + tl.sum((new[None, :] & (picked[None, :] > old_key[:, None])).to(tl.int32), axis=1)
+            rank_new = slot + tl.sum((in_k[:, None] & (old_key[:, None] >= picked[None, :])).to(tl.int32), axis=0)
+            tl.debug_barrier()  # every thread has read the old top-K before any writes it
+            keep_old = in_k & (rank_old < top_k)
+            tl.store(topk_key_ptr + rank_old, old_key, mask=keep_old)
+            tl.store(topk_value_ptr + rank_old, old_value, mask=keep_old)
+            tl.store(topk_channel_ptr + rank_old, old_channel, mask=keep_old)
+            tl.store(topk_token_ptr + rank_old, old_token, mask=keep_old)
+            tl.store(topk_median_ptr + rank_old, old_median, mask=keep_old)
+            tl.store(source_ptr + rank_old, tl.full([BLOCK_K], -1, tl.int64), mask=keep_old)
+            keep_new = new & (rank_new < top_k)
+            tl.store(topk_key_ptr + rank_new, picked, mask=keep_new)
+            tl.store(topk_value_ptr + rank_new, value, mask=keep_new)
+            tl.store(topk_channel_ptr + rank_new, first.to(tl.int64), mask=keep_new)
+            tl.store(topk_token_ptr + rank_new, token_id, mask=keep_new)
+            tl.store(topk_median_ptr + rank_new, tl.zeros([BLOCK_K], tl.float32), mask=keep_new)
+            tl.store(source_ptr + rank_new, row.to(tl.int64), mask=keep_new)
+
+
+# --- the host side ----------------------------------------------------------------------------------
+_HIST_COPIES_CUDA = 64  # private histograms: a bin is shared by 1/64 of the programs
+_HIST_COPIES_CPU = 2
+_scratch: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _persistent_scratch(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The private histograms and the candidate counter of `device`'s current stream, zeroed.
+
+    The fold kernel leaves both at zero again, so one allocation serves every update.
+    """
+    key: Any = device
+    if device.type == "cuda":
+        key = (device, torch.cuda.current_stream(device).cuda_stream)
+    pair = _scratch.get(key)
+    if pair is None:
+        copies = _HIST_COPIES_CUDA if device.type == "cuda" else _HIST_COPIES_CPU
+        buf = torch.zeros(copies * HIST_STRIDE + 1, dtype=torch.int32, device=device)
+        pair = _scratch[key] = (buf[:-1].view(copies, HIST_STRIDE), buf[-1:])
+    return pair
+
+
+def _forget_scratch() -> None:
+    """Drop the persistent scratch: after a failed launch it may hold counts that nobody folded."""
+    _scratch.clear()
+
+
+@dataclass(frozen=True)
+class Scan:
+    """What one update left behind, for the caller and for tests (nothing here costs a launch).
+
+    row_f: [4, N] float32, per row: max, min, sum, sum of squares. row_i: [2, N] int32, per row:
+    valid (0/1), channels below |a|max/1000 (massive sites; 0 elsewhere). source: [top_k] int64,
+    the row each top-K entry came from in this batch, -1 for older entries.
+    """
+
+    row_f: torch.Tensor
+    row_i: torch.Tensor
+    source: torch.Tensor
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1) if t.is_contiguous() else t.contiguous().reshape(-1)
+
+
+def fused_update(acc: SiteStats, x: torch.Tensor, mask: torch.Tensor, token_index: torch.Tensor,
+                 sample_index: torch.Tensor, input_ids: torch.Tensor, *,
+                 config: ScanConfig | None = None) -> Scan:
+    """Fold a [B, T, H] activation into `acc` in two launches (scan, then fold), in place.
+
+    The caller checks `available(x)`. `acc`'s tensors must be contiguous, on x's device, with the
+    dtypes `SiteStats` gives them; mask is bool [B, T]. For massive sites the median |a| of the new
+    top-K entries is left to the caller (`Scan.source` says which rows they are).
+    """
+    width = x.shape[-1]
+    x2 = x.reshape(-1, width)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    n_rows = x2.shape[0]
+    device = x2.device
+    cfg = config or scan_config(width, x2.element_size())
+    n_parts = triton.cdiv(n_rows, cfg.block_n)
+    is_bf16 = x2.dtype == torch.bfloat16
+    row_f = torch.empty(4, n_rows, dtype=torch.float32, device=device)
+    row_i = torch.empty(2, n_rows, dtype=torch.int32, device=device)
+    cand_key = torch.empty(n_rows, dtype=torch.int64, device=device)
+    cand_row = torch.empty(n_rows, dtype=torch.int32, device=device)
+    part_f = torch.empty(4, n_parts, dtype=torch.float64, device=device)
+    part_i = torch.empty(3, n_parts, dtype=torch.int32, device=device)
+    source = torch.empty(acc.top_k, dtype=torch.int64, device=device)
+    data = x2.view(torch.int16) if is_bf16 else x2
+    block_k = max(16, triton.next_power_of_2(acc.top_k))
+    hist, n_cand = _persistent_scratch(device)
+    # Triton launches on the current device: a model sharded over GPUs updates sites on others
+    on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    try:
+        with on_device:
+            _scan_kernel[(n_parts,)](
+                data, x2.stride(0), n_rows, width, x.shape[-2],
+                _flat(mask).view(torch.uint8), _flat(token_index), sample_index, acc.topk_key, acc.top_k,
+                acc.channel_max.view(torch.int32), acc.sample_max.view(torch.int32), hist, hist.shape[0], n_cand,
+                row_f, row_i, cand_key, cand_row, part_f, part_i, n_parts,
+                FINE_BIAS=_FINE_BIAS, OVERFLOW=HIST_OVERFLOW, NONFINITE=HIST_NONFINITE,
+                HIST_STRIDE=HIST_STRIDE, HIST_SPARE=HIST_SPARE, MASSIVE_ABS=MASSIVE_ABS, MASSIVE_RATIO=MASSIVE_RATIO,
+                BLOCK_N=cfg.block_n, BLOCK_H=cfg.block_h, MASSIVE=acc.massive, IS_BF16=is_bf16,
+                num_warps=cfg.num_warps,
+            )
+            block_b = 512
+            _fold_kernel[(triton.cdiv(HIST_STRIDE, block_b) + 1,)](
+                hist, hist.shape[0], acc.hist, n_cand,
+                part_f, part_i, n_parts, width,
+                acc.max, acc.min, acc.count, acc.sum, acc.sumsq, acc.nonfinite_tokens, acc.massive_tokens,
+                data, x2.stride(0), row_f, cand_key, cand_row, _flat(input_ids), n_rows,
+                acc.topk_key, acc.topk_value, acc.topk_channel, acc.topk_token_id, acc.topk_median, acc.top_k,
+                source,
+                N_BINS=HIST_BINS, HIST_STRIDE=HIST_STRIDE, BLOCK_C=16, BLOCK_B=block_b,
+                BLOCK_P=1024, BLOCK_R=1024, BLOCK_K=block_k, BLOCK_W=max(16, 4096 // block_k), IS_BF16=is_bf16,
+                num_warps=4,
+            )
+    except Exception:
+        _forget_scratch()
+        raise
+    return Scan(row_f, row_i, source)
+
+
+__all__ = ["HIST_STRIDE", "INTERPRET", "Scan", "ScanConfig", "available", "fused_update", "scan_config"]

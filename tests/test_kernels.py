@@ -1,0 +1,326 @@
+"""The fused Triton kernels against the reference path (dense_scan + bincount), exactly.
+
+No GPU here: the kernels run on Triton's CPU interpreter, which executes the same kernel code on CPU
+tensors. The interpreter must be on before Triton is first imported, and by the time pytest imports
+this module something else may have imported it: so the test below runs this module again in a
+fresh process with TRITON_INTERPRET=1, where the other tests run. Tensors stay small because the
+interpreter is slow.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton", reason="Triton is not installed: the fused kernels cannot run")
+
+from maxact_card import stats
+from maxact_card.stats import (
+    _PAD_KEY,
+    HIST_BINS,
+    HIST_NONFINITE,
+    HIST_UNDERFLOW,
+    BatchContext,
+    SiteStats,
+    abs_hist_keys,
+    dense_scan,
+)
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+EXACT = ("max", "min", "channel_max", "count", "hist", "nonfinite_tokens", "massive_tokens", "sample_max",
+         "topk_key")
+
+
+# The test extra pins Triton 3.9, whose interpreter runs these kernels; older interpreters (3.5 and
+# 3.6, tried with NumPy 2.4) fail on the first loop of any kernel.
+OLD_INTERPRETER = tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 9)
+
+
+@pytest.mark.skipif(INTERPRETED, reason="this is the process it starts")
+@pytest.mark.skipif(OLD_INTERPRETER, reason=f"Triton {triton.__version__}'s interpreter cannot run them: needs 3.9")
+def test_kernels_under_the_interpreter() -> None:
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__))], check=False,
+        cwd=Path(__file__).resolve().parent.parent, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and " failed" not in proc.stdout
+
+
+@pytest.fixture(scope="module")
+def kernels() -> Iterator[ModuleType]:
+    """kernels.py, built for the interpreter, with SiteStats routed through it on CPU."""
+    if not INTERPRETED:
+        pytest.skip("run in a fresh process under Triton's interpreter by test_kernels_under_the_interpreter")
+    from maxact_card import kernels as module
+
+    assert module.INTERPRET
+    stats.use_kernels(True)
+    yield module
+    stats.use_kernels(None)
+
+
+# --- helpers -----------------------------------------------------------------------------------------
+def _context(mask: torch.Tensor, offset: int = 0) -> BatchContext:
+    b, t = mask.shape
+    token_index = torch.arange(b * t).view(b, t) + offset
+    return BatchContext(mask, token_index, torch.arange(b), token_index % 997)
+
+
+def _present(t: torch.Tensor | None) -> torch.Tensor:
+    assert t is not None
+    return t
+
+
+def _reference(x: torch.Tensor, mask: torch.Tensor, massive: bool) -> dict[str, torch.Tensor]:
+    """Per-row and per-column results of dense_scan, and the bincount histogram of masked rows."""
+    scan = dense_scan(x, mask, massive)
+    tok_max, tok_min, signed, channel, valid, tok_sum, tok_sq, channel_max, keys = (
+        _present(scan[i]) for i in (0, 1, 3, 4, 5, 6, 7, 8, 9)
+    )
+    hist = torch.bincount(keys.reshape(-1).long(), minlength=HIST_BINS + 1)[:HIST_BINS]
+    assert keys.max() <= _PAD_KEY
+    per_row = {"max": tok_max, "min": tok_min, "signed": signed, "channel": channel, "sum": tok_sum,
+               "sq": tok_sq, "valid": valid, "below": scan[10]}
+    out = {name: t.reshape(-1) for name, t in per_row.items() if t is not None}
+    return out | {"channel_max": channel_max, "hist": hist}
+
+
+def _fused(kernels: ModuleType, x: torch.Tensor, mask: torch.Tensor, massive: bool,
+           config: Any = None) -> tuple[dict[str, torch.Tensor], SiteStats]:
+    """One fused update of a fresh accumulator whose top-K holds every valid row (16 rows at most).
+
+    The scan leaves per-row extremes, moments and counts; each row's signed extreme and its first
+    channel are found by the fold for the rows entering the top-K, so they are read from there.
+    """
+    n_rows = x.shape[0] * x.shape[1]
+    assert n_rows <= 16
+    acc = SiteStats(x.shape[-1], x.shape[0], "cpu", top_k=16, massive=massive)
+    ctx = _context(mask)
+    scan = kernels.fused_update(acc, x, mask, ctx.token_index, ctx.sample_index, ctx.input_ids, config=config)
+    filled = acc.topk_key >= 0
+    rows = 0xFFFFFFFF - (acc.topk_key[filled] & 0xFFFFFFFF)  # token index == row here
+    signed = torch.full((n_rows,), float("nan"))
+    channel = torch.full((n_rows,), -1, dtype=torch.int64)
+    signed[rows] = acc.topk_value[filled]
+    channel[rows] = acc.topk_channel[filled]
+    out = {"max": scan.row_f[0], "min": scan.row_f[1], "signed": signed, "channel": channel,
+           "sum": scan.row_f[2], "sq": scan.row_f[3], "valid": scan.row_i[0].bool(),
+           "channel_max": acc.channel_max, "hist": acc.hist}
+    if massive:
+        out["below"] = scan.row_i[1].long()
+    return out, acc
+
+
+def _assert_matches(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], *, sums: bool = True) -> None:
+    valid = want["valid"]
+    assert torch.equal(got["valid"], valid)
+    for name in ("max", "min", "signed", "channel"):  # only valid rows have defined extremes
+        assert torch.equal(got[name][valid], want[name][valid]), name
+    for name in ("sum", "sq") if sums else ():
+        assert torch.allclose(got[name][valid], want[name][valid], rtol=1e-5, atol=1e-6), name
+    assert torch.equal(got["channel_max"], want["channel_max"])
+    assert torch.equal(got["hist"], want["hist"])
+    if "below" in want:
+        assert torch.equal(got["below"][valid], want["below"][valid])
+
+
+def _planted(dtype: torch.dtype, width: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """[3, 5, width]: a scaled channel, an outlier, padding with huge values, inf/NaN and zero rows."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 5, width, generator=gen) * 2.0
+    x[..., width // 3] *= 40.0  # a scaled channel
+    x[1, 2, width - 2] = -700.0  # the outlier: row 7, last-but-one channel
+    x[0, 3, 1] = float("inf")
+    x[2, 1, 0] = float("nan")
+    x[2, 2] = 0.0  # an all-zero row is valid
+    x[2, 4] = 3.0e4  # padding holding huge values
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    mask[2, 4] = False
+    mask[1, 4] = False
+    x[1, 4, 5] = float("nan")  # non-finite padding is not counted either
+    return x.to(dtype), mask
+
+
+# --- the scan against dense_scan ---------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("width", [96, 1000])
+def test_scan_matches_the_reference(kernels: ModuleType, dtype: torch.dtype, width: int) -> None:
+    x, mask = _planted(dtype, width)
+    got, acc = _fused(kernels, x, mask, massive=True)
+    _assert_matches(got, _reference(x, mask, massive=True))
+    # the outlier, exactly: value, row (token 7 of the run), channel
+    assert float(acc.max) == float(x[mask & torch.isfinite(x).all(-1)].max())
+    assert float(acc.topk_value[0]) == -700.0
+    assert int(acc.topk_channel[0]) == width - 2
+    assert int(acc.topk_key[0]) & 0xFFFFFFFF == 0xFFFFFFFF - 7
+    # padding leaves no trace; inf and NaN of masked rows are counted, not measured
+    assert int(acc.hist.sum()) == int(mask.sum()) * width
+    assert int(acc.hist[HIST_NONFINITE]) == 2
+    assert int(acc.nonfinite_tokens) == 2
+    assert int(acc.count) == (int(mask.sum()) - 2) * width
+    assert float(acc.channel_max.max()) < 3.0e4
+
+
+def test_several_steps_per_row_and_ties(kernels: ModuleType) -> None:
+    # a narrow block makes every row take many steps: ties across steps go to the first channel
+    width = 200
+    x = torch.zeros(2, 3, width)
+    x[0, 0, [7, 70, 199]] = 5.0
+    x[0, 0, [3, 130]] = -5.0
+    x[0, 1, [150, 20]] = -2.0
+    x[1, 2] = 1.0
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    config = kernels.ScanConfig(block_n=2, block_h=64, num_warps=1)
+    got, acc = _fused(kernels, x, mask, massive=False, config=config)
+    _assert_matches(got, _reference(x, mask, massive=False))
+    assert got["signed"][0] == 5.0 and got["channel"][0] == 7  # |5| ties |-5|: the positive one, first
+    assert got["signed"][1] == -2.0 and got["channel"][1] == 20
+    assert got["signed"][5] == 1.0 and got["channel"][5] == 0  # all equal: the first channel
+    assert got["signed"][2] == 0.0 and got["channel"][2] == 0  # all zero
+    assert int(acc.hist[HIST_UNDERFLOW]) == int((x == 0).sum())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_wider_than_one_block(kernels: ModuleType, dtype: torch.dtype) -> None:
+    x, mask = _planted(dtype, 2100, seed=3)
+    got, _ = _fused(kernels, x[:2], mask[:2], massive=True)
+    _assert_matches(got, _reference(x[:2], mask[:2], massive=True))
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered")
+def test_histogram_edges_of_fp32_inputs(kernels: ModuleType) -> None:
+    # rounding to bf16 decides the bin: ties to even, overflow to inf (counted as non-finite, while
+    # the row stays valid), subnormals and zeros below the range, both ends of the range. (The row's
+    # sum overflows or not depending on the order of addition: not compared here.)
+    values = torch.tensor([1.0 + 2**-8, 1.0 + 3 * 2**-8, 1.0 + 2**-7 + 2**-9, 3.3e38, 3.4e38, -3.39e38,
+                           1e-40, -0.0, 2.0**-32, 2.0**-33, 2.0**32, 2.0**31 * 1.99, 65504.0, -1.5e-5])
+    x = values.repeat(2, 1).reshape(1, 2, -1)
+    mask = torch.tensor([[True, False]])
+    got, acc = _fused(kernels, x, mask, massive=False)
+    _assert_matches(got, _reference(x, mask, massive=False), sums=False)
+    assert torch.equal(acc.hist, torch.bincount(abs_hist_keys(values).long(), minlength=HIST_BINS))
+    assert bool(got["valid"][0])
+
+
+def test_massive_token_is_counted(kernels: ModuleType) -> None:
+    width = 96
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 4, width, generator=gen) * 0.01
+    x[1, 1, 17] = 2500.0  # |a| > 100 and > 1000 x the median |a| of its token
+    x[0, 2, 3] = 150.0
+    x[0, 2, : width // 2] = 0.5  # |a| > 100 but the median is large: not massive
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    for dtype in DTYPES:
+        xd = x.to(dtype)
+        got, acc = _fused(kernels, xd, mask, massive=True)
+        _assert_matches(got, _reference(xd, mask, massive=True))
+        assert int(acc.massive_tokens) == 1
+        assert int(got["below"][5]) == width - 1
+
+
+def test_scratch_is_left_zeroed(kernels: ModuleType) -> None:
+    x, mask = _planted(torch.bfloat16, 96)
+    _fused(kernels, x, mask, massive=False)
+    hist, n_cand = kernels._persistent_scratch(torch.device("cpu"))
+    assert int(hist.abs().sum()) == 0 and int(n_cand) == 0
+
+
+def test_available(kernels: ModuleType) -> None:
+    assert kernels.available(torch.zeros(2, 3))
+    assert not kernels.available(torch.zeros(2, 3, dtype=torch.int32))
+
+
+# --- SiteStats through the kernels, field by field --------------------------------------------------
+def _run(batches: list[tuple[torch.Tensor, torch.Tensor, int]], *, fused: bool, top_k: int,
+         massive: bool) -> SiteStats:
+    x0 = batches[0][0]
+    acc = SiteStats(x0.shape[-1], sum(b[0].shape[0] for b in batches), x0.device, top_k=top_k, massive=massive)
+    previous = stats._KERNELS["on"]
+    stats.use_kernels(fused)
+    try:
+        first = 0
+        for x, mask, offset in batches:
+            ctx = _context(mask.cpu(), offset)
+            ctx = BatchContext(mask, ctx.token_index.to(x.device), torch.arange(first, first + x.shape[0]).to(x.device),
+                               ctx.input_ids.to(x.device))
+            acc.update(x, ctx)
+            first += x.shape[0]
+    finally:
+        stats.use_kernels(previous)
+    return acc
+
+
+def _assert_same_stats(got: SiteStats, want: SiteStats, *, rel: float) -> None:
+    for name in EXACT:
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    for name in ("sum", "sumsq"):
+        assert float(getattr(got, name)) == pytest.approx(float(getattr(want, name)), rel=rel), name
+    filled = want.topk_key >= 0
+    for name in ("topk_value", "topk_channel", "topk_token_id", "topk_median"):
+        assert torch.equal(getattr(got, name)[filled], getattr(want, name)[filled]), name
+
+
+@pytest.mark.parametrize(("top_k", "massive", "dtype"), [(4, True, torch.bfloat16), (1, False, torch.float32),
+                                                         (16, True, torch.float16)])
+def test_site_stats_update_equals_the_reference_path(kernels: ModuleType, top_k: int, massive: bool,
+                                                     dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(11)
+    batches = []
+    offset = 0
+    for b, t in ((2, 5), (3, 4), (1, 6)):
+        x = (torch.randn(b, t, 64, generator=gen) * 3).round() / 2  # rounded: ties between tokens
+        x[0, 0, 9] = 40.0 + b  # a growing maximum: later batches enter the top-K
+        mask = torch.ones(b, t, dtype=torch.bool)
+        mask[-1, t - 1] = False
+        x[-1, t - 1] = 1e6
+        if b == 3:
+            x[1, 1, 2] = float("nan")
+        batches.append((x.to(dtype), mask, offset))
+        offset += b * t
+    x = batches[1][0].float()
+    x[2, 0] = 0.0
+    x[2, 1] = torch.where(torch.arange(64) == 33, 5000.0, 1e-3)  # a massive token
+    batches[1] = (x.to(dtype), batches[1][1], batches[1][2])
+
+    want = _run(batches, fused=False, top_k=top_k, massive=massive)
+    got = _run(batches, fused=True, top_k=top_k, massive=massive)
+    _assert_same_stats(got, want, rel=1e-6)
+    if massive:
+        assert int(got.massive_tokens) == 1
+
+
+# --- on a GPU, compiled for real (this process: no interpreter) ----------------------------------------
+@pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("massive", [False, True])
+@pytest.mark.parametrize("width", [4096, 1000])
+def test_cuda_update_equals_the_reference_path(massive: bool, width: int) -> None:
+    gen = torch.Generator().manual_seed(2)
+    batches = []
+    offset = 0
+    for b, t in ((4, 512), (8, 256), (2, 700)):
+        x = torch.randn(b, t, width, generator=gen) * torch.rand(width, generator=gen) * 4
+        x[b - 1, 3, width // 5] = -300.0 * (1 + offset / 1000)
+        x[0, 1] = torch.where(torch.arange(width) == 7, 4000.0, 1e-3)  # a massive token
+        x[1, 2, 5] = float("nan")
+        mask = torch.ones(b, t, dtype=torch.bool)
+        mask[-1, t // 2:] = False
+        x[-1, t - 1] = 1e30
+        batches.append((x.to(torch.bfloat16).cuda(), mask.cuda(), offset))
+        offset += b * t
+    want = _run(batches, fused=False, top_k=16, massive=massive)
+    got = _run(batches, fused=True, top_k=16, massive=massive)
+    from maxact_card import kernels
+
+    assert stats._KERNELS["error"] is None and kernels.available(batches[0][0])
+    _assert_same_stats(got, want, rel=1e-5)
