@@ -41,6 +41,7 @@ from maxact_card.stats import (
     HIST_OVERFLOW,
     MASSIVE_ABS,
     MASSIVE_RATIO,
+    abs_hist_keys,
 )
 
 if TYPE_CHECKING:
@@ -126,6 +127,7 @@ if triton is not None:
         FINE_BIAS: tl.constexpr, OVERFLOW: tl.constexpr, NONFINITE: tl.constexpr,
         HIST_STRIDE: tl.constexpr, HIST_SPARE: tl.constexpr, MASSIVE_ABS: tl.constexpr, MASSIVE_RATIO: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, MASSIVE: tl.constexpr, IS_BF16: tl.constexpr,
+        HIST: tl.constexpr,
     ):
         pid = tl.program_id(0)
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -189,18 +191,20 @@ if triton is not None:
             block_max = tl.max(tl.where(valid[:, None], bits, 0), axis=0)
             current = tl.load(channel_max_ptr + cols, mask=col_ok, other=0)
             tl.atomic_max(channel_max_ptr + cols, block_max, mask=col_ok & (block_max > current), sem="relaxed")
-            # the key of `abs_hist_keys`: exponent and top mantissa bits of the bf16 |a|, clamped;
-            # inf/NaN, and finite values that round to inf in bf16, are NONFINITE
-            fine = tl.minimum(tl.maximum((bf >> 1) - FINE_BIAS, 0), OVERFLOW)
-            key = tl.where((bits >= 0x7F800000) | (bf >= 0x7F80), NONFINITE, fine)
-            counted = in_mask[:, None] & ok
-            # zeros (and anything below the range) are common: counted here, not by atomics
-            under += (counted & (key == 0)).to(tl.int32)
-            spare = HIST_SPARE + (cols % 32)[None, :]
-            tl.atomic_add(hist_row + tl.where(counted & (key != 0), key, spare), 1, sem="relaxed")
+            if HIST:
+                # the key of `abs_hist_keys`: exponent and top mantissa bits of the bf16 |a|, clamped;
+                # inf/NaN, and finite values that round to inf in bf16, are NONFINITE
+                fine = tl.minimum(tl.maximum((bf >> 1) - FINE_BIAS, 0), OVERFLOW)
+                key = tl.where((bits >= 0x7F800000) | (bf >= 0x7F80), NONFINITE, fine)
+                counted = in_mask[:, None] & ok
+                # zeros (and anything below the range) are common: counted here, not by atomics
+                under += (counted & (key == 0)).to(tl.int32)
+                spare = HIST_SPARE + (cols % 32)[None, :]
+                tl.atomic_add(hist_row + tl.where(counted & (key != 0), key, spare), 1, sem="relaxed")
             if MASSIVE:
                 below += ((bits < threshold[:, None]) & ok).to(tl.int32)
-        tl.atomic_add(hist_row, tl.sum(tl.sum(under, axis=1), axis=0), sem="relaxed")
+        if HIST:
+            tl.atomic_add(hist_row, tl.sum(tl.sum(under, axis=1), axis=0), sem="relaxed")
 
         # per row: what the top-K and the tests read
         n = n_rows
@@ -364,6 +368,122 @@ if triton is not None:
             tl.store(source_ptr + rank_new, row.to(tl.int64), mask=keep_new)
 
 
+# --- the |a| histogram of bf16 activations, in CUDA C++ -------------------------------------------
+# Global atomics, one per element, are what the Triton scan spends most of its time on. A block-private
+# histogram in shared memory (4,099 x 4 bytes) takes those adds at shared-memory speed, and lanes of a
+# warp that hit the same bin (activations crowd into a few octaves) combine into one add first. Triton
+# (3.6) has no shared-memory atomics, so this kernel is CUDA C++ compiled at run time by NVRTC through
+# torch; where that is not possible the Triton scan counts the histogram itself.
+_HIST_CUDA_SOURCE = r"""
+#define NBINS %(bins)d
+#define FINE_BIAS %(bias)d
+#define OVERFLOW %(overflow)d
+#define NONFINITE %(nonfinite)d
+#define SPARE NBINS
+
+__device__ __forceinline__ unsigned maxact_key(unsigned short raw) {
+    unsigned a = raw & 0x7FFFu;
+    if (a >= 0x7F80u) return NONFINITE;
+    int fine = (int)(a >> 1) - FINE_BIAS;
+    return (unsigned)(fine < 0 ? 0 : (fine > OVERFLOW ? OVERFLOW : fine));
+}
+
+__device__ __forceinline__ void maxact_add(unsigned* h, unsigned key) {
+    unsigned peers = __match_any_sync(0xffffffffu, key);
+    if ((int)(threadIdx.x & 31u) == __ffs(peers) - 1) atomicAdd(&h[key], (unsigned)__popc(peers));
+}
+
+// rows [blockIdx.x, n_rows) step gridDim.x; row r counts when mask[r]; x holds bf16 bits.
+// vec: rows are 16-byte aligned with a width divisible by 8 (one uint4 load per 8 elements).
+extern "C" __global__ void maxact_abs_hist_bf16(const unsigned short* __restrict__ x, int row_stride,
+                                                 int n_rows, int width, const unsigned char* __restrict__ mask,
+                                                 unsigned long long* __restrict__ counts, int vec) {
+    __shared__ unsigned h[NBINS + 1];
+    for (int i = threadIdx.x; i <= NBINS; i += blockDim.x) h[i] = 0u;
+    __syncthreads();
+    for (int row = blockIdx.x; row < n_rows; row += gridDim.x) {
+        if (!mask[row]) continue;  // the same for every thread of the block
+        const unsigned short* r = x + (long long)row * row_stride;
+        if (vec) {
+            const uint4* r4 = reinterpret_cast<const uint4*>(r);
+            int n4 = width >> 3;
+            int steps = (n4 + blockDim.x - 1) / blockDim.x;  // every lane of a warp iterates alike
+            for (int s = 0; s < steps; ++s) {
+                int c = s * blockDim.x + threadIdx.x;
+                uint4 v = c < n4 ? __ldcs(r4 + c) : make_uint4(0, 0, 0, 0);
+                unsigned w[4] = {v.x, v.y, v.z, v.w};
+                #pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    maxact_add(h, c < n4 ? maxact_key((unsigned short)(w[j] & 0xFFFFu)) : SPARE);
+                    maxact_add(h, c < n4 ? maxact_key((unsigned short)(w[j] >> 16)) : SPARE);
+                }
+            }
+        } else {
+            int steps = (width + blockDim.x - 1) / blockDim.x;
+            for (int s = 0; s < steps; ++s) {
+                int c = s * blockDim.x + threadIdx.x;
+                maxact_add(h, c < width ? maxact_key(r[c]) : SPARE);
+            }
+        }
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < NBINS; i += blockDim.x) {
+        unsigned v = h[i];
+        if (v) atomicAdd(counts + i, (unsigned long long)v);
+    }
+}
+"""
+_HIST_BLOCK = 256
+_cuda_hist: dict[str, Any] = {"kernel": None, "failed": False}
+
+
+def _cuda_hist_kernel() -> Any:
+    """The compiled NVRTC histogram kernel, or None where it cannot be built (then Triton counts)."""
+    if _cuda_hist["failed"] or os.environ.get("MAXACT_CARD_CUDA_HIST", "1") in ("0", "false", "off"):
+        return None
+    if _cuda_hist["kernel"] is None:
+        try:
+            source = _HIST_CUDA_SOURCE % {"bins": HIST_BINS, "bias": _FINE_BIAS, "overflow": HIST_OVERFLOW,
+                                          "nonfinite": HIST_NONFINITE}
+            _cuda_hist["kernel"] = torch.cuda._compile_kernel(source, "maxact_abs_hist_bf16")
+        except Exception:  # noqa: BLE001 - no NVRTC, an old torch: the Triton scan counts instead
+            _cuda_hist["failed"] = True
+            return None
+    return _cuda_hist["kernel"]
+
+
+def cuda_histogram_ready(x2: torch.Tensor) -> bool:
+    """Whether `cuda_abs_histogram` can count these rows (bf16 on CUDA, the kernel built)."""
+    if x2.dtype != torch.bfloat16 or not x2.is_cuda or INTERPRET or x2.stride(-1) != 1:
+        return False
+    return _cuda_hist_kernel() is not None
+
+
+def cuda_abs_histogram(x2: torch.Tensor, mask: torch.Tensor, counts: torch.Tensor) -> None:
+    """Add the |a| histogram of bf16 rows `x2` [N, H] under `mask` [N] into int64 `counts`.
+
+    If the launch fails, this batch is counted by torch instead (and later ones by the Triton
+    scan), so a histogram is never left short.
+    """
+    try:
+        _launch_cuda_hist(x2, mask, counts)
+    except Exception:  # noqa: BLE001 - see the docstring
+        _cuda_hist["failed"] = True
+        keys = torch.where(mask[:, None], abs_hist_keys(x2).to(torch.int64), HIST_BINS)
+        counts += torch.bincount(keys.reshape(-1), minlength=HIST_BINS + 1)[:HIST_BINS]
+
+
+def _launch_cuda_hist(x2: torch.Tensor, mask: torch.Tensor, counts: torch.Tensor) -> None:
+    kernel = _cuda_hist_kernel()
+    n_rows, width = x2.shape
+    vec = int(width % 8 == 0 and x2.stride(0) % 8 == 0 and x2.data_ptr() % 16 == 0)
+    sms = torch.cuda.get_device_properties(x2.device).multi_processor_count
+    grid = max(1, min(n_rows, 8 * sms))
+    kernel(grid=(grid, 1, 1), block=(_HIST_BLOCK, 1, 1),
+           args=[x2.view(torch.int16), int(x2.stride(0)), int(n_rows), int(width), mask.view(torch.uint8),
+                 counts, vec])
+
+
 # --- the host side ----------------------------------------------------------------------------------
 _HIST_COPIES_CUDA = 64  # private histograms: a bin is shared by 1/64 of the programs
 _HIST_COPIES_CPU = 2
@@ -441,6 +561,7 @@ def fused_update(acc: SiteStats, x: torch.Tensor, mask: torch.Tensor, token_inde
     on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     try:
         with on_device:
+            counted_apart = cuda_histogram_ready(x2)
             _scan_kernel[(n_parts,)](
                 data, x2.stride(0), n_rows, width, x.shape[-2],
                 _flat(mask).view(torch.uint8), _flat(token_index), sample_index, acc.topk_key, acc.top_k,
@@ -449,7 +570,7 @@ def fused_update(acc: SiteStats, x: torch.Tensor, mask: torch.Tensor, token_inde
                 FINE_BIAS=_FINE_BIAS, OVERFLOW=HIST_OVERFLOW, NONFINITE=HIST_NONFINITE,
                 HIST_STRIDE=HIST_STRIDE, HIST_SPARE=HIST_SPARE, MASSIVE_ABS=MASSIVE_ABS, MASSIVE_RATIO=MASSIVE_RATIO,
                 BLOCK_N=cfg.block_n, BLOCK_H=cfg.block_h, MASSIVE=acc.massive, IS_BF16=is_bf16,
-                num_warps=cfg.num_warps,
+                HIST=not counted_apart, num_warps=cfg.num_warps,
             )
             block_b = 512
             _fold_kernel[(triton.cdiv(HIST_STRIDE, block_b) + 1,)](
@@ -463,6 +584,8 @@ def fused_update(acc: SiteStats, x: torch.Tensor, mask: torch.Tensor, token_inde
                 BLOCK_P=1024, BLOCK_R=1024, BLOCK_K=block_k, BLOCK_W=max(16, 4096 // block_k), IS_BF16=is_bf16,
                 num_warps=4,
             )
+            if counted_apart:  # after the scan, so a failed scan leaves the histogram untouched
+                cuda_abs_histogram(x2, _flat(mask), acc.hist)
     except Exception:
         _forget_scratch()
         raise

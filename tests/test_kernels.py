@@ -303,7 +303,7 @@ def test_site_stats_update_equals_the_reference_path(kernels: ModuleType, top_k:
 # --- on a GPU, compiled for real (this process: no interpreter) ----------------------------------------
 @pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("massive", [False, True])
-@pytest.mark.parametrize("width", [4096, 1000])
+@pytest.mark.parametrize("width", [4096, 1000, 1001])  # 1001: the CUDA histogram's unvectorised path
 def test_cuda_update_equals_the_reference_path(massive: bool, width: int) -> None:
     gen = torch.Generator().manual_seed(2)
     batches = []
@@ -323,4 +323,5 @@ def test_cuda_update_equals_the_reference_path(massive: bool, width: int) -> Non
     from maxact_card import kernels
 
     assert stats._KERNELS["error"] is None and kernels.available(batches[0][0])
+    assert kernels._cuda_hist["kernel"] is not None and not kernels._cuda_hist["failed"]
     _assert_same_stats(got, want, rel=1e-5)
