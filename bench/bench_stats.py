@@ -55,6 +55,10 @@ def _fused_rows(x: torch.Tensor, ctx: stats.BatchContext, width: int, device: to
         acc = stats.SiteStats(width, 64, device, massive=massive)
         rows[f"fused scan+fold{tag}"] = lambda acc=acc: kernels.fused_update(
             acc, x, ctx.mask, ctx.token_index, ctx.sample_index, ctx.input_ids)
+    x2 = x.reshape(-1, width)
+    if kernels.cuda_histogram_ready(x2):
+        counts = torch.zeros(stats.HIST_BINS, dtype=torch.int64, device=device)
+        rows["CUDA |a| histogram alone"] = lambda: kernels.cuda_abs_histogram(x2, ctx.mask.reshape(-1), counts)
     if sweep:
         acc = stats.SiteStats(width, 64, device)
         default = kernels.scan_config(width, x.element_size())
