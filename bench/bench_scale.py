@@ -69,11 +69,16 @@ def compare(a: dict[str, dict[str, torch.Tensor]], b: dict[str, dict[str, torch.
     return problems
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def timed(fn, device: torch.device):  # type: ignore[no-untyped-def]
-    torch.cuda.synchronize(device)
+    _sync(device)
     start = time.perf_counter()
     out = fn()
-    torch.cuda.synchronize(device)
+    _sync(device)
     return out, time.perf_counter() - start
 
 
@@ -81,7 +86,8 @@ def data_parallel(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     world = distributed.world_from_env()
-    device = torch.device(f"cuda:{world.local_rank}")
+    # CPU processes over gloo where there is no GPU: a dry run of the same code path
+    device = torch.device(f"cuda:{world.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     distributed.init(world, device)
     torch.manual_seed(0)
     model = build(args.shape, device, getattr(torch, args.dtype))
@@ -110,7 +116,8 @@ def data_parallel(args: argparse.Namespace) -> None:
         assert one_state is not None
         problems = compare(one_state, host_state(m))
         speedup = one_time / n_time
-        print(f"shape={args.shape} gpus={world.size} ({torch.cuda.get_device_name(device)}) tokens={tokens} "
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        print(f"shape={args.shape} processes={world.size} ({name}) tokens={tokens} "
               f"batches={len(plan)} budget={args.max_batch_tokens}")
         print(f"one GPU: {one_time:.3f}s ({tokens / one_time:,.0f} tok/s)   {world.size} GPUs: {n_time:.3f}s "
               f"({tokens / n_time:,.0f} tok/s)   tokens/s ratio {speedup:.2f} = {speedup / world.size:.2f} x N")
@@ -140,6 +147,10 @@ def sharded_model(args: argparse.Namespace) -> None:
     run(model, token_ids, plan, dev0)  # warm-up
     m, t_sharded = timed(lambda: run(model, token_ids, plan, dev0), dev0)
     placed = sorted({str(s.max.device) for s in m.stats.values()})
+    from maxact_card import kernels, stats
+
+    print(f"fused kernels on: {stats._KERNELS['error'] is None}; CUDA histogram loaded on devices "
+          f"{sorted(kernels._cuda_hist['kernels'])}, failed: {kernels._cuda_hist['failed']}")
     problems = compare(one, host_state(m))
     print(f"shape={args.shape} one GPU {t_one:.3f}s, sharded over {gpus} GPUs {t_sharded:.3f}s; statistics on {placed}")
     print("sharded statistics identical to one GPU" if not problems else f"DIFFERENT: {problems[:8]}")

@@ -435,29 +435,34 @@ extern "C" __global__ void maxact_abs_hist_bf16(const unsigned short* __restrict
 }
 """
 _HIST_BLOCK = 512
-_cuda_hist: dict[str, Any] = {"kernel": None, "failed": False}
+_cuda_hist: dict[str, Any] = {"kernels": {}, "failed": False}
 
 
-def _cuda_hist_kernel() -> Any:
-    """The compiled NVRTC histogram kernel, or None where it cannot be built (then Triton counts)."""
+def _cuda_hist_kernel(device: torch.device) -> Any:
+    """The NVRTC histogram kernel loaded on `device` (a CUDA module belongs to one device's context),
+    or None where it cannot be built (then Triton counts)."""
     if _cuda_hist["failed"] or os.environ.get("MAXACT_CARD_CUDA_HIST", "1") in ("0", "false", "off"):
         return None
-    if _cuda_hist["kernel"] is None:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    kernel = _cuda_hist["kernels"].get(index)
+    if kernel is None:
         try:
             source = _HIST_CUDA_SOURCE % {"bins": HIST_BINS, "bias": _FINE_BIAS, "overflow": HIST_OVERFLOW,
                                           "nonfinite": HIST_NONFINITE}
-            _cuda_hist["kernel"] = torch.cuda._compile_kernel(source, "maxact_abs_hist_bf16")
+            with torch.cuda.device(index):
+                kernel = torch.cuda._compile_kernel(source, "maxact_abs_hist_bf16")
         except Exception:  # noqa: BLE001 - no NVRTC, an old torch: the Triton scan counts instead
             _cuda_hist["failed"] = True
             return None
-    return _cuda_hist["kernel"]
+        _cuda_hist["kernels"][index] = kernel
+    return kernel
 
 
 def cuda_histogram_ready(x2: torch.Tensor) -> bool:
     """Whether `cuda_abs_histogram` can count these rows (bf16 on CUDA, the kernel built)."""
     if x2.dtype != torch.bfloat16 or not x2.is_cuda or INTERPRET or x2.stride(-1) != 1:
         return False
-    return _cuda_hist_kernel() is not None
+    return _cuda_hist_kernel(x2.device) is not None
 
 
 def cuda_abs_histogram(x2: torch.Tensor, mask: torch.Tensor, counts: torch.Tensor) -> None:
@@ -475,7 +480,7 @@ def cuda_abs_histogram(x2: torch.Tensor, mask: torch.Tensor, counts: torch.Tenso
 
 
 def _launch_cuda_hist(x2: torch.Tensor, mask: torch.Tensor, counts: torch.Tensor) -> None:
-    kernel = _cuda_hist_kernel()
+    kernel = _cuda_hist_kernel(x2.device)
     n_rows, width = x2.shape
     vec = int(width % 8 == 0 and x2.stride(0) % 8 == 0 and x2.data_ptr() % 16 == 0)
     sms = torch.cuda.get_device_properties(x2.device).multi_processor_count
