@@ -17,7 +17,7 @@ import torch
 
 CPU_BUDGET = 16384  # bigger batches buy nothing on a CPU; memory still caps it below
 MIN_BUDGET = 256
-MAX_BUDGET = 262144
+MAX_BUDGET = 65536  # past this the GEMMs gain nothing, and fewer batches balance worse over GPUs
 HEADROOM = 0.5  # share of the free memory the batch may use
 
 
