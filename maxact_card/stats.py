@@ -260,6 +260,7 @@ class SiteStats:
         self.topk_channel = torch.zeros(top_k, dtype=torch.int64, device=dev)
         self.topk_token_id = torch.zeros(top_k, dtype=torch.int64, device=dev)
         self.topk_median = torch.zeros(top_k, device=dev)  # median |a| of each top-K token (massive sites)
+        self._fused_before = False  # a first fused update selects its top-K with torch.topk
 
     # -- update ------------------------------------------------------------------------------------
     def update(self, x: torch.Tensor, ctx: BatchContext) -> None:
@@ -270,15 +271,20 @@ class SiteStats:
             ctx = ctx.on(x.device)
         kernels = _kernel_module(x)
         if kernels is not None and self._fusable(x, ctx):
+            first = not self._fused_before
             try:
-                scan = kernels.fused_update(self, x, ctx.mask, ctx.token_index, ctx.sample_index, ctx.input_ids)
+                scan = kernels.fused_update(self, x, ctx.mask, ctx.token_index, ctx.sample_index, ctx.input_ids,
+                                            candidates=not first)
             except Exception as exc:  # noqa: BLE001 - see _KERNELS
                 # Only the scan may have run: its fields are maxima, which the reference path
                 # below can apply a second time without changing them.
                 kernels._forget_scratch()
                 _KERNELS["on"], _KERNELS["error"] = False, repr(exc)
             else:
-                if self.massive:
+                self._fused_before = True
+                if first:
+                    self._topk_from_rows(x, scan.row_f, scan.row_i[0] != 0, ctx)
+                elif self.massive:
                     self._fused_medians(x, scan.source)
                 return
         mask = ctx.mask
@@ -322,6 +328,28 @@ class SiteStats:
             if t.dtype != dtype or t.device != x.device or not t.is_contiguous():
                 return False
         return True
+
+    def _topk_from_rows(self, x: torch.Tensor, row_f: torch.Tensor, valid: torch.Tensor, ctx: BatchContext) -> None:
+        """The top-K update from the fused scan's per-row extremes, by torch.topk (a first batch)."""
+        tok_max, tok_min = row_f[0], row_f[1]
+        positive = tok_max >= -tok_min
+        abs_valid = torch.where(valid, torch.where(positive, tok_max, -tok_min), 0.0)
+        signed = torch.where(positive, tok_max, tok_min)
+        bits = abs_valid.contiguous().view(torch.int32).to(torch.int64)
+        key = torch.where(valid, (bits << 32) | (_KEY_LOW - ctx.token_index.reshape(-1)), -1)
+        top_key, idx = key.topk(min(self.top_k, key.numel()))
+        rows = x.reshape(-1, x.shape[-1]).index_select(0, idx)
+        value = signed.index_select(0, idx)
+        # the first channel holding the token's extreme, as the fused fold and dense_scan report it
+        channel = (rows.float() == value.unsqueeze(1)).to(torch.uint8).argmax(dim=1)
+        median = rows.abs().median(dim=-1).values.float() if self.massive else torch.zeros_like(value)
+        self._select_topk(
+            torch.cat([self.topk_key, top_key]),
+            torch.cat([self.topk_value, value]),
+            torch.cat([self.topk_channel, channel]),
+            torch.cat([self.topk_token_id, ctx.input_ids.reshape(-1).index_select(0, idx)]),
+            torch.cat([self.topk_median, median]),
+        )
 
     def _fused_medians(self, x: torch.Tensor, source: torch.Tensor) -> None:
         """The median |a| of the top-K entries the fused update took from `x` (source: their rows, or -1)."""
