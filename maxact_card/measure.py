@@ -46,8 +46,8 @@ class Accumulators:
         self._buffers: list[torch.Tensor] = []
 
     def _live(self) -> list[tuple[str, str, torch.Tensor]]:
-        return [(name, field, value) for name, acc in self.members.items()
-                for field, value in acc.state_dict().items()]  # type: ignore[attr-defined]
+        return [(name, key, value) for name, acc in self.members.items()
+                for key, value in acc.state_dict().items()]  # type: ignore[attr-defined]
 
     def snapshot(self) -> list[tuple[str, str, torch.Tensor]]:
         """Copies of every state tensor, on their devices (no host transfer, no synchronisation)."""
@@ -64,14 +64,14 @@ class Accumulators:
             src.append(value)
         for dst, src in groups.values():
             torch._foreach_copy_(dst, src)
-        return [(name, field, buffer) for buffer, (name, field, _) in zip(self._buffers, live, strict=True)]
+        return [(name, key, buffer) for buffer, (name, key, _) in zip(self._buffers, live, strict=True)]
 
     def restore(self, saved: object) -> None:
         """Put back a snapshot taken by `snapshot` (as fresh tensors: the buffers are reused)."""
         assert isinstance(saved, list)
         states: dict[str, dict[str, torch.Tensor]] = {}
-        for name, field, value in saved:
-            states.setdefault(name, {})[field] = value.clone()
+        for name, key, value in saved:
+            states.setdefault(name, {})[key] = value.clone()
         self.load(states)
 
     def load(self, states: dict[str, dict[str, torch.Tensor]]) -> None:
@@ -92,7 +92,6 @@ class LoopReport:
     wall_time_s: float
     unreadable: dict[str, str]
     oom_splits: int = 0
-    smallest_failed_tokens: int | None = None
     batches_run: list[list[int]] = field(default_factory=list)  # what ran, after any splits
 
 
@@ -120,7 +119,6 @@ class Measurement:
     token_ids: list[list[int]]
     wall_time_s: float = 0.0
     hidden_states_fallback: bool = False
-    extra: dict[str, object] = field(default_factory=dict)
 
     @property
     def tokens(self) -> int:
@@ -459,7 +457,6 @@ def run_hooked(
                             hint="lower --max-seq-len, or use --device-map auto or a larger device",
                         )
                     report.oom_splits += 1
-                    report.smallest_failed_tokens = min(failed, report.smallest_failed_tokens or failed)
                     ceiling = failed // 2
                     _split_front(queue, parts_left, k, batch)
                     continue

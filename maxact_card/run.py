@@ -316,8 +316,7 @@ class _Run:
                 raise UsageError(f"the {name} checkpoint in {self.opts.state_dir} does not match this model's sites",
                                  hint="choose a new --state-dir")
             plan = saved.plan
-            group.load({k: {f: t.to(_device_of(accumulators[k])) for f, t in v.items()}
-                        for k, v in saved.accumulators.items()})
+            group.load(saved.accumulators)  # each accumulator moves its state to its own device
             skip, wall_before, unreadable_before = saved.done, saved.wall_time_s, saved.unreadable
             self.resumed = True
         shard = self.world.shard(plan)
@@ -373,13 +372,6 @@ class _Run:
                            eval_ids, wall)
 
 
-def _device_of(acc: Any) -> torch.device:
-    device = getattr(acc, "device", None)
-    if isinstance(device, torch.device):
-        return device
-    return acc.max.device  # SiteStats
-
-
 def check_quant_sites(spec: str, site_map: SiteMap) -> None:
     """Refuse an unknown --quant-sites name before any forward pass."""
     if spec in QUANT_SITE_SETS:
@@ -424,9 +416,9 @@ def quant_block(opts: MeasureOptions, thresholds: quant_mod.Thresholds, by_name:
     peak = results["global"]["site"]
     summary = quant_mod.summarize(per_site, peak_site=peak if peak in per_site else None)
     site_rows = []
-    for name in per_site:
+    for name, policies in per_site.items():
         s = by_name[name]
-        site_rows.append({"site": name, "component": s.component, "layer": s.layer, "policies": per_site[name]})
+        site_rows.append({"site": name, "component": s.component, "layer": s.layer, "policies": policies})
     return {
         "eval_fraction": opts.eval_fraction,
         "eval_samples": len(eval_ids),
