@@ -111,7 +111,7 @@ def data_parallel(args: argparse.Namespace) -> None:
 
     dist.barrier()
     m, n_time = timed(sharded, device)
-    n_time = distributed.all_reduce_max_float(world, n_time, device)
+    n_time = distributed.all_reduce_scalar(world, n_time, device)
     if world.is_main:
         assert one_state is not None
         problems = compare(one_state, host_state(m))

@@ -123,27 +123,26 @@ def all_reduce_fields(world: World, accumulators: Iterable[Any]) -> None:
     if not world.distributed:
         return
     accs = list(accumulators)
-    groups: dict[tuple[str, torch.dtype, torch.device], list[tuple[Any, str]]] = {}
-    topk: list[Any] = []
-    for acc in accs:
+    # one state per accumulator, reduced field by field in packed buffers, loaded back once
+    states = [acc.state_dict() for acc in accs]
+    groups: dict[tuple[str, torch.dtype, torch.device], list[tuple[int, str]]] = {}
+    for i, acc in enumerate(accs):
         for name, op in type(acc).MERGE_OPS.items():
-            if op == "topk":
-                continue
-            value = acc.state_dict()[name]
-            groups.setdefault((op, value.dtype, value.device), []).append((acc, name))
-        if "topk" in type(acc).MERGE_OPS.values():
-            topk.append(acc)
+            if op != "topk":
+                value = states[i][name]
+                groups.setdefault((op, value.dtype, value.device), []).append((i, name))
     for (op, _dtype, _device), members in sorted(groups.items(), key=lambda kv: (kv[0][0], str(kv[0][1]), str(kv[0][2]))):
-        tensors = [acc.state_dict()[name] for acc, name in members]
-        flat = torch.cat([t.reshape(-1) for t in tensors])
+        flat = torch.cat([states[i][name].reshape(-1) for i, name in members])
         dist.all_reduce(flat, op=getattr(dist.ReduceOp, _OPS[op]))
         offset = 0
-        for (acc, name), t in zip(members, tensors, strict=True):
-            n = t.numel()
-            state = acc.state_dict()
-            state[name] = flat[offset : offset + n].view(t.shape).clone()
-            acc.load_state_dict(state)
+        for i, name in members:
+            shape = states[i][name].shape
+            n = states[i][name].numel()
+            states[i][name] = flat[offset : offset + n].view(shape).clone()
             offset += n
+    for acc, state in zip(accs, states, strict=True):
+        acc.load_state_dict(state)
+    topk = [acc for acc in accs if "topk" in type(acc).MERGE_OPS.values()]
     for acc in topk:
         # every process's top-K, concatenated, then the same selection a merge makes
         names = [name for name, op in type(acc).MERGE_OPS.items() if op == "topk"]
@@ -162,14 +161,14 @@ def _all_gather_cat(world: World, tensors: dict[str, torch.Tensor]) -> dict[str,
     return out
 
 
-def all_reduce_max_float(world: World, value: float, device: torch.device) -> float:
-    """The largest of one float over all processes (e.g. the slowest process's wall time)."""
+def all_reduce_scalar(world: World, value: float, device: torch.device, op: str = "max") -> float:
+    """One number combined over all processes by `op` (max: the slowest wall time; sum: a total)."""
     import torch.distributed as dist
 
     if not world.distributed:
         return value
     t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    dist.all_reduce(t, op=getattr(dist.ReduceOp, _OPS[op]))
     return float(t.item())
 
 

@@ -263,7 +263,7 @@ class _Run:
         unreadable = distributed.union_unreadable(self.world, unreadable)
         drop_sites(measurement, unreadable)
         distributed.all_reduce_fields(self.world, [measurement.stats[n] for n in sorted(measurement.stats)])
-        measurement.wall_time_s = distributed.all_reduce_max_float(self.world, wall, loaded.device)
+        measurement.wall_time_s = distributed.all_reduce_scalar(self.world, wall, loaded.device)
         batching = (f"batch_size={opts.batch_size}" if budget is None else
                     f"max_batch_tokens={budget}" + (" (auto)" if opts.max_batch_tokens in (None, "auto") else ""))
         results = assemble(loaded, opts, self.corpus, self.samples, measurement, truncate=truncate, started=started,
@@ -271,8 +271,7 @@ class _Run:
         if opts.quant:
             eval_ids, _ = prepare_tokens(loaded, opts, self.held_out, builtin)
             results["quant"] = self.quant_pass(measurement, results, eval_ids, budget)
-        splits = distributed.all_reduce_max_float(self.world, float(self.oom_splits), loaded.device) if \
-            self.world.distributed else self.oom_splits
+        splits = distributed.all_reduce_scalar(self.world, float(self.oom_splits), loaded.device, op="sum")
         results["run"]["oom_splits"] = int(splits)
         results["run"]["resumed"] = self.resumed
         return results if self.world.is_main else None
@@ -367,7 +366,7 @@ class _Run:
         unreadable = distributed.union_unreadable(self.world, unreadable)
         kept = [n for n in names if n not in unreadable]
         distributed.all_reduce_fields(self.world, [accumulators[n] for n in kept])
-        wall = distributed.all_reduce_max_float(self.world, wall, loaded.device)
+        wall = distributed.all_reduce_scalar(self.world, wall, loaded.device)
         return quant_block(opts, thresholds, by_name, {n: accumulators[n].result() for n in kept}, results,
                            eval_ids, wall)
 
