@@ -42,7 +42,7 @@ from maxact_card.stats import (
     HIST_OVERFLOW,
     MASSIVE_ABS,
     MASSIVE_RATIO,
-    abs_hist_keys,
+    abs_hist_counts,
 )
 
 if TYPE_CHECKING:
@@ -476,8 +476,7 @@ def cuda_abs_histogram(x2: torch.Tensor, mask: torch.Tensor, counts: torch.Tenso
         _launch_cuda_hist(x2, mask, counts)
     except Exception:  # noqa: BLE001 - see the docstring
         _cuda_hist["failed"] = True
-        keys = torch.where(mask[:, None], abs_hist_keys(x2).to(torch.int64), HIST_BINS)
-        counts += torch.bincount(keys.reshape(-1), minlength=HIST_BINS + 1)[:HIST_BINS]
+        counts += abs_hist_counts(x2, mask)
 
 
 _sm_count: dict[int, int] = {}

@@ -72,6 +72,16 @@ def hist_bin_values() -> torch.Tensor:
     return values
 
 
+def count_keys(keys: torch.Tensor) -> torch.Tensor:
+    """Histogram counts (int64 [HIST_BINS]) of keys, padding (`_PAD_KEY`) dropped."""
+    return torch.bincount(keys.reshape(-1).to(torch.int64), minlength=HIST_BINS + 1)[:HIST_BINS]
+
+
+def abs_hist_counts(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Histogram counts of |x| [..., H] over the rows where mask [...] holds."""
+    return count_keys(torch.where(mask.unsqueeze(-1), abs_hist_keys(x), _PAD_KEY))
+
+
 def nonfinite_count(counts: torch.Tensor) -> torch.Tensor:
     """How many inf/NaN elements a histogram holds (a 0-dim tensor, no host sync)."""
     return counts[..., HIST_NONFINITE]
@@ -301,7 +311,7 @@ class SiteStats:
         self.sum += torch.where(valid, tok_sum, 0.0).sum(dtype=torch.float64)
         self.sumsq += torch.where(valid, tok_sq, 0.0).sum(dtype=torch.float64)
         self.count += valid.sum() * x.shape[-1]
-        self.hist += torch.bincount(keys.reshape(-1), minlength=HIST_BINS + 1)[:HIST_BINS]
+        self.hist += count_keys(keys)
         if below is not None:
             hit = valid & (tok_abs > MASSIVE_ABS) & (below >= (x.shape[-1] - 1) // 2 + 1)
             self.massive_tokens += hit.sum()
@@ -334,22 +344,7 @@ class SiteStats:
         tok_max, tok_min = row_f[0], row_f[1]
         positive = tok_max >= -tok_min
         abs_valid = torch.where(valid, torch.where(positive, tok_max, -tok_min), 0.0)
-        signed = torch.where(positive, tok_max, tok_min)
-        bits = abs_valid.contiguous().view(torch.int32).to(torch.int64)
-        key = torch.where(valid, (bits << 32) | (_KEY_LOW - ctx.token_index.reshape(-1)), -1)
-        top_key, idx = key.topk(min(self.top_k, key.numel()))
-        rows = x.reshape(-1, x.shape[-1]).index_select(0, idx)
-        value = signed.index_select(0, idx)
-        # the first channel holding the token's extreme, as the fused fold and dense_scan report it
-        channel = (rows.float() == value.unsqueeze(1)).to(torch.uint8).argmax(dim=1)
-        median = rows.abs().median(dim=-1).values.float() if self.massive else torch.zeros_like(value)
-        self._select_topk(
-            torch.cat([self.topk_key, top_key]),
-            torch.cat([self.topk_value, value]),
-            torch.cat([self.topk_channel, channel]),
-            torch.cat([self.topk_token_id, ctx.input_ids.reshape(-1).index_select(0, idx)]),
-            torch.cat([self.topk_median, median]),
-        )
+        self._update_topk(x, abs_valid, torch.where(positive, tok_max, tok_min), None, valid, ctx)
 
     def _fused_medians(self, x: torch.Tensor, source: torch.Tensor) -> None:
         """The median |a| of the top-K entries the fused update took from `x` (source: their rows, or -1)."""
@@ -357,23 +352,35 @@ class SiteStats:
         median = rows.abs().median(dim=-1).values.float()
         self.topk_median = torch.where(source >= 0, median, self.topk_median)
 
-    def _update_topk(self, x: torch.Tensor, abs_valid: torch.Tensor, signed: torch.Tensor, channel: torch.Tensor,
-                     valid: torch.Tensor, ctx: BatchContext) -> None:
+    def _update_topk(self, x: torch.Tensor, abs_valid: torch.Tensor, signed: torch.Tensor,
+                     channel: torch.Tensor | None, valid: torch.Tensor, ctx: BatchContext) -> None:
+        """Merge this batch's largest tokens into the top-K.
+
+        `channel` holds each token's channel of its extreme; None (the fused scan does not keep it)
+        finds it for the K chosen tokens only: the first channel holding the extreme, as dense_scan
+        and the fused fold report it.
+        """
         bits = abs_valid.contiguous().view(torch.int32).to(torch.int64)
-        key = torch.where(valid, (bits << 32) | (_KEY_LOW - ctx.token_index), -1).reshape(-1)
-        k = min(self.top_k, key.numel())
-        top_key, idx = key.topk(k)
-        if self.massive:
+        key = torch.where(valid, (bits << 32) | (_KEY_LOW - ctx.token_index.reshape(valid.shape)), -1).reshape(-1)
+        top_key, idx = key.topk(min(self.top_k, key.numel()))
+        value = signed.reshape(-1).index_select(0, idx)
+        rows = x.reshape(-1, x.shape[-1]).index_select(0, idx) if self.massive or channel is None else None
+        if channel is None:
+            assert rows is not None
+            top_channel = (rows.float() == value.unsqueeze(1)).to(torch.uint8).argmax(dim=1)
+        else:
+            top_channel = channel.reshape(-1).index_select(0, idx)
+        if rows is not None and self.massive:
             # The median |a| of each candidate token, for Sun et al.'s ratio at the top tokens: the
             # final top-K does not depend on batching, so neither does the largest ratio read there.
-            median = x.reshape(-1, x.shape[-1])[idx].abs().median(dim=-1).values.float()
+            median = rows.abs().median(dim=-1).values.float()
         else:
-            median = torch.zeros(k, device=x.device)
+            median = torch.zeros_like(value)
         self._select_topk(
             torch.cat([self.topk_key, top_key]),
-            torch.cat([self.topk_value, signed.reshape(-1)[idx]]),
-            torch.cat([self.topk_channel, channel.reshape(-1)[idx]]),
-            torch.cat([self.topk_token_id, ctx.input_ids.reshape(-1)[idx]]),
+            torch.cat([self.topk_value, value]),
+            torch.cat([self.topk_channel, top_channel]),
+            torch.cat([self.topk_token_id, ctx.input_ids.reshape(-1).index_select(0, idx)]),
             torch.cat([self.topk_median, median]),
         )
 
