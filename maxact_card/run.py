@@ -64,9 +64,15 @@ class MeasureOptions:
     quant_sites: str = "default"
     clip_quantile: float = 0.999
     min_sqnr: float = 20.0
-    state_dir: str | None = None
+    state_dir: str | Path | None = None
     resume: bool = False
     checkpoint_every: int = 20
+
+    def __post_init__(self) -> None:
+        # the command line hands these over as text and paths: one spelling from here on
+        object.__setattr__(self, "max_batch_tokens", parse_batch_tokens(self.max_batch_tokens))
+        if self.state_dir is not None:
+            object.__setattr__(self, "state_dir", str(self.state_dir))
 
     def check(self) -> None:
         """Reject impossible values before any work is done."""

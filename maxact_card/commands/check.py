@@ -39,13 +39,13 @@ from maxact_card.commands._common import (
 from maxact_card.commands.measure import (
     BatchSizeOpt,
     BatchTokensOpt,
+    CheckpointEveryOpt,
     ClipQuantileOpt,
     CorpusOpt,
     DeviceMapOpt,
     DeviceOpt,
     DtypeOpt,
     EvalFractionOpt,
-    CheckpointEveryOpt,
     ForceOpt,
     GpusOpt,
     MaxSeqLenOpt,
@@ -69,7 +69,7 @@ from maxact_card.documents import atomic_write_text, validate_results, write_res
 from maxact_card.errors import EXIT_GATE, UsageError
 from maxact_card.gate import CardStatus, Verdict, evaluate, format_value, load_baseline, render_summary
 from maxact_card.policy import DEFAULT_POLICY, FP16_MAX, Policy, load_policy
-from maxact_card.run import DEFAULT_MAX_SEQ_LEN, MeasureOptions, parse_batch_tokens, run_measure
+from maxact_card.run import DEFAULT_MAX_SEQ_LEN, MeasureOptions, run_measure
 
 EXAMPLES = [
     "maxact-card check ./my-checkpoint --out results.json",
@@ -360,10 +360,10 @@ def check_cmd(
         measure=MeasureOptions(
             model=model, revision=revision, token=token, corpus=corpus, samples=samples, max_seq_len=max_seq_len,
             truncate=truncate, seed=seed, dtype=dtype, device=device, device_map=device_map,
-            trust_remote_code=trust_remote_code, max_batch_tokens=parse_batch_tokens(max_batch_tokens),
+            trust_remote_code=trust_remote_code, max_batch_tokens=max_batch_tokens,
             batch_size=batch_size, top_k=top_k, force=force, quant=quant, eval_fraction=eval_fraction,
             quant_sites=quant_sites, clip_quantile=clip_quantile, min_sqnr=min_sqnr,
-            state_dir=str(state_dir) if state_dir is not None else None, resume=resume,
+            state_dir=state_dir, resume=resume,
             checkpoint_every=checkpoint_every,
         ),
         policy_path=policy, baseline=baseline, out=out, card=card, create_pr=create_pr,

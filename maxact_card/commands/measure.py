@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from maxact_card import distributed
 from maxact_card.commands._common import (
     FormatOpt,
     OutOpt,
@@ -21,10 +22,9 @@ from maxact_card.commands._common import (
     stderr_console,
     stdout_console,
 )
-from maxact_card.results import dumps, write_results
-from maxact_card import distributed
 from maxact_card.errors import UsageError
-from maxact_card.run import DEFAULT_MAX_SEQ_LEN, MeasureOptions, parse_batch_tokens, run_measure
+from maxact_card.results import dumps, write_results
+from maxact_card.run import DEFAULT_MAX_SEQ_LEN, MeasureOptions, run_measure
 
 EXAMPLES = """
 Examples:
@@ -265,10 +265,10 @@ def measure_cmd(
     opts = MeasureOptions(
         model=model, revision=revision, token=token, corpus=corpus, samples=samples, max_seq_len=max_seq_len,
         truncate=truncate, seed=seed, dtype=dtype, device=device, device_map=device_map,
-        trust_remote_code=trust_remote_code, max_batch_tokens=parse_batch_tokens(max_batch_tokens),
+        trust_remote_code=trust_remote_code, max_batch_tokens=max_batch_tokens,
         batch_size=batch_size, top_k=top_k, force=force, quant=quant, eval_fraction=eval_fraction,
         quant_sites=quant_sites, clip_quantile=clip_quantile, min_sqnr=min_sqnr,
-        state_dir=str(state_dir) if state_dir is not None else None, resume=resume, checkpoint_every=checkpoint_every,
+        state_dir=state_dir, resume=resume, checkpoint_every=checkpoint_every,
     )
     launch_if_asked(gpus, opts, "measure")
     bar = ProgressBar(enabled=sys.stderr.isatty() and fmt is not OutputFormat.json)
