@@ -154,6 +154,35 @@ def peak(fn, device: torch.device) -> float:  # type: ignore[no-untyped-def]
     return torch.cuda.max_memory_allocated(device) / 2**20
 
 
+def kernel_times(fn) -> dict[str, tuple[float, int]]:  # type: ignore[no-untyped-def]
+    """Device time (ms) and launch count of each kernel that `fn` runs, under torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+    out: dict[str, tuple[float, int]] = {}
+    for event in prof.key_averages():
+        ms = getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0.0)) / 1000
+        if ms > 0:
+            out[event.key] = (ms, event.count)
+    return out
+
+
+def profile(bare_fn, hooked_fn) -> None:  # type: ignore[no-untyped-def]
+    """Print the kernels the hooked pass adds over the bare one, by device time."""
+    bare, hooked = kernel_times(bare_fn), kernel_times(hooked_fn)
+    total_bare = sum(ms for ms, _ in bare.values())
+    total_hooked = sum(ms for ms, _ in hooked.values())
+    print(f"profile: device time bare {total_bare:.1f} ms, hooked {total_hooked:.1f} ms "
+          f"({total_hooked / total_bare:.3f}x); kernels the hooked pass adds or grows:")
+    extra = sorted(((ms - bare.get(k, (0.0, 0))[0], n - bare.get(k, (0.0, 0))[1], k) for k, (ms, n) in hooked.items()),
+                   reverse=True)
+    for ms, n, key in extra[:25]:
+        if ms < 0.05:
+            break
+        print(f"  {ms:9.2f} ms  {n:6d} calls  {key[:110]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
@@ -168,6 +197,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile", choices=["off", "on", "both"], default="both")
     parser.add_argument("--quant", action="store_true", help="also time the INT8/FP8 held-out pass")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one bare and one hooked pass: device time per kernel, and the difference")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -216,6 +247,9 @@ def main() -> None:
               f"hooked {h:.3f}s ({tokens / h:,.0f} tok/s, {mfu(h)})  time ratio {h / b:.3f}x  "
               f"peak memory bare {bare_peak:,.0f} MiB hooked {hooked_peak:,.0f} MiB "
               f"ratio {hooked_peak / bare_peak if bare_peak == bare_peak and bare_peak > 0 else float('nan'):.3f}x")
+    if args.profile and device.type == "cuda":
+        os.environ["MAXACT_CARD_COMPILE"] = "1"
+        profile(lambda: time_bare(runner, token_ids, plan, device), lambda: time_hooked(model, token_ids, plan, device))
     if args.quant:
         os.environ["MAXACT_CARD_COMPILE"] = "1"
         run = quant_pass(model, token_ids, plan, device)

@@ -112,6 +112,10 @@ def summary(x: torch.Tensor, w: torch.Tensor, ctx: stats.BatchContext, width: in
         t_new = bench(lambda new=new: _update(new, x, ctx, True), device)
         print(f"{'SiteStats.update, fused kernels' + tag:44s} {t_new:8.3f} ms   {t_new / matmul:6.2f}x matmul"
               f"   {t_new / read:6.2f}x one read   {t_old / t_new:6.1f}x faster")
+        small, small_ctx = x[:1, :8], ctx_rows(ctx, 1, 8)
+        host = stats.SiteStats(width, 64, device, massive=massive)
+        t_host = host_time(lambda host=host: _update(host, small, small_ctx, True), device)
+        print(f"{'  host time per update, [1x8] rows' + tag:44s} {t_host:8.3f} ms   (the GPU work is negligible)")
     stats.use_kernels(None)
     if kernels_ok:
         for name, fn in _fused_rows(x, ctx, width, device, sweep).items():
@@ -120,6 +124,25 @@ def summary(x: torch.Tensor, w: torch.Tensor, ctx: stats.BatchContext, width: in
                 print(f"{name:44s} {ms:8.3f} ms   {ms / read:6.2f}x one read")
             except Exception as exc:  # noqa: BLE001 - report and go on
                 print(f"{name:44s} failed: {type(exc).__name__}: {str(exc)[:120]}")
+
+
+def ctx_rows(ctx: stats.BatchContext, b: int, t: int) -> stats.BatchContext:
+    """The context of the first b x t tokens."""
+    return stats.BatchContext(ctx.mask[:b, :t], ctx.token_index[:b, :t], ctx.sample_index[:b], ctx.input_ids[:b, :t])
+
+
+def host_time(fn, device: torch.device, repeats: int = 200) -> float:  # type: ignore[no-untyped-def]
+    """Wall milliseconds per call when calls are queued back to back: the host's cost, where the device keeps up."""
+    import time
+
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) * 1000 / repeats
 
 
 def check(x: torch.Tensor, ctx: stats.BatchContext, width: int, device: torch.device) -> bool:
