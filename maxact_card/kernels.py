@@ -119,12 +119,12 @@ if triton is not None:
     # Sizes that change from batch to batch are not specialised on (a value divisible by 16, or
     # equal to 1, would otherwise compile a variant of its own); the row stride and the width are,
     # since they decide whether loads are vectorised.
-    @triton.jit(do_not_specialize=["n_rows", "tokens_per_row", "top_k", "hist_copies", "n_parts"])
+    @triton.jit(do_not_specialize=["n_rows", "tokens_per_row", "hist_copies", "n_parts"])
     def _scan_kernel(  # type: ignore[no-untyped-def]
         x_ptr, row_stride, n_rows, width, tokens_per_row,
-        mask_ptr, token_ptr, sample_ptr, topk_key_ptr, top_k,
-        channel_max_ptr, sample_max_ptr, hist_ptr, hist_copies, n_cand_ptr,
-        row_f_ptr, row_i_ptr, cand_key_ptr, cand_row_ptr, part_f_ptr, part_i_ptr, n_parts,
+        mask_ptr, token_ptr, sample_ptr,
+        channel_max_ptr, sample_max_ptr, hist_ptr, hist_copies,
+        row_f_ptr, row_i_ptr, row_key_ptr, part_f_ptr, part_i_ptr, n_parts,
         FINE_BIAS: tl.constexpr, OVERFLOW: tl.constexpr, NONFINITE: tl.constexpr,
         HIST_STRIDE: tl.constexpr, HIST_SPARE: tl.constexpr, MASSIVE_ABS: tl.constexpr, MASSIVE_RATIO: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, MASSIVE: tl.constexpr, IS_BF16: tl.constexpr,
@@ -172,6 +172,9 @@ if triton is not None:
         # rows, the histogram over masked rows, the massive test
         under = tl.zeros([BLOCK_N, BLOCK_H], tl.int32)
         below = tl.zeros([BLOCK_N, BLOCK_H], tl.int32)
+        # the first channel holding the row's signed extreme (the one the top-K reports)
+        extreme = tl.where(positive, tok_max, tok_min)
+        first = tl.full([BLOCK_N, BLOCK_H], 2147483647, tl.int32)
         hist_row = hist_ptr + (pid % hist_copies) * HIST_STRIDE
         for start in range(0, width, BLOCK_H):
             cols = start + lanes
@@ -179,7 +182,9 @@ if triton is not None:
             ok = row_ok[:, None] & col_ok[None, :]
             offsets = row_off + cols[None, :]
             if IS_BF16:
-                half = tl.load(x_ptr + offsets, mask=ok, other=0, eviction_policy="evict_first").to(tl.int32) & 0x7FFF
+                raw = tl.load(x_ptr + offsets, mask=ok, other=0, eviction_policy="evict_first").to(tl.int32)
+                v = (raw << 16).to(tl.float32, bitcast=True)
+                half = raw & 0x7FFF
                 bits = half << 16
                 bf = half
             else:
@@ -187,6 +192,7 @@ if triton is not None:
                 bits = v.to(tl.int32, bitcast=True) & 0x7FFFFFFF
                 # to bf16, to nearest even; inf/NaN are sorted out below
                 bf = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+            first = tl.minimum(first, tl.where(ok & (v == extreme[:, None]), cols[None, :], 2147483647))
             # the block's column maxima, then one atomic per column that beats the stored value:
             # the stored maxima only grow, so a stale read costs an extra atomic, never a loss
             block_max = tl.max(tl.where(valid[:, None], bits, 0), axis=0)
@@ -216,16 +222,13 @@ if triton is not None:
         n_below = tl.sum(below, axis=1)
         tl.store(row_i_ptr + rows, valid.to(tl.int32), mask=row_ok)
         tl.store(row_i_ptr + n + rows, n_below, mask=row_ok)
+        tl.store(row_i_ptr + 2 * n + rows, tl.min(first, axis=1), mask=row_ok)
         massive_hit = valid & (tok_abs > MASSIVE_ABS) & (n_below >= (width - 1) // 2 + 1)
 
-        # the top-K key (|a| bits high, complement of the run index low). Only a row that beats the
-        # current K-th entry can enter the top-K: those few are appended to a candidate list
+        # the top-K key: |a| bits high, complement of the run index low; -1 for rows that are not valid
         token = tl.load(token_ptr + rows, mask=row_ok, other=0)
         key = (abs_bits.to(tl.int64) << 32) | (4294967295 - token)
-        candidate = valid & (key > tl.load(topk_key_ptr + top_k - 1))
-        at = tl.atomic_add(n_cand_ptr + tl.zeros_like(rows), 1, mask=candidate, sem="relaxed")
-        tl.store(cand_key_ptr + at, key, mask=candidate)
-        tl.store(cand_row_ptr + at, rows, mask=candidate)
+        tl.store(row_key_ptr + rows, tl.where(valid, key, -1), mask=row_ok)
         sample = tl.load(sample_ptr + rows // tokens_per_row, mask=valid, other=0)
         tl.atomic_max(sample_max_ptr + sample, abs_bits, mask=valid, sem="relaxed")
 
@@ -238,19 +241,38 @@ if triton is not None:
         tl.store(part_i_ptr + n_parts + pid, tl.sum((in_mask & ~valid).to(tl.int32), axis=0))
         tl.store(part_i_ptr + 2 * n_parts + pid, tl.sum(massive_hit.to(tl.int32), axis=0))
 
-    @triton.jit(do_not_specialize=["hist_copies", "n_parts", "width", "row_stride", "n_rows", "top_k"])
+    @triton.jit
+    def _take_largest(keys, rows, lanes, picked, picked_row, slot, top_k):  # type: ignore[no-untyped-def]
+        """Merge the largest of `keys` (with their `rows`) into the unsorted list `picked` of `top_k`.
+
+        Keys are unique where >= 0 and -1 where empty; a key enters while it beats the smallest held
+        entry, largest first, so at most top_k + 1 reductions of each kind run.
+        """
+        held = tl.where(slot < top_k, picked, 9223372036854775807)
+        low, low_at = tl.min(held, axis=0, return_indices=True)
+        best, best_at = tl.max(keys, axis=0, return_indices=True)
+        while best > low:
+            here = slot == low_at
+            picked = tl.where(here, best, picked)
+            picked_row = tl.where(here, tl.sum(tl.where(lanes == best_at, rows, 0), axis=0), picked_row)
+            keys = tl.where(lanes == best_at, -1, keys)
+            held = tl.where(slot < top_k, picked, 9223372036854775807)
+            low, low_at = tl.min(held, axis=0, return_indices=True)
+            best, best_at = tl.max(keys, axis=0, return_indices=True)
+        return picked, picked_row
+
+    @triton.jit(do_not_specialize=["hist_copies", "hist_programs", "n_parts", "width", "n_rows", "top_k"])
     def _fold_kernel(  # type: ignore[no-untyped-def]
-        hist_ptr, hist_copies, counts_ptr, n_cand_ptr,
+        hist_ptr, hist_copies, hist_programs, counts_ptr, ticket_ptr,
         part_f_ptr, part_i_ptr, n_parts, width,
         max_ptr, min_ptr, count_ptr, sum_ptr, sumsq_ptr, nonfinite_ptr, massive_ptr,
-        x_ptr, row_stride, row_f_ptr, cand_key_ptr, cand_row_ptr, ids_ptr, n_rows,
+        row_f_ptr, row_i_ptr, row_key_ptr, stage_key_ptr, stage_row_ptr, ids_ptr, n_rows,
         topk_key_ptr, topk_value_ptr, topk_channel_ptr, topk_token_ptr, topk_median_ptr, top_k, source_ptr,
         N_BINS: tl.constexpr, HIST_STRIDE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr,
-        BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_W: tl.constexpr,
-        IS_BF16: tl.constexpr,
+        BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         pid = tl.program_id(0)
-        if pid < tl.cdiv(HIST_STRIDE, BLOCK_B):
+        if pid < hist_programs:
             # the private histograms into the counts, then back to zero (spare counters too)
             bins = pid * BLOCK_B + tl.arange(0, BLOCK_B)
             bin_ok = bins < N_BINS
@@ -265,108 +287,93 @@ if triton is not None:
             old = tl.load(counts_ptr + bins, mask=bin_ok, other=0)
             tl.store(counts_ptr + bins, old + acc, mask=bin_ok)
         else:
-            # scalars: the per-program partials in a fixed order
-            lanes = tl.arange(0, BLOCK_P)
-            s = tl.zeros([BLOCK_P], tl.float64)
-            sq = tl.zeros([BLOCK_P], tl.float64)
-            hi = tl.full([BLOCK_P], float("-inf"), tl.float32)
-            lo = tl.full([BLOCK_P], float("inf"), tl.float32)
-            n_valid = tl.zeros([BLOCK_P], tl.int64)
-            n_bad = tl.zeros([BLOCK_P], tl.int64)
-            n_massive = tl.zeros([BLOCK_P], tl.int64)
-            for p0 in range(0, n_parts, BLOCK_P):
-                p = p0 + lanes
-                ok = p < n_parts
-                s += tl.load(part_f_ptr + p, mask=ok, other=0.0)
-                sq += tl.load(part_f_ptr + n_parts + p, mask=ok, other=0.0)
-                hi = tl.maximum(hi, tl.load(part_f_ptr + 2 * n_parts + p, mask=ok, other=float("-inf")).to(tl.float32))
-                lo = tl.minimum(lo, tl.load(part_f_ptr + 3 * n_parts + p, mask=ok, other=float("inf")).to(tl.float32))
-                n_valid += tl.load(part_i_ptr + p, mask=ok, other=0).to(tl.int64)
-                n_bad += tl.load(part_i_ptr + n_parts + p, mask=ok, other=0).to(tl.int64)
-                n_massive += tl.load(part_i_ptr + 2 * n_parts + p, mask=ok, other=0).to(tl.int64)
-            tl.store(sum_ptr, tl.load(sum_ptr) + tl.sum(s, axis=0))
-            tl.store(sumsq_ptr, tl.load(sumsq_ptr) + tl.sum(sq, axis=0))
-            tl.store(max_ptr, tl.maximum(tl.load(max_ptr), tl.max(hi, axis=0)))
-            tl.store(min_ptr, tl.minimum(tl.load(min_ptr), tl.min(lo, axis=0)))
-            tl.store(count_ptr, tl.load(count_ptr) + tl.sum(n_valid, axis=0) * width)
-            tl.store(nonfinite_ptr, tl.load(nonfinite_ptr) + tl.sum(n_bad, axis=0))
-            tl.store(massive_ptr, tl.load(massive_ptr) + tl.sum(n_massive, axis=0))
-
-            # top-K: the candidates in descending key order, by repeated maxima below the last one
-            # (valid keys are unique: the low half is the token's run index). Every row is a
-            # candidate in the first batch; after a few batches there are none or a handful.
-            n_cand = tl.load(n_cand_ptr)
-            tl.store(n_cand_ptr, 0)  # for the next update
+            # top-K, in parallel: each program keeps the largest keys of its block of rows that beat
+            # the stored K-th entry, and stages them; the last program to finish merges the stages
+            block = pid - hist_programs
+            n_blocks = tl.num_programs(0) - hist_programs
             slot = tl.arange(0, BLOCK_K)
-            r_lanes = tl.arange(0, BLOCK_R)
-            picked = tl.full([BLOCK_K], -1, tl.int64)
-            picked_at = tl.zeros([BLOCK_K], tl.int32)
-            below_key = tl.full([], 9223372036854775807, tl.int64)
-            i = tl.full([], 0, tl.int32)
-            go = (n_cand > 0) & (top_k > 0)
-            while go:
-                best = tl.full([], -1, tl.int64)
-                best_at = tl.full([], 0, tl.int32)
-                for r0 in range(0, n_cand, BLOCK_R):
-                    r = r0 + r_lanes
-                    k = tl.load(cand_key_ptr + r, mask=r < n_cand, other=-1)
-                    k = tl.where(k < below_key, k, -1)
-                    m, m_at = tl.max(k, axis=0, return_indices=True)
-                    better = m > best
-                    best = tl.where(better, m, best)
-                    best_at = tl.where(better, r0 + m_at, best_at)
-                found = best >= 0
-                here = (slot == i) & found
-                picked = tl.where(here, best, picked)
-                picked_at = tl.where(here, best_at, picked_at)
-                below_key = best
-                i += 1
-                go = found & (i < top_k)
+            lanes = tl.arange(0, BLOCK_R)
+            r = block * BLOCK_R + lanes
+            keys = tl.load(row_key_ptr + r, mask=r < n_rows, other=-1)
+            keys = tl.where(keys > tl.load(topk_key_ptr + top_k - 1), keys, -1)
+            picked, picked_row = _take_largest(keys, r, lanes, tl.full([BLOCK_K], -1, tl.int64),
+                                               tl.zeros([BLOCK_K], tl.int32), slot, top_k)
+            tl.store(stage_key_ptr + block * BLOCK_K + slot, picked)
+            tl.store(stage_row_ptr + block * BLOCK_K + slot, picked_row)
+            tl.debug_barrier()  # every thread's stores are issued before the ticket is taken
+            ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
+            if ticket == n_blocks - 1:
+                tl.store(ticket_ptr, 0)  # for the next update
+                # scalars: the per-program partials of the scan in a fixed order
+                p_lanes = tl.arange(0, BLOCK_P)
+                s = tl.zeros([BLOCK_P], tl.float64)
+                sq = tl.zeros([BLOCK_P], tl.float64)
+                hi = tl.full([BLOCK_P], float("-inf"), tl.float32)
+                lo = tl.full([BLOCK_P], float("inf"), tl.float32)
+                n_valid = tl.zeros([BLOCK_P], tl.int64)
+                n_bad = tl.zeros([BLOCK_P], tl.int64)
+                n_massive = tl.zeros([BLOCK_P], tl.int64)
+                for p0 in range(0, n_parts, BLOCK_P):
+                    p = p0 + p_lanes
+                    ok = p < n_parts
+                    s += tl.load(part_f_ptr + p, mask=ok, other=0.0)
+                    sq += tl.load(part_f_ptr + n_parts + p, mask=ok, other=0.0)
+                    hi = tl.maximum(hi, tl.load(part_f_ptr + 2 * n_parts + p, mask=ok, other=float("-inf")).to(tl.float32))
+                    lo = tl.minimum(lo, tl.load(part_f_ptr + 3 * n_parts + p, mask=ok, other=float("inf")).to(tl.float32))
+                    n_valid += tl.load(part_i_ptr + p, mask=ok, other=0).to(tl.int64)
+                    n_bad += tl.load(part_i_ptr + n_parts + p, mask=ok, other=0).to(tl.int64)
+                    n_massive += tl.load(part_i_ptr + 2 * n_parts + p, mask=ok, other=0).to(tl.int64)
+                tl.store(sum_ptr, tl.load(sum_ptr) + tl.sum(s, axis=0))
+                tl.store(sumsq_ptr, tl.load(sumsq_ptr) + tl.sum(sq, axis=0))
+                tl.store(max_ptr, tl.maximum(tl.load(max_ptr), tl.max(hi, axis=0)))
+                tl.store(min_ptr, tl.minimum(tl.load(min_ptr), tl.min(lo, axis=0)))
+                tl.store(count_ptr, tl.load(count_ptr) + tl.sum(n_valid, axis=0) * width)
+                tl.store(nonfinite_ptr, tl.load(nonfinite_ptr) + tl.sum(n_bad, axis=0))
+                tl.store(massive_ptr, tl.load(massive_ptr) + tl.sum(n_massive, axis=0))
 
-            # the new entries' signed extreme, and its first channel: found here, for these few
-            # rows only, rather than tracked for every row by the scan
-            new = picked >= 0
-            row = tl.load(cand_row_ptr + picked_at, mask=new, other=0)
-            t_max = tl.load(row_f_ptr + row, mask=new, other=0.0)
-            t_min = tl.load(row_f_ptr + n_rows + row, mask=new, other=0.0)
-            value = tl.where(t_max >= -t_min, t_max, t_min)
-            first = tl.full([BLOCK_K], 2147483647, tl.int32)
-            if i > 0:
-                w_lanes = tl.arange(0, BLOCK_W)
-                row_off = row.to(tl.int64)[:, None] * row_stride
-                for c0 in range(0, width, BLOCK_W):
-                    c = c0 + w_lanes
-                    ok = new[:, None] & (c < width)[None, :]
-                    v = _load_tile(x_ptr, row_off + c[None, :], ok, IS_BF16, "evict_first")
-                    hit = ok & (v == value[:, None])
-                    first = tl.minimum(first, tl.min(tl.where(hit, c[None, :], 2147483647), axis=1))
-            token_id = tl.load(ids_ptr + row, mask=new, other=0)
+                # the staged keys of every block (volatile: other programs of this launch wrote them)
+                picked = tl.full([BLOCK_K], -1, tl.int64)
+                picked_row = tl.zeros([BLOCK_K], tl.int32)
+                for s0 in range(0, n_blocks * BLOCK_K, BLOCK_R):
+                    at = s0 + lanes
+                    ok = at < n_blocks * BLOCK_K
+                    keys = tl.load(stage_key_ptr + at, mask=ok, other=-1, volatile=True)
+                    rows = tl.load(stage_row_ptr + at, mask=ok, other=0, volatile=True)
+                    picked, picked_row = _take_largest(keys, rows, lanes, picked, picked_row, slot, top_k)
 
-            # merge with the stored top-K (sorted, descending): every entry's rank in the union
-            # (>= for the new ones: were a key ever in both, the stored one would rank first)
-            in_k = slot < top_k
-            old_key = tl.load(topk_key_ptr + slot, mask=in_k, other=-1)
-            old_value = tl.load(topk_value_ptr + slot, mask=in_k, other=0.0)
-            old_channel = tl.load(topk_channel_ptr + slot, mask=in_k, other=0)
-            old_token = tl.load(topk_token_ptr + slot, mask=in_k, other=0)
-            old_median = tl.load(topk_median_ptr + slot, mask=in_k, other=0.0)
-            rank_old = slot + tl.sum((new[None, :] & (picked[None, :] > old_key[:, None])).to(tl.int32), axis=1)
-            rank_new = slot + tl.sum((in_k[:, None] & (old_key[:, None] >= picked[None, :])).to(tl.int32), axis=0)
-            tl.debug_barrier()  # every thread has read the old top-K before any writes it
-            keep_old = in_k & (rank_old < top_k)
-            tl.store(topk_key_ptr + rank_old, old_key, mask=keep_old)
-            tl.store(topk_value_ptr + rank_old, old_value, mask=keep_old)
-            tl.store(topk_channel_ptr + rank_old, old_channel, mask=keep_old)
-            tl.store(topk_token_ptr + rank_old, old_token, mask=keep_old)
-            tl.store(topk_median_ptr + rank_old, old_median, mask=keep_old)
-            tl.store(source_ptr + rank_old, tl.full([BLOCK_K], -1, tl.int64), mask=keep_old)
-            keep_new = new & (rank_new < top_k)
-            tl.store(topk_key_ptr + rank_new, picked, mask=keep_new)
-            tl.store(topk_value_ptr + rank_new, value, mask=keep_new)
-            tl.store(topk_channel_ptr + rank_new, first.to(tl.int64), mask=keep_new)
-            tl.store(topk_token_ptr + rank_new, token_id, mask=keep_new)
-            tl.store(topk_median_ptr + rank_new, tl.zeros([BLOCK_K], tl.float32), mask=keep_new)
-            tl.store(source_ptr + rank_new, row.to(tl.int64), mask=keep_new)
+                # merge with the stored top-K (sorted, descending): every entry's rank in the union
+                # (>= for the new ones: were a key ever in both, the stored one would rank first)
+                new = picked >= 0
+                row = picked_row
+                t_max = tl.load(row_f_ptr + row, mask=new, other=0.0)
+                t_min = tl.load(row_f_ptr + n_rows + row, mask=new, other=0.0)
+                value = tl.where(t_max >= -t_min, t_max, t_min)
+                channel = tl.load(row_i_ptr + 2 * n_rows + row, mask=new, other=0)
+                token_id = tl.load(ids_ptr + row, mask=new, other=0)
+                in_k = slot < top_k
+                old_key = tl.load(topk_key_ptr + slot, mask=in_k, other=-1)
+                old_value = tl.load(topk_value_ptr + slot, mask=in_k, other=0.0)
+                old_channel = tl.load(topk_channel_ptr + slot, mask=in_k, other=0)
+                old_token = tl.load(topk_token_ptr + slot, mask=in_k, other=0)
+                old_median = tl.load(topk_median_ptr + slot, mask=in_k, other=0.0)
+                rank_old = slot + tl.sum((new[None, :] & (picked[None, :] > old_key[:, None])).to(tl.int32), axis=1)
+                rank_new = (tl.sum((new[None, :] & (picked[None, :] > picked[:, None])).to(tl.int32), axis=1)
+                            + tl.sum((in_k[None, :] & (old_key[None, :] >= picked[:, None])).to(tl.int32), axis=1))
+                tl.debug_barrier()  # every thread has read the old top-K before any writes it
+                keep_old = in_k & (rank_old < top_k)
+                tl.store(topk_key_ptr + rank_old, old_key, mask=keep_old)
+                tl.store(topk_value_ptr + rank_old, old_value, mask=keep_old)
+                tl.store(topk_channel_ptr + rank_old, old_channel, mask=keep_old)
+                tl.store(topk_token_ptr + rank_old, old_token, mask=keep_old)
+                tl.store(topk_median_ptr + rank_old, old_median, mask=keep_old)
+                tl.store(source_ptr + rank_old, tl.full([BLOCK_K], -1, tl.int64), mask=keep_old)
+                keep_new = new & (rank_new < top_k)
+                tl.store(topk_key_ptr + rank_new, picked, mask=keep_new)
+                tl.store(topk_value_ptr + rank_new, value, mask=keep_new)
+                tl.store(topk_channel_ptr + rank_new, channel.to(tl.int64), mask=keep_new)
+                tl.store(topk_token_ptr + rank_new, token_id, mask=keep_new)
+                tl.store(topk_median_ptr + rank_new, tl.zeros([BLOCK_K], tl.float32), mask=keep_new)
+                tl.store(source_ptr + rank_new, row.to(tl.int64), mask=keep_new)
 
 
 # --- the |a| histogram of bf16 activations, in CUDA C++ -------------------------------------------
@@ -517,17 +524,20 @@ def _launch_cuda_hist(x2: torch.Tensor, mask: torch.Tensor, counts: torch.Tensor
 # --- the host side ----------------------------------------------------------------------------------
 _HIST_COPIES_CUDA = 64  # private histograms: a bin is shared by 1/64 of the programs
 _HIST_COPIES_CPU = 2
+_BLOCK_R = 1024  # rows per top-K selection program of the fold
 _scratch: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
+def _stream_key(device: torch.device) -> Any:
+    return (device, torch.cuda.current_stream(device).cuda_stream) if device.type == "cuda" else device
+
+
 def _persistent_scratch(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The private histograms and the candidate counter of `device`'s current stream, zeroed.
+    """The private histograms and the fold's ticket counter of `device`'s current stream, zeroed.
 
     The fold kernel leaves both at zero again, so one allocation serves every update.
     """
-    key: Any = device
-    if device.type == "cuda":
-        key = (device, torch.cuda.current_stream(device).cuda_stream)
+    key = _stream_key(device)
     pair = _scratch.get(key)
     if pair is None:
         copies = _HIST_COPIES_CUDA if device.type == "cuda" else _HIST_COPIES_CPU
@@ -536,34 +546,65 @@ def _persistent_scratch(device: torch.device) -> tuple[torch.Tensor, torch.Tenso
     return pair
 
 
-_unbeatable_keys: dict[Any, torch.Tensor] = {}
-
-
-def _unbeatable(device: torch.device, top_k: int) -> torch.Tensor:
-    """A top-K key row no row can beat: the scan then lists no candidates (the caller selects)."""
-    keys = _unbeatable_keys.get((device, top_k))
-    if keys is None:
-        keys = _unbeatable_keys[(device, top_k)] = torch.full((top_k,), 2**63 - 1, dtype=torch.int64, device=device)
-    return keys
-
-
-def _forget_scratch() -> None:
-    """Drop the persistent scratch: after a failed launch it may hold counts that nobody folded."""
-    _scratch.clear()
-
-
 @dataclass(frozen=True)
 class Scan:
     """What one update left behind, for the caller and for tests (nothing here costs a launch).
 
-    row_f: [4, N] float32, per row: max, min, sum, sum of squares. row_i: [2, N] int32, per row:
-    valid (0/1), channels below |a|max/1000 (massive sites; 0 elsewhere). source: [top_k] int64,
-    the row each top-K entry came from in this batch, -1 for older entries.
+    row_f: [4, N] float32, per row: max, min, sum, sum of squares. row_i: [3, N] int32, per row:
+    valid (0/1), channels below |a|max/1000 (massive sites; 0 elsewhere), the first channel holding
+    the row's signed extreme. source: [top_k] int64, the row each top-K entry came from in this
+    batch, -1 for older entries. They live in a workspace that the next update of the same shape on
+    the same stream reuses: read them (or enqueue what reads them) before that.
     """
 
     row_f: torch.Tensor
     row_i: torch.Tensor
     source: torch.Tensor
+
+
+@dataclass(frozen=True)
+class _Workspace:
+    scan: Scan
+    row_key: torch.Tensor
+    part_f: torch.Tensor
+    part_i: torch.Tensor
+    stage_key: torch.Tensor
+    stage_row: torch.Tensor
+
+
+_workspaces: dict[Any, _Workspace] = {}
+_MAX_WORKSPACES = 16
+
+
+def _workspace(device: torch.device, n_rows: int, n_parts: int, top_k: int, block_k: int) -> _Workspace:
+    """Per-row, per-program and staging buffers for one update, kept for the next of the same shape.
+
+    Every site of a batch has the same rows, so one set serves a whole forward pass: no allocator
+    calls per update. Updates on one stream run in order, so reuse never races.
+    """
+    key = (_stream_key(device), n_rows, n_parts, top_k)
+    ws = _workspaces.get(key)
+    if ws is None:
+        if len(_workspaces) >= _MAX_WORKSPACES:
+            _workspaces.clear()
+        n_blocks = triton.cdiv(n_rows, _BLOCK_R)
+        ws = _workspaces[key] = _Workspace(
+            Scan(torch.empty(4, n_rows, dtype=torch.float32, device=device),
+                 torch.empty(3, n_rows, dtype=torch.int32, device=device),
+                 torch.empty(top_k, dtype=torch.int64, device=device)),
+            torch.empty(n_rows, dtype=torch.int64, device=device),
+            torch.empty(4, n_parts, dtype=torch.float64, device=device),
+            torch.empty(3, n_parts, dtype=torch.int32, device=device),
+            torch.empty(n_blocks * block_k, dtype=torch.int64, device=device),
+            torch.empty(n_blocks * block_k, dtype=torch.int32, device=device),
+        )
+    return ws
+
+
+def _forget_scratch() -> None:
+    """Drop the persistent scratch: after a failed launch it may hold counts that nobody folded."""
+    _scratch.clear()
+    _workspaces.clear()
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -572,17 +613,12 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
 
 def fused_update(acc: SiteStats, x: torch.Tensor, mask: torch.Tensor, token_index: torch.Tensor,
                  sample_index: torch.Tensor, input_ids: torch.Tensor, *,
-                 config: ScanConfig | None = None, candidates: bool = True) -> Scan:
+                 config: ScanConfig | None = None) -> Scan:
     """Fold a [B, T, H] activation into `acc` in two launches (scan, then fold), in place.
 
     The caller checks `available(x)`. `acc`'s tensors must be contiguous, on x's device, with the
     dtypes `SiteStats` gives them; mask is bool [B, T]. For massive sites the median |a| of the new
     top-K entries is left to the caller (`Scan.source` says which rows they are).
-
-    With `candidates=False` the top-K is left alone and the caller selects it from `Scan.row_f` and
-    `row_i`: worth it while the top-K is empty (an accumulator's first batch), when every row would be
-    a candidate for the fold's single program to sift (about 0.5 ms on an H100 for 16K rows, where
-    torch.topk takes a few tens of microseconds).
     """
     width = x.shape[-1]
     x2 = x.reshape(-1, width)
@@ -593,16 +629,11 @@ def fused_update(acc: SiteStats, x: torch.Tensor, mask: torch.Tensor, token_inde
     cfg = config or scan_config(width, x2.element_size())
     n_parts = triton.cdiv(n_rows, cfg.block_n)
     is_bf16 = x2.dtype == torch.bfloat16
-    row_f = torch.empty(4, n_rows, dtype=torch.float32, device=device)
-    row_i = torch.empty(2, n_rows, dtype=torch.int32, device=device)
-    cand_key = torch.empty(n_rows, dtype=torch.int64, device=device)
-    cand_row = torch.empty(n_rows, dtype=torch.int32, device=device)
-    part_f = torch.empty(4, n_parts, dtype=torch.float64, device=device)
-    part_i = torch.empty(3, n_parts, dtype=torch.int32, device=device)
-    source = torch.empty(acc.top_k, dtype=torch.int64, device=device)
-    data = x2.view(torch.int16) if is_bf16 else x2
     block_k = max(16, triton.next_power_of_2(acc.top_k))
-    hist, n_cand = _persistent_scratch(device)
+    ws = _workspace(device, n_rows, n_parts, acc.top_k, block_k)
+    row_f, row_i, source = ws.scan.row_f, ws.scan.row_i, ws.scan.source
+    data = x2.view(torch.int16) if is_bf16 else x2
+    hist, ticket = _persistent_scratch(device)
     # Triton launches on the current device: a model sharded over GPUs updates sites on others
     on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     try:
@@ -611,32 +642,31 @@ def fused_update(acc: SiteStats, x: torch.Tensor, mask: torch.Tensor, token_inde
             _scan_kernel[(n_parts,)](
                 data, x2.stride(0), n_rows, width, x.shape[-2],
                 _flat(mask).view(torch.uint8), _flat(token_index), sample_index,
-                acc.topk_key if candidates else _unbeatable(device, acc.top_k), acc.top_k,
-                acc.channel_max.view(torch.int32), acc.sample_max.view(torch.int32), hist, hist.shape[0], n_cand,
-                row_f, row_i, cand_key, cand_row, part_f, part_i, n_parts,
+                acc.channel_max.view(torch.int32), acc.sample_max.view(torch.int32), hist, hist.shape[0],
+                row_f, row_i, ws.row_key, ws.part_f, ws.part_i, n_parts,
                 FINE_BIAS=_FINE_BIAS, OVERFLOW=HIST_OVERFLOW, NONFINITE=HIST_NONFINITE,
                 HIST_STRIDE=HIST_STRIDE, HIST_SPARE=HIST_SPARE, MASSIVE_ABS=MASSIVE_ABS, MASSIVE_RATIO=MASSIVE_RATIO,
                 BLOCK_N=cfg.block_n, BLOCK_H=cfg.block_h, MASSIVE=acc.massive, IS_BF16=is_bf16,
                 HIST=not counted_apart, num_warps=cfg.num_warps,
             )
             block_b = 512
-            _fold_kernel[(triton.cdiv(HIST_STRIDE, block_b) + 1,)](
-                hist, hist.shape[0], acc.hist, n_cand,
-                part_f, part_i, n_parts, width,
+            hist_programs = 0 if counted_apart else triton.cdiv(HIST_STRIDE, block_b)
+            _fold_kernel[(hist_programs + triton.cdiv(n_rows, _BLOCK_R),)](
+                hist, hist.shape[0], hist_programs, acc.hist, ticket,
+                ws.part_f, ws.part_i, n_parts, width,
                 acc.max, acc.min, acc.count, acc.sum, acc.sumsq, acc.nonfinite_tokens, acc.massive_tokens,
-                data, x2.stride(0), row_f, cand_key, cand_row, _flat(input_ids), n_rows,
+                row_f, row_i, ws.row_key, ws.stage_key, ws.stage_row, _flat(input_ids), n_rows,
                 acc.topk_key, acc.topk_value, acc.topk_channel, acc.topk_token_id, acc.topk_median, acc.top_k,
                 source,
                 N_BINS=HIST_BINS, HIST_STRIDE=HIST_STRIDE, BLOCK_C=16, BLOCK_B=block_b,
-                BLOCK_P=1024, BLOCK_R=1024, BLOCK_K=block_k, BLOCK_W=max(16, 4096 // block_k), IS_BF16=is_bf16,
-                num_warps=4,
+                BLOCK_P=1024, BLOCK_R=_BLOCK_R, BLOCK_K=block_k, num_warps=4,
             )
             if counted_apart:  # after the scan, so a failed scan leaves the histogram untouched
                 cuda_abs_histogram(x2, _flat(mask), acc.hist)
     except Exception:
         _forget_scratch()
         raise
-    return Scan(row_f, row_i, source)
+    return ws.scan
 
 
 __all__ = ["HIST_STRIDE", "INTERPRET", "Scan", "ScanConfig", "available", "fused_update", "scan_config"]

@@ -270,7 +270,6 @@ class SiteStats:
         self.topk_channel = torch.zeros(top_k, dtype=torch.int64, device=dev)
         self.topk_token_id = torch.zeros(top_k, dtype=torch.int64, device=dev)
         self.topk_median = torch.zeros(top_k, device=dev)  # median |a| of each top-K token (massive sites)
-        self._fused_before = False  # a first fused update selects its top-K with torch.topk
 
     # -- update ------------------------------------------------------------------------------------
     def update(self, x: torch.Tensor, ctx: BatchContext) -> None:
@@ -281,20 +280,15 @@ class SiteStats:
             ctx = ctx.on(x.device)
         kernels = _kernel_module(x)
         if kernels is not None and self._fusable(x, ctx):
-            first = not self._fused_before
             try:
-                scan = kernels.fused_update(self, x, ctx.mask, ctx.token_index, ctx.sample_index, ctx.input_ids,
-                                            candidates=not first)
+                scan = kernels.fused_update(self, x, ctx.mask, ctx.token_index, ctx.sample_index, ctx.input_ids)
             except Exception as exc:  # noqa: BLE001 - see _KERNELS
                 # Only the scan may have run: its fields are maxima, which the reference path
                 # below can apply a second time without changing them.
                 kernels._forget_scratch()
                 _KERNELS["on"], _KERNELS["error"] = False, repr(exc)
             else:
-                self._fused_before = True
-                if first:
-                    self._topk_from_rows(x, scan.row_f, scan.row_i[0] != 0, ctx)
-                elif self.massive:
+                if self.massive:
                     self._fused_medians(x, scan.source)
                 return
         mask = ctx.mask
@@ -325,26 +319,17 @@ class SiteStats:
     }
 
     def _fusable(self, x: torch.Tensor, ctx: BatchContext) -> bool:
-        """Whether the fused kernels may update this accumulator in place (host-side checks only)."""
+        """Whether the fused kernels may update this accumulator in place (host-side checks only).
+
+        The fields need no check: every path that sets them (construction, `_select_topk`,
+        `load_state_dict`) leaves them contiguous, with their `_DTYPES`, on this accumulator's device.
+        """
         if x.dim() != 3 or x.numel() == 0 or self.top_k < 1 or self.topk_key.numel() != self.top_k:
             return False
         shape = x.shape[:-1]
         if ctx.mask.shape != shape or ctx.token_index.shape != shape or ctx.input_ids.shape != shape:
             return False
-        if ctx.mask.dtype != torch.bool or ctx.sample_index.dtype != torch.int64:
-            return False
-        for name, dtype in self._DTYPES.items():
-            t = getattr(self, name)
-            if t.dtype != dtype or t.device != x.device or not t.is_contiguous():
-                return False
-        return True
-
-    def _topk_from_rows(self, x: torch.Tensor, row_f: torch.Tensor, valid: torch.Tensor, ctx: BatchContext) -> None:
-        """The top-K update from the fused scan's per-row extremes, by torch.topk (a first batch)."""
-        tok_max, tok_min = row_f[0], row_f[1]
-        positive = tok_max >= -tok_min
-        abs_valid = torch.where(valid, torch.where(positive, tok_max, -tok_min), 0.0)
-        self._update_topk(x, abs_valid, torch.where(positive, tok_max, tok_min), None, valid, ctx)
+        return ctx.mask.dtype == torch.bool and ctx.sample_index.dtype == torch.int64
 
     def _fused_medians(self, x: torch.Tensor, source: torch.Tensor) -> None:
         """The median |a| of the top-K entries the fused update took from `x` (source: their rows, or -1)."""
@@ -423,6 +408,7 @@ class SiteStats:
         return {name: getattr(self, name) for name in self.MERGE_OPS}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Replace every field (tensors are moved to this accumulator's device)."""
+        """Replace every field (tensors are moved to this accumulator's device and dtypes, contiguous)."""
+        device = self.max.device
         for name in self.MERGE_OPS:
-            setattr(self, name, state[name].to(self.max.device))
+            setattr(self, name, state[name].to(device=device, dtype=self._DTYPES[name]).contiguous())

@@ -232,8 +232,8 @@ def test_massive_token_is_counted(kernels: ModuleType) -> None:
 def test_scratch_is_left_zeroed(kernels: ModuleType) -> None:
     x, mask = _planted(torch.bfloat16, 96)
     _fused(kernels, x, mask, massive=False)
-    hist, n_cand = kernels._persistent_scratch(torch.device("cpu"))
-    assert int(hist.abs().sum()) == 0 and int(n_cand) == 0
+    hist, ticket = kernels._persistent_scratch(torch.device("cpu"))
+    assert int(hist.abs().sum()) == 0 and int(ticket) == 0
 
 
 def test_available(kernels: ModuleType) -> None:
@@ -298,6 +298,35 @@ def test_site_stats_update_equals_the_reference_path(kernels: ModuleType, top_k:
     _assert_same_stats(got, want, rel=1e-6)
     if massive:
         assert int(got.massive_tokens) == 1
+
+
+@pytest.mark.parametrize("top_k", [16, 40])
+def test_top_k_across_selection_blocks(kernels: ModuleType, top_k: int) -> None:
+    # 2,500 rows a batch: three selection programs of the fold, whose staged keys the last one
+    # merges. The largest tokens are planted in every block, some beating the stored top-K in the
+    # second batch and some not, with exact ties in |a| (broken towards the earlier token).
+    assert kernels._BLOCK_R == 1024
+    gen = torch.Generator().manual_seed(3)
+    batches = []
+    for k, offset in enumerate((0, 2500)):
+        x = torch.randn(5, 500, 24, generator=gen)
+        flat = x.view(-1, 24)
+        for i, row in enumerate((3, 1000, 1023, 1024, 2047, 2048, 2499)):
+            flat[row, (row + k) % 24] = (50.0 + i) * (1 + k) * (-1) ** i
+        flat[1500, 5] = flat[1501, 7] = 200.0  # a tie
+        mask = torch.ones(5, 500, dtype=torch.bool)
+        mask[4, 400:] = False
+        flat[2400, 0] = 1e6  # padding never counts
+        batches.append((x.to(torch.bfloat16), mask, offset))
+    want = _run(batches, fused=False, top_k=top_k, massive=False)
+    got = _run(batches, fused=True, top_k=top_k, massive=False)
+    _assert_same_stats(got, want, rel=1e-5)
+    # the ties in token order, then the largest planted value outside the padding (row 2499 is
+    # padding): row 2048 of the second batch
+    assert got.topk_value[:5].tolist() == [200.0, 200.0, 200.0, 200.0, -110.0]
+    assert got.topk_channel[:5].tolist() == [5, 7, 5, 7, (2048 + 1) % 24]
+    hist, ticket = kernels._persistent_scratch(torch.device("cpu"))
+    assert int(ticket) == 0
 
 
 # --- on a GPU, compiled for real (this process: no interpreter) ----------------------------------------
