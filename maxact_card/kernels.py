@@ -500,11 +500,7 @@ def _launch_cuda_hist(x2: torch.Tensor, mask: torch.Tensor, counts: torch.Tensor
     kernel = _cuda_hist_kernel(x2.device)
     n_rows, width = x2.shape
     vec = int(width % 8 == 0 and x2.stride(0) % 8 == 0 and x2.data_ptr() % 16 == 0)
-    index = x2.device.index if x2.device.index is not None else torch.cuda.current_device()
-    sms = _sm_count.get(index)
-    if sms is None:
-        sms = _sm_count[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    grid = max(1, min(n_rows, 4 * sms))
+    grid = max(1, min(n_rows, 4 * _sms(x2.device)))
     func = getattr(kernel, "func", None)
     if func is None:  # another torch: its own launcher
         kernel(grid=(grid, 1, 1), block=(_HIST_BLOCK, 1, 1),
@@ -517,6 +513,271 @@ def _launch_cuda_hist(x2: torch.Tensor, mask: torch.Tensor, counts: torch.Tensor
     stream = ctypes.c_void_p(torch.cuda.current_stream(x2.device).cuda_stream)
     status = torch.cuda._utils._get_gpu_runtime_library().cuLaunchKernel(
         func, grid, 1, 1, _HIST_BLOCK, 1, 1, 0, stream, params, None)
+    if status != 0:
+        raise RuntimeError(f"cuLaunchKernel returned {status}")
+
+
+# --- the whole scan of bf16 activations, in CUDA C++ ----------------------------------------------
+# The Triton scan reads each tile twice (the second pass needs the row's validity and extremes), loads
+# the stored column maxima once per block of a few rows, and leaves the histogram to another kernel:
+# about 1.7 reads of the tensor plus one more for the histogram. Here one block takes rows in turn and
+# holds each row in registers (at most VEC 16-byte vectors per thread), so the tensor is read once:
+# extremes, moments and validity by two block reductions; the histogram in shared memory; the column
+# maxima stay in registers across all the block's rows (two bf16 magnitudes per 32-bit register, by
+# the SIMD max) and reach memory once per block. Padding rows are not read at all. The outputs are
+# those of the Triton scan (per row, per block, and the private histograms), so the same fold follows.
+_SCAN_CUDA_SOURCE = r"""
+#define NBINS %(bins)d
+#define FINE_BIAS %(bias)d
+#define OVERFLOW %(overflow)d
+#define NONFINITE %(nonfinite)d
+#define HIST_STRIDE %(hist_stride)d
+#define THREADS %(threads)d
+#define WARPS (THREADS / 32)
+#define VEC %(vec)d
+#define MASSIVE %(massive)d
+#define MASSIVE_ABS %(massive_abs)sf
+#define MASSIVE_RATIO %(massive_ratio)s
+#define FULL 0xFFFFFFFFu
+
+__device__ __forceinline__ unsigned maxact_key(unsigned a) {
+    if (a >= 0x7F80u) return NONFINITE;
+    int fine = (int)(a >> 1) - FINE_BIAS;
+    return (unsigned)(fine < 0 ? 0 : (fine > OVERFLOW ? OVERFLOW : fine));
+}
+
+// Rows [blockIdx.x, n_rows) step gridDim.x, each 16-byte aligned, width divisible by 8.
+extern "C" __global__ void __launch_bounds__(THREADS) maxact_scan_bf16(
+        const unsigned short* __restrict__ x, int row_stride, int n_rows, int width, int tokens_per_row,
+        const unsigned char* __restrict__ mask, const long long* __restrict__ token,
+        const long long* __restrict__ sample, unsigned* __restrict__ channel_max, unsigned* __restrict__ sample_max,
+        unsigned* __restrict__ hist, int hist_copies, float* __restrict__ row_f, int* __restrict__ row_i,
+        long long* __restrict__ row_key, double* __restrict__ part_f, int* __restrict__ part_i) {
+    __shared__ unsigned h[NBINS];
+    __shared__ float w_hi[WARPS], w_lo[WARPS], w_s[WARPS], w_sq[WARPS];
+    __shared__ int w_bad[WARPS], w_first[WARPS], w_below[WARPS];
+    const float inf = __int_as_float(0x7F800000);
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int n4 = width >> 3, n_parts = gridDim.x;
+    for (int i = tid; i < NBINS; i += THREADS) h[i] = 0u;
+    unsigned cmax[VEC * 4];
+    #pragma unroll
+    for (int j = 0; j < VEC * 4; ++j) cmax[j] = 0u;
+    double p_sum = 0.0, p_sq = 0.0;
+    float p_hi = -inf, p_lo = inf;
+    int p_valid = 0, p_bad = 0, p_massive = 0;
+    __syncthreads();
+    for (int row = blockIdx.x; row < n_rows; row += gridDim.x) {
+        if (!mask[row]) {  // padding, the same for the whole block: nothing read, nothing counted
+            if (tid == 0) {
+                for (int q = 0; q < 4; ++q) row_f[q * n_rows + row] = 0.f;
+                for (int q = 0; q < 3; ++q) row_i[q * n_rows + row] = 0;
+                row_key[row] = -1;
+            }
+            continue;
+        }
+        const uint4* r4 = reinterpret_cast<const uint4*>(x + (long long)row * row_stride);
+        uint4 v[VEC];
+        #pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+            const int c = j * THREADS + tid;
+            v[j] = c < n4 ? __ldcs(r4 + c) : make_uint4(0u, 0u, 0u, 0u);
+        }
+        float hi = -inf, lo = inf, s = 0.f, sq = 0.f;
+        unsigned bad = 0u;
+        #pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+            if (j * THREADS + tid < n4) {
+                const unsigned w[4] = {v[j].x, v[j].y, v[j].z, v[j].w};
+                #pragma unroll
+                for (int k = 0; k < 8; ++k) {
+                    const unsigned b = (w[k >> 1] >> ((k & 1) * 16)) & 0xFFFFu;
+                    const unsigned a = b & 0x7FFFu;
+                    const float f = __uint_as_float(b << 16);
+                    bad |= a >= 0x7F80u;
+                    hi = fmaxf(hi, f);
+                    lo = fminf(lo, f);
+                    s += f;
+                    sq = fmaf(f, f, sq);
+                    atomicAdd(&h[maxact_key(a)], 1u);
+                }
+            }
+        }
+        // every lane of a butterfly ends with the same value, so the order of addition is fixed
+        #pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            hi = fmaxf(hi, __shfl_xor_sync(FULL, hi, o));
+            lo = fminf(lo, __shfl_xor_sync(FULL, lo, o));
+            s += __shfl_xor_sync(FULL, s, o);
+            sq += __shfl_xor_sync(FULL, sq, o);
+        }
+        bad = __any_sync(FULL, bad);
+        if (lane == 0) { w_hi[warp] = hi; w_lo[warp] = lo; w_s[warp] = s; w_sq[warp] = sq; w_bad[warp] = bad; }
+        __syncthreads();
+        hi = w_hi[0]; lo = w_lo[0]; s = w_s[0]; sq = w_sq[0]; bad = w_bad[0];
+        #pragma unroll
+        for (int q = 1; q < WARPS; ++q) {
+            hi = fmaxf(hi, w_hi[q]); lo = fminf(lo, w_lo[q]); s += w_s[q]; sq += w_sq[q]; bad |= w_bad[q];
+        }
+        const bool valid = !bad;
+        const bool positive = hi >= -lo;
+        const float tabs = positive ? hi : -lo;
+        const float ext = positive ? hi : lo;
+        const unsigned thr = __float_as_uint((float)((double)tabs / MASSIVE_RATIO));
+        int first = 0x7FFFFFFF, below = 0;
+        #pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+            const int c = j * THREADS + tid;
+            if (c < n4) {
+                const unsigned w[4] = {v[j].x, v[j].y, v[j].z, v[j].w};
+                #pragma unroll
+                for (int k = 0; k < 4; ++k) {
+                    if (valid) cmax[j * 4 + k] = __vmaxu2(cmax[j * 4 + k], w[k] & 0x7FFF7FFFu);
+                }
+                #pragma unroll
+                for (int k = 0; k < 8; ++k) {
+                    const unsigned b = (w[k >> 1] >> ((k & 1) * 16)) & 0xFFFFu;
+                    if (__uint_as_float(b << 16) == ext) first = min(first, c * 8 + k);
+#if MASSIVE
+                    below += ((b & 0x7FFFu) << 16) < thr;
+#endif
+                }
+            }
+        }
+        #pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            first = min(first, __shfl_xor_sync(FULL, first, o));
+            below += __shfl_xor_sync(FULL, below, o);
+        }
+        if (lane == 0) { w_first[warp] = first; w_below[warp] = below; }
+        __syncthreads();
+        if (tid == 0) {
+            for (int q = 1; q < WARPS; ++q) { first = min(first, w_first[q]); below += w_below[q]; }
+            row_f[row] = hi; row_f[n_rows + row] = lo; row_f[2 * n_rows + row] = s; row_f[3 * n_rows + row] = sq;
+            row_i[row] = valid; row_i[n_rows + row] = below; row_i[2 * n_rows + row] = first;
+            long long key = -1;
+            if (valid) {
+                key = ((long long)__float_as_uint(tabs) << 32) | (0xFFFFFFFFLL - token[row]);
+                atomicMax(sample_max + sample[row / tokens_per_row], __float_as_uint(tabs));
+                p_sum += (double)s; p_sq += (double)sq;
+                p_hi = fmaxf(p_hi, hi); p_lo = fminf(p_lo, lo);
+                p_valid += 1;
+                p_massive += (tabs > MASSIVE_ABS) && (below >= (width - 1) / 2 + 1);
+            } else {
+                p_bad += 1;
+            }
+            row_key[row] = key;
+        }
+    }
+    __syncthreads();
+    unsigned* mine = hist + (blockIdx.x %% hist_copies) * HIST_STRIDE;
+    for (int i = tid; i < NBINS; i += THREADS) {
+        const unsigned c = h[i];
+        if (c) atomicAdd(mine + i, c);
+    }
+    // the column maxima, skipping the atomic where the stored value is already as large
+    #pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+        const int c = j * THREADS + tid;
+        if (c < n4) {
+            #pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                const int col = c * 8 + 2 * k;
+                const unsigned even = cmax[j * 4 + k] << 16, odd = cmax[j * 4 + k] & 0xFFFF0000u;
+                if (even > channel_max[col]) atomicMax(channel_max + col, even);
+                if (odd > channel_max[col + 1]) atomicMax(channel_max + col + 1, odd);
+            }
+        }
+    }
+    if (tid == 0) {
+        const int b = blockIdx.x;
+        part_f[b] = p_sum; part_f[n_parts + b] = p_sq; part_f[2 * n_parts + b] = (double)p_hi;
+        part_f[3 * n_parts + b] = (double)p_lo;
+        part_i[b] = p_valid; part_i[n_parts + b] = p_bad; part_i[2 * n_parts + b] = p_massive;
+    }
+}
+"""
+_SCAN_MAX_THREADS = 512
+_SCAN_MAX_VEC = 16  # rows of up to 65,536 bf16
+_cuda_scan: dict[str, Any] = {"kernels": {}, "failed": False}
+_SCAN_PARAMS = ctypes.c_void_p * 17
+
+
+@dataclass(frozen=True)
+class CudaScanShape:
+    """Threads per block, 16-byte vectors per thread and row, and blocks, of one CUDA scan launch."""
+
+    threads: int
+    vec: int
+    blocks: int
+
+
+def cuda_scan_shape(x2: torch.Tensor) -> CudaScanShape | None:
+    """How the CUDA scan would run over bf16 rows `x2` [N, H], or None where it cannot (then Triton scans).
+
+    Needs bf16 on CUDA, rows 16-byte aligned with a width divisible by 8, at most 65,536 wide.
+    Threads: about two vectors each, 64 to 512; blocks: enough to fill every SM once, at most one per row.
+    """
+    if (x2.dtype != torch.bfloat16 or not x2.is_cuda or INTERPRET or _cuda_scan["failed"]
+            or os.environ.get("MAXACT_CARD_CUDA_SCAN", "1") in ("0", "false", "off")):
+        return None
+    n_rows, width = x2.shape
+    if width % 8 or x2.stride(-1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16 or n_rows == 0:
+        return None
+    n4 = width // 8
+    threads = min(_SCAN_MAX_THREADS, max(64, 1 << max((n4 + 1) // 2 - 1, 0).bit_length()))
+    vec = -(-n4 // threads)
+    if vec > _SCAN_MAX_VEC:
+        return None
+    return CudaScanShape(threads, vec, max(1, min(n_rows, _sms(x2.device) * max(1, 2048 // threads))))
+
+
+def _sms(device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    sms = _sm_count.get(index)
+    if sms is None:
+        sms = _sm_count[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return sms
+
+
+def _cuda_scan_kernel(device: torch.device, shape: CudaScanShape, massive: bool) -> Any:
+    """The NVRTC scan kernel of this shape loaded on `device`, or None where it cannot be built."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = (index, shape.threads, shape.vec, massive)
+    kernel = _cuda_scan["kernels"].get(key)
+    if kernel is None:
+        try:
+            source = _SCAN_CUDA_SOURCE % {
+                "bins": HIST_BINS, "bias": _FINE_BIAS, "overflow": HIST_OVERFLOW, "nonfinite": HIST_NONFINITE,
+                "hist_stride": HIST_STRIDE, "threads": shape.threads, "vec": shape.vec, "massive": int(massive),
+                "massive_abs": repr(float(MASSIVE_ABS)), "massive_ratio": repr(float(MASSIVE_RATIO)),
+            }
+            with torch.cuda.device(index):
+                kernel = torch.cuda._compile_kernel(source, "maxact_scan_bf16")
+            if getattr(kernel, "func", None) is None:
+                raise RuntimeError("no driver handle to launch the kernel with")
+        except Exception:  # noqa: BLE001 - no NVRTC, an old torch: the Triton scan instead
+            _cuda_scan["failed"] = True
+            return None
+        _cuda_scan["kernels"][key] = kernel
+    return kernel
+
+
+def _launch_cuda_scan(kernel: Any, shape: CudaScanShape, x2: torch.Tensor, tokens_per_row: int, mask: torch.Tensor,
+                      token_index: torch.Tensor, sample_index: torch.Tensor, acc: SiteStats, hist: torch.Tensor,
+                      ws: _Workspace) -> None:
+    n_rows, width = x2.shape
+    ptr = ctypes.c_void_p
+    values = (ptr(x2.data_ptr()), ctypes.c_int(x2.stride(0)), ctypes.c_int(n_rows), ctypes.c_int(width),
+              ctypes.c_int(tokens_per_row), ptr(mask.data_ptr()), ptr(token_index.data_ptr()),
+              ptr(sample_index.data_ptr()), ptr(acc.channel_max.data_ptr()), ptr(acc.sample_max.data_ptr()),
+              ptr(hist.data_ptr()), ctypes.c_int(hist.shape[0]), ptr(ws.scan.row_f.data_ptr()),
+              ptr(ws.scan.row_i.data_ptr()), ptr(ws.row_key.data_ptr()), ptr(ws.part_f.data_ptr()),
+              ptr(ws.part_i.data_ptr()))
+    params = _SCAN_PARAMS(*(ctypes.addressof(v) for v in values))
+    stream = ctypes.c_void_p(torch.cuda.current_stream(x2.device).cuda_stream)
+    status = torch.cuda._utils._get_gpu_runtime_library().cuLaunchKernel(
+        kernel.func, shape.blocks, 1, 1, shape.threads, 1, 1, 0, stream, params, None)
     if status != 0:
         raise RuntimeError(f"cuLaunchKernel returned {status}")
 
@@ -627,28 +888,36 @@ def fused_update(acc: SiteStats, x: torch.Tensor, mask: torch.Tensor, token_inde
     n_rows = x2.shape[0]
     device = x2.device
     cfg = config or scan_config(width, x2.element_size())
-    n_parts = triton.cdiv(n_rows, cfg.block_n)
+    shape = cuda_scan_shape(x2) if config is None else None
+    kernel = _cuda_scan_kernel(device, shape, acc.massive) if shape is not None else None
+    n_parts = shape.blocks if kernel is not None else triton.cdiv(n_rows, cfg.block_n)
     is_bf16 = x2.dtype == torch.bfloat16
     block_k = max(16, triton.next_power_of_2(acc.top_k))
     ws = _workspace(device, n_rows, n_parts, acc.top_k, block_k)
     row_f, row_i, source = ws.scan.row_f, ws.scan.row_i, ws.scan.source
     data = x2.view(torch.int16) if is_bf16 else x2
     hist, ticket = _persistent_scratch(device)
+    flat_mask, flat_tokens = _flat(mask).view(torch.uint8), _flat(token_index)
     # Triton launches on the current device: a model sharded over GPUs updates sites on others
     on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     try:
         with on_device:
-            counted_apart = cuda_histogram_ready(x2)
-            _scan_kernel[(n_parts,)](
-                data, x2.stride(0), n_rows, width, x.shape[-2],
-                _flat(mask).view(torch.uint8), _flat(token_index), sample_index,
-                acc.channel_max.view(torch.int32), acc.sample_max.view(torch.int32), hist, hist.shape[0],
-                row_f, row_i, ws.row_key, ws.part_f, ws.part_i, n_parts,
-                FINE_BIAS=_FINE_BIAS, OVERFLOW=HIST_OVERFLOW, NONFINITE=HIST_NONFINITE,
-                HIST_STRIDE=HIST_STRIDE, HIST_SPARE=HIST_SPARE, MASSIVE_ABS=MASSIVE_ABS, MASSIVE_RATIO=MASSIVE_RATIO,
-                BLOCK_N=cfg.block_n, BLOCK_H=cfg.block_h, MASSIVE=acc.massive, IS_BF16=is_bf16,
-                HIST=not counted_apart, num_warps=cfg.num_warps,
-            )
+            if kernel is not None:
+                assert shape is not None
+                counted_apart = False  # the CUDA scan counts into the private histograms
+                _launch_cuda_scan(kernel, shape, x2, x.shape[-2], flat_mask, flat_tokens, sample_index, acc, hist, ws)
+            else:
+                counted_apart = cuda_histogram_ready(x2)
+                _scan_kernel[(n_parts,)](
+                    data, x2.stride(0), n_rows, width, x.shape[-2],
+                    flat_mask, flat_tokens, sample_index,
+                    acc.channel_max.view(torch.int32), acc.sample_max.view(torch.int32), hist, hist.shape[0],
+                    row_f, row_i, ws.row_key, ws.part_f, ws.part_i, n_parts,
+                    FINE_BIAS=_FINE_BIAS, OVERFLOW=HIST_OVERFLOW, NONFINITE=HIST_NONFINITE,
+                    HIST_STRIDE=HIST_STRIDE, HIST_SPARE=HIST_SPARE, MASSIVE_ABS=MASSIVE_ABS,
+                    MASSIVE_RATIO=MASSIVE_RATIO, BLOCK_N=cfg.block_n, BLOCK_H=cfg.block_h, MASSIVE=acc.massive,
+                    IS_BF16=is_bf16, HIST=not counted_apart, num_warps=cfg.num_warps,
+                )
             block_b = 512
             hist_programs = 0 if counted_apart else triton.cdiv(HIST_STRIDE, block_b)
             _fold_kernel[(hist_programs + triton.cdiv(n_rows, _BLOCK_R),)](
@@ -662,7 +931,7 @@ def fused_update(acc: SiteStats, x: torch.Tensor, mask: torch.Tensor, token_inde
                 BLOCK_P=1024, BLOCK_R=_BLOCK_R, BLOCK_K=block_k, num_warps=4,
             )
             if counted_apart:  # after the scan, so a failed scan leaves the histogram untouched
-                cuda_abs_histogram(x2, _flat(mask), acc.hist)
+                cuda_abs_histogram(x2, flat_mask.view(torch.bool), acc.hist)
     except Exception:
         _forget_scratch()
         raise

@@ -332,8 +332,18 @@ def test_top_k_across_selection_blocks(kernels: ModuleType, top_k: int) -> None:
 # --- on a GPU, compiled for real (this process: no interpreter) ----------------------------------------
 @pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("massive", [False, True])
-@pytest.mark.parametrize("width", [4096, 1000, 1001])  # 1001: the CUDA histogram's unvectorised path
-def test_cuda_update_equals_the_reference_path(massive: bool, width: int) -> None:
+@pytest.mark.parametrize(("width", "cuda_scan"), [
+    (4096, True), (12288, True), (1000, True),  # the CUDA scan: 2, 3 and 2 vectors per thread
+    (4096, False),  # the Triton scan with the CUDA histogram
+    (1001, False),  # not divisible by 8: the Triton scan and the CUDA histogram's unvectorised path
+])
+def test_cuda_update_equals_the_reference_path(massive: bool, width: int, cuda_scan: bool,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from maxact_card import kernels
+
+    if not cuda_scan:
+        monkeypatch.setenv("MAXACT_CARD_CUDA_SCAN", "0")
+    kernels._cuda_scan["kernels"].clear()
     gen = torch.Generator().manual_seed(2)
     batches = []
     offset = 0
@@ -342,6 +352,8 @@ def test_cuda_update_equals_the_reference_path(massive: bool, width: int) -> Non
         x[b - 1, 3, width // 5] = -300.0 * (1 + offset / 1000)
         x[0, 1] = torch.where(torch.arange(width) == 7, 4000.0, 1e-3)  # a massive token
         x[1, 2, 5] = float("nan")
+        x[2, 4, width - 1] = 5000.0 * (1 + offset / 1000)  # the last channel, tied with an earlier one
+        x[2, 4, 3] = 5000.0 * (1 + offset / 1000)
         mask = torch.ones(b, t, dtype=torch.bool)
         mask[-1, t // 2:] = False
         x[-1, t - 1] = 1e30
@@ -349,8 +361,10 @@ def test_cuda_update_equals_the_reference_path(massive: bool, width: int) -> Non
         offset += b * t
     want = _run(batches, fused=False, top_k=16, massive=massive)
     got = _run(batches, fused=True, top_k=16, massive=massive)
-    from maxact_card import kernels
 
     assert stats._KERNELS["error"] is None and kernels.available(batches[0][0])
-    assert kernels._cuda_hist["kernels"] and not kernels._cuda_hist["failed"]
+    assert bool(kernels._cuda_scan["kernels"]) == cuda_scan and not kernels._cuda_scan["failed"]
+    if not cuda_scan:
+        assert kernels._cuda_hist["kernels"] and not kernels._cuda_hist["failed"]
     _assert_same_stats(got, want, rel=1e-5)
+    assert int(got.topk_channel[0]) == 3  # the largest token (the last batch's), at the first of its tied channels
