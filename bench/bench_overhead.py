@@ -154,6 +154,24 @@ def peak(fn, device: torch.device) -> float:  # type: ignore[no-untyped-def]
     return torch.cuda.max_memory_allocated(device) / 2**20
 
 
+def setup_costs(model: torch.nn.Module, token_ids: list[list[int]], device: torch.device) -> None:
+    """What a run pays besides the batches: building the accumulators once, and the snapshot before each batch."""
+    from maxact_card.measure import Accumulators, prepare
+
+    def timed(fn) -> float:  # type: ignore[no-untyped-def]
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        return (time.perf_counter() - start) * 1000
+
+    prepare_ms = statistics.median(timed(lambda: prepare(model, token_ids, device=device)) for _ in range(3))
+    group = Accumulators(dict(prepare(model, token_ids, device=device).stats))
+    group.snapshot()
+    snapshot_ms = statistics.median(timed(group.snapshot) for _ in range(5))
+    print(f"setup: accumulators built in {prepare_ms:.1f} ms per run; snapshot before each batch {snapshot_ms:.1f} ms")
+
+
 def kernel_times(fn) -> dict[str, tuple[float, int]]:  # type: ignore[no-untyped-def]
     """Device time (ms) and launch count of each kernel that `fn` runs, under torch.profiler."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
@@ -247,6 +265,7 @@ def main() -> None:
               f"hooked {h:.3f}s ({tokens / h:,.0f} tok/s, {mfu(h)})  time ratio {h / b:.3f}x  "
               f"peak memory bare {bare_peak:,.0f} MiB hooked {hooked_peak:,.0f} MiB "
               f"ratio {hooked_peak / bare_peak if bare_peak == bare_peak and bare_peak > 0 else float('nan'):.3f}x")
+    setup_costs(model, token_ids, device)
     if args.profile and device.type == "cuda":
         os.environ["MAXACT_CARD_COMPILE"] = "1"
         profile(lambda: time_bare(runner, token_ids, plan, device), lambda: time_hooked(model, token_ids, plan, device))

@@ -546,6 +546,18 @@ __device__ __forceinline__ unsigned maxact_key(unsigned a) {
     return (unsigned)(fine < 0 ? 0 : (fine > OVERFLOW ? OVERFLOW : fine));
 }
 
+// this thread's vectors of row r (none past the last row, or of padding)
+#define LOAD_ROW(dst, r)                                                                     \
+    do {                                                                                     \
+        const bool live = (r) < n_rows && mask[(r) < n_rows ? (r) : 0];                      \
+        const uint4* r4 = reinterpret_cast<const uint4*>(x + (long long)(r) * row_stride);   \
+        _Pragma("unroll")                                                                    \
+        for (int j = 0; j < VEC; ++j) {                                                      \
+            const int c = j * THREADS + tid;                                                 \
+            dst[j] = live && c < n4 ? __ldcs(r4 + c) : make_uint4(0u, 0u, 0u, 0u);          \
+        }                                                                                    \
+    } while (0)
+
 // Rows [blockIdx.x, n_rows) step gridDim.x, each 16-byte aligned, width divisible by 8.
 extern "C" __global__ void __launch_bounds__(THREADS) maxact_scan_bf16(
         const unsigned short* __restrict__ x, int row_stride, int n_rows, int width, int tokens_per_row,
@@ -567,21 +579,21 @@ extern "C" __global__ void __launch_bounds__(THREADS) maxact_scan_bf16(
     float p_hi = -inf, p_lo = inf;
     int p_valid = 0, p_bad = 0, p_massive = 0;
     __syncthreads();
+    // the next row of the block is loaded while this one is worked on
+    uint4 v[VEC], next[VEC];
+    LOAD_ROW(next, blockIdx.x);
     for (int row = blockIdx.x; row < n_rows; row += gridDim.x) {
-        if (!mask[row]) {  // padding, the same for the whole block: nothing read, nothing counted
+        const bool counted = mask[row];
+        #pragma unroll
+        for (int j = 0; j < VEC; ++j) v[j] = next[j];
+        LOAD_ROW(next, row + gridDim.x);
+        if (!counted) {  // padding, the same for the whole block: nothing read, nothing counted
             if (tid == 0) {
                 for (int q = 0; q < 4; ++q) row_f[q * n_rows + row] = 0.f;
                 for (int q = 0; q < 3; ++q) row_i[q * n_rows + row] = 0;
                 row_key[row] = -1;
             }
             continue;
-        }
-        const uint4* r4 = reinterpret_cast<const uint4*>(x + (long long)row * row_stride);
-        uint4 v[VEC];
-        #pragma unroll
-        for (int j = 0; j < VEC; ++j) {
-            const int c = j * THREADS + tid;
-            v[j] = c < n4 ? __ldcs(r4 + c) : make_uint4(0u, 0u, 0u, 0u);
         }
         float hi = -inf, lo = inf, s = 0.f, sq = 0.f;
         unsigned bad = 0u;
@@ -716,7 +728,8 @@ def cuda_scan_shape(x2: torch.Tensor) -> CudaScanShape | None:
     """How the CUDA scan would run over bf16 rows `x2` [N, H], or None where it cannot (then Triton scans).
 
     Needs bf16 on CUDA, rows 16-byte aligned with a width divisible by 8, at most 65,536 wide.
-    Threads: about two vectors each, 64 to 512; blocks: enough to fill every SM once, at most one per row.
+    Threads: about two vectors each, 64 to 512. Blocks are left at 0: `_cuda_scan_kernel` sets them to
+    as many as run at once on every SM (the kernel's occupancy), at most one per row.
     """
     if (x2.dtype != torch.bfloat16 or not x2.is_cuda or INTERPRET or _cuda_scan["failed"]
             or os.environ.get("MAXACT_CARD_CUDA_SCAN", "1") in ("0", "false", "off")):
@@ -729,7 +742,7 @@ def cuda_scan_shape(x2: torch.Tensor) -> CudaScanShape | None:
     vec = -(-n4 // threads)
     if vec > _SCAN_MAX_VEC:
         return None
-    return CudaScanShape(threads, vec, max(1, min(n_rows, _sms(x2.device) * max(1, 2048 // threads))))
+    return CudaScanShape(threads, vec, 0)
 
 
 def _sms(device: torch.device) -> int:
@@ -740,12 +753,14 @@ def _sms(device: torch.device) -> int:
     return sms
 
 
-def _cuda_scan_kernel(device: torch.device, shape: CudaScanShape, massive: bool) -> Any:
-    """The NVRTC scan kernel of this shape loaded on `device`, or None where it cannot be built."""
+def _cuda_scan_kernel(device: torch.device, shape: CudaScanShape, massive: bool,
+                      n_rows: int) -> tuple[Any, CudaScanShape] | None:
+    """The NVRTC scan kernel of this shape loaded on `device` and the launch's full shape, or None
+    where it cannot be built."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     key = (index, shape.threads, shape.vec, massive)
-    kernel = _cuda_scan["kernels"].get(key)
-    if kernel is None:
+    entry = _cuda_scan["kernels"].get(key)
+    if entry is None:
         try:
             source = _SCAN_CUDA_SOURCE % {
                 "bins": HIST_BINS, "bias": _FINE_BIAS, "overflow": HIST_OVERFLOW, "nonfinite": HIST_NONFINITE,
@@ -756,11 +771,17 @@ def _cuda_scan_kernel(device: torch.device, shape: CudaScanShape, massive: bool)
                 kernel = torch.cuda._compile_kernel(source, "maxact_scan_bf16")
             if getattr(kernel, "func", None) is None:
                 raise RuntimeError("no driver handle to launch the kernel with")
+            per_sm = ctypes.c_int(0)
+            status = torch.cuda._utils._get_gpu_runtime_library().cuOccupancyMaxActiveBlocksPerMultiprocessor(
+                ctypes.byref(per_sm), kernel.func, shape.threads, ctypes.c_size_t(0))
+            if status != 0 or per_sm.value < 1:
+                raise RuntimeError(f"occupancy query returned {status}")
         except Exception:  # noqa: BLE001 - no NVRTC, an old torch: the Triton scan instead
             _cuda_scan["failed"] = True
             return None
-        _cuda_scan["kernels"][key] = kernel
-    return kernel
+        entry = _cuda_scan["kernels"][key] = (kernel, per_sm.value * _sms(device))
+    kernel, resident = entry
+    return kernel, CudaScanShape(shape.threads, shape.vec, max(1, min(n_rows, resident)))
 
 
 def _launch_cuda_scan(kernel: Any, shape: CudaScanShape, x2: torch.Tensor, tokens_per_row: int, mask: torch.Tensor,
@@ -889,8 +910,9 @@ def fused_update(acc: SiteStats, x: torch.Tensor, mask: torch.Tensor, token_inde
     device = x2.device
     cfg = config or scan_config(width, x2.element_size())
     shape = cuda_scan_shape(x2) if config is None else None
-    kernel = _cuda_scan_kernel(device, shape, acc.massive) if shape is not None else None
-    n_parts = shape.blocks if kernel is not None else triton.cdiv(n_rows, cfg.block_n)
+    found = _cuda_scan_kernel(device, shape, acc.massive, n_rows) if shape is not None else None
+    kernel, shape = found if found is not None else (None, None)
+    n_parts = shape.blocks if shape is not None else triton.cdiv(n_rows, cfg.block_n)
     is_bf16 = x2.dtype == torch.bfloat16
     block_k = max(16, triton.next_power_of_2(acc.top_k))
     ws = _workspace(device, n_rows, n_parts, acc.top_k, block_k)

@@ -352,8 +352,8 @@ def test_cuda_update_equals_the_reference_path(massive: bool, width: int, cuda_s
         x[b - 1, 3, width // 5] = -300.0 * (1 + offset / 1000)
         x[0, 1] = torch.where(torch.arange(width) == 7, 4000.0, 1e-3)  # a massive token
         x[1, 2, 5] = float("nan")
-        x[2, 4, width - 1] = 5000.0 * (1 + offset / 1000)  # the last channel, tied with an earlier one
-        x[2, 4, 3] = 5000.0 * (1 + offset / 1000)
+        x[1, 4, width - 1] = 5000.0 * (1 + offset / 1000)  # the last channel, tied with an earlier one
+        x[1, 4, 3] = 5000.0 * (1 + offset / 1000)
         mask = torch.ones(b, t, dtype=torch.bool)
         mask[-1, t // 2:] = False
         x[-1, t - 1] = 1e30
