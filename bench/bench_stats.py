@@ -72,6 +72,13 @@ def _fused_rows(x: torch.Tensor, ctx: stats.BatchContext, width: int, device: to
                     rows[f"  scan+fold n={block_n} h={block_h} w={warps}"] = lambda cfg=cfg: kernels.fused_update(
                         acc, x, ctx.mask, ctx.token_index, ctx.sample_index, ctx.input_ids, config=cfg)
         rows[f"  (default n={default.block_n} h={default.block_h} w={default.num_warps})"] = rows["fused scan+fold"]
+        if kernels.cuda_scan_shape(x2) is not None:
+            for threads in (64, 128, 256, 512):
+                if threads * 8 * 16 < width or threads * 8 > 4 * width:
+                    continue
+                shape = kernels.CudaScanShape(threads, 0, 0)
+                rows[f"  CUDA scan+fold, {threads} threads"] = lambda shape=shape: kernels.fused_update(
+                    acc, x, ctx.mask, ctx.token_index, ctx.sample_index, ctx.input_ids, config=shape)
     return rows
 
 

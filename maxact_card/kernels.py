@@ -724,11 +724,11 @@ class CudaScanShape:
     blocks: int
 
 
-def cuda_scan_shape(x2: torch.Tensor) -> CudaScanShape | None:
+def cuda_scan_shape(x2: torch.Tensor, threads: int | None = None) -> CudaScanShape | None:
     """How the CUDA scan would run over bf16 rows `x2` [N, H], or None where it cannot (then Triton scans).
 
     Needs bf16 on CUDA, rows 16-byte aligned with a width divisible by 8, at most 65,536 wide.
-    Threads: about two vectors each, 64 to 512. Blocks are left at 0: `_cuda_scan_kernel` sets them to
+    Threads (unless given): about two vectors each, 64 to 512. Blocks are left at 0: `_cuda_scan_kernel` sets them to
     as many as run at once on every SM (the kernel's occupancy), at most one per row.
     """
     if (x2.dtype != torch.bfloat16 or not x2.is_cuda or INTERPRET or _cuda_scan["failed"]
@@ -738,7 +738,8 @@ def cuda_scan_shape(x2: torch.Tensor) -> CudaScanShape | None:
     if width % 8 or x2.stride(-1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16 or n_rows == 0:
         return None
     n4 = width // 8
-    threads = min(_SCAN_MAX_THREADS, max(64, 1 << max((n4 + 1) // 2 - 1, 0).bit_length()))
+    if threads is None:
+        threads = min(_SCAN_MAX_THREADS, max(64, 1 << max((n4 + 1) // 2 - 1, 0).bit_length()))
     vec = -(-n4 // threads)
     if vec > _SCAN_MAX_VEC:
         return None
@@ -895,12 +896,13 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
 
 def fused_update(acc: SiteStats, x: torch.Tensor, mask: torch.Tensor, token_index: torch.Tensor,
                  sample_index: torch.Tensor, input_ids: torch.Tensor, *,
-                 config: ScanConfig | None = None) -> Scan:
+                 config: ScanConfig | CudaScanShape | None = None) -> Scan:
     """Fold a [B, T, H] activation into `acc` in two launches (scan, then fold), in place.
 
     The caller checks `available(x)`. `acc`'s tensors must be contiguous, on x's device, with the
     dtypes `SiteStats` gives them; mask is bool [B, T]. For massive sites the median |a| of the new
-    top-K entries is left to the caller (`Scan.source` says which rows they are).
+    top-K entries is left to the caller (`Scan.source` says which rows they are). `config` forces a
+    block shape: a ScanConfig runs the Triton scan, a CudaScanShape the CUDA scan with its threads.
     """
     width = x.shape[-1]
     x2 = x.reshape(-1, width)
@@ -908,8 +910,11 @@ def fused_update(acc: SiteStats, x: torch.Tensor, mask: torch.Tensor, token_inde
         x2 = x2.contiguous()
     n_rows = x2.shape[0]
     device = x2.device
-    cfg = config or scan_config(width, x2.element_size())
-    shape = cuda_scan_shape(x2) if config is None else None
+    if isinstance(config, CudaScanShape):
+        shape, cfg = cuda_scan_shape(x2, threads=config.threads), scan_config(width, x2.element_size())
+    else:
+        shape = cuda_scan_shape(x2) if config is None else None
+        cfg = config or scan_config(width, x2.element_size())
     found = _cuda_scan_kernel(device, shape, acc.massive, n_rows) if shape is not None else None
     kernel, shape = found if found is not None else (None, None)
     n_parts = shape.blocks if shape is not None else triton.cdiv(n_rows, cfg.block_n)
