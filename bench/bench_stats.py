@@ -46,7 +46,7 @@ def bench(fn, device: torch.device, repeats: int = 20) -> float:  # type: ignore
 
 
 def _fused_rows(x: torch.Tensor, ctx: stats.BatchContext, width: int, device: torch.device,
-                sweep: bool) -> dict[str, Any]:
+                sweep: bool, cuda_sweep: bool) -> dict[str, Any]:
     from maxact_card import kernels
 
     rows: dict[str, Any] = {}
@@ -72,13 +72,14 @@ def _fused_rows(x: torch.Tensor, ctx: stats.BatchContext, width: int, device: to
                     rows[f"  scan+fold n={block_n} h={block_h} w={warps}"] = lambda cfg=cfg: kernels.fused_update(
                         acc, x, ctx.mask, ctx.token_index, ctx.sample_index, ctx.input_ids, config=cfg)
         rows[f"  (default n={default.block_n} h={default.block_h} w={default.num_warps})"] = rows["fused scan+fold"]
-        if kernels.cuda_scan_shape(x2) is not None:
-            for threads in (64, 128, 256, 512):
-                if threads * 8 * 16 < width or threads * 8 > 4 * width:
-                    continue
-                shape = kernels.CudaScanShape(threads, 0, 0)
-                rows[f"  CUDA scan+fold, {threads} threads"] = lambda shape=shape: kernels.fused_update(
-                    acc, x, ctx.mask, ctx.token_index, ctx.sample_index, ctx.input_ids, config=shape)
+    if cuda_sweep and kernels.cuda_scan_shape(x2) is not None:
+        acc = stats.SiteStats(width, 64, device)
+        for threads in (64, 128, 256, 512):
+            if threads * 8 * 16 < width or threads * 8 > 4 * width:
+                continue
+            shape = kernels.CudaScanShape(threads, 0, 0)
+            rows[f"  CUDA scan+fold, {threads} threads"] = lambda shape=shape: kernels.fused_update(
+                acc, x, ctx.mask, ctx.token_index, ctx.sample_index, ctx.input_ids, config=shape)
     return rows
 
 
@@ -92,7 +93,7 @@ def _update(acc: stats.SiteStats, x: torch.Tensor, ctx: stats.BatchContext, fuse
 
 
 def summary(x: torch.Tensor, w: torch.Tensor, ctx: stats.BatchContext, width: int, device: torch.device,
-            sweep: bool) -> None:
+            sweep: bool, cuda_sweep: bool = False) -> None:
     """The fused update against the reference path, a matmul and one read of x, as ms and ratios."""
     b, t = x.shape[:2]
     matmul = bench(lambda: x @ w, device)
@@ -125,7 +126,7 @@ def summary(x: torch.Tensor, w: torch.Tensor, ctx: stats.BatchContext, width: in
         print(f"{'  host time per update, [1x8] rows' + tag:44s} {t_host:8.3f} ms   (the GPU work is negligible)")
     stats.use_kernels(None)
     if kernels_ok:
-        for name, fn in _fused_rows(x, ctx, width, device, sweep).items():
+        for name, fn in _fused_rows(x, ctx, width, device, sweep, cuda_sweep).items():
             try:
                 ms = bench(fn, device)
                 print(f"{name:44s} {ms:8.3f} ms   {ms / read:6.2f}x one read")
@@ -209,6 +210,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--widths", default="4096,12288")
     parser.add_argument("--sweep", action="store_true", help="time other block shapes of the fused scan")
+    parser.add_argument("--cuda-sweep", action="store_true", help="time the CUDA scan at 64 to 512 threads per block")
     parser.add_argument("--check", action="store_true", help="compare fused and reference updates first")
     parser.add_argument("--summary-only", action="store_true", help="skip the per-piece table")
     parser.add_argument("--host-profile", action="store_true",
@@ -230,7 +232,7 @@ def main() -> None:
             pieces_table(x, w, mask, ctx, width, b, t, device)
         if args.host_profile and device.type == "cuda":
             host_profile(x, ctx, width, device)
-        summary(x, w, ctx, width, device, args.sweep)
+        summary(x, w, ctx, width, device, args.sweep, args.cuda_sweep)
     if failed:
         raise SystemExit(1)
 
