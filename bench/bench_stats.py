@@ -4,7 +4,7 @@
     python bench/bench_stats.py --device cuda --sweep     # also time other block shapes of the scan
     python bench/bench_stats.py --device cuda --check     # fused vs reference, field by field, first
 
-Prints milliseconds per call for each piece of `SiteStats.update` and `QuantAccumulator.update`
+Prints milliseconds per call (on CUDA, device time of its kernels) for each piece of `SiteStats.update` and `QuantAccumulator.update`
 on [tokens, width] bf16 tensors, so the expensive pieces show before and after a change; then a
 summary: `SiteStats.update` through the fused Triton kernels (kernels.py) against the reference
 path (compiled dense_scan + bincount), a same-size matmul and one read of the tensor (amax), with
@@ -26,17 +26,21 @@ from maxact_card import quant, stats  # noqa: E402
 
 
 def bench(fn, device: torch.device, repeats: int = 20) -> float:  # type: ignore[no-untyped-def]
+    """Milliseconds per call. On CUDA: the device time of the kernels a call runs (torch.profiler), so
+    that host time between launches, which `host time per update` reports apart, does not count."""
     for _ in range(3):
         fn()
     if device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
         torch.cuda.synchronize(device)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(repeats):
-            fn()
-        end.record()
-        torch.cuda.synchronize(device)
-        return start.elapsed_time(end) / repeats
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(repeats):
+                fn()
+            torch.cuda.synchronize(device)
+        total = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0))
+                    for e in prof.key_averages())
+        return total / 1000 / repeats
     import time
 
     t = time.perf_counter()
@@ -74,12 +78,16 @@ def _fused_rows(x: torch.Tensor, ctx: stats.BatchContext, width: int, device: to
         rows[f"  (default n={default.block_n} h={default.block_h} w={default.num_warps})"] = rows["fused scan+fold"]
     if cuda_sweep and kernels.cuda_scan_shape(x2) is not None:
         acc = stats.SiteStats(width, 64, device)
-        for threads in (64, 128, 256, 512):
-            if threads * 8 * 16 < width or threads * 8 > 4 * width:
-                continue
-            shape = kernels.CudaScanShape(threads, 0, 0)
-            rows[f"  CUDA scan+fold, {threads} threads"] = lambda shape=shape: kernels.fused_update(
-                acc, x, ctx.mask, ctx.token_index, ctx.sample_index, ctx.input_ids, config=shape)
+        default = kernels.cuda_scan_shape(x2)
+        for group in (32, 64, 128, 256, 512):
+            for per_block in (1, 2, 4, 8):
+                if group * 8 * 16 < width or group * 8 > 4 * width or not 128 <= group * per_block <= 512:
+                    continue
+                shape = kernels.CudaScanShape(group, per_block, 0, 0)
+                mark = " (default)" if default and (default.group, default.rows) == (group, per_block) else ""
+                rows[f"  CUDA scan+fold, {group} threads x {per_block} rows{mark}"] = (
+                    lambda shape=shape: kernels.fused_update(acc, x, ctx.mask, ctx.token_index, ctx.sample_index,
+                                                             ctx.input_ids, config=shape))
     return rows
 
 
@@ -210,7 +218,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--widths", default="4096,12288")
     parser.add_argument("--sweep", action="store_true", help="time other block shapes of the fused scan")
-    parser.add_argument("--cuda-sweep", action="store_true", help="time the CUDA scan at 64 to 512 threads per block")
+    parser.add_argument("--cuda-sweep", action="store_true",
+                        help="time the CUDA scan at 32 to 512 threads per row and 1 to 8 rows per block")
     parser.add_argument("--check", action="store_true", help="compare fused and reference updates first")
     parser.add_argument("--summary-only", action="store_true", help="skip the per-piece table")
     parser.add_argument("--host-profile", action="store_true",

@@ -488,6 +488,22 @@ def cuda_abs_histogram(x2: torch.Tensor, mask: torch.Tensor, counts: torch.Tenso
 
 _sm_count: dict[int, int] = {}
 _HIST_PARAMS = ctypes.c_void_p * 7
+_driver: dict[str, Any] = {}
+
+
+def _cu_launch(func: Any, grid: int, block: int, stream: int, params: Any) -> None:
+    """cuLaunchKernel on a 1-D grid. The driver library and its function are looked up once: torch's
+    helper opens the library anew on every call, which costs more host time than the launch."""
+    launch = _driver.get("launch")
+    if launch is None:
+        launch = torch.cuda._utils._get_gpu_runtime_library().cuLaunchKernel
+        launch.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 6 + [ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p,
+                                                                      ctypes.c_void_p]
+        launch.restype = ctypes.c_int
+        _driver["launch"] = launch
+    status = launch(func, grid, 1, 1, block, 1, 1, 0, stream, params, None)
+    if status != 0:
+        raise RuntimeError(f"cuLaunchKernel returned {status}")
 
 
 def _launch_cuda_hist(x2: torch.Tensor, mask: torch.Tensor, counts: torch.Tensor) -> None:
@@ -510,11 +526,7 @@ def _launch_cuda_hist(x2: torch.Tensor, mask: torch.Tensor, counts: torch.Tensor
     values = (ctypes.c_void_p(x2.data_ptr()), ctypes.c_int(x2.stride(0)), ctypes.c_int(n_rows), ctypes.c_int(width),
               ctypes.c_void_p(mask.data_ptr()), ctypes.c_void_p(counts.data_ptr()), ctypes.c_int(vec))
     params = _HIST_PARAMS(*(ctypes.addressof(v) for v in values))
-    stream = ctypes.c_void_p(torch.cuda.current_stream(x2.device).cuda_stream)
-    status = torch.cuda._utils._get_gpu_runtime_library().cuLaunchKernel(
-        func, grid, 1, 1, _HIST_BLOCK, 1, 1, 0, stream, params, None)
-    if status != 0:
-        raise RuntimeError(f"cuLaunchKernel returned {status}")
+    _cu_launch(func, grid, _HIST_BLOCK, torch.cuda.current_stream(x2.device).cuda_stream, params)
 
 
 # --- the whole scan of bf16 activations, in CUDA C++ ----------------------------------------------
@@ -533,7 +545,9 @@ _SCAN_CUDA_SOURCE = r"""
 #define NONFINITE %(nonfinite)d
 #define HIST_STRIDE %(hist_stride)d
 #define THREADS %(threads)d
-#define WARPS (THREADS / 32)
+#define ROWS %(rows)d
+#define GROUP (THREADS / ROWS)
+#define GROUP_WARPS (GROUP / 32)
 #define VEC %(vec)d
 #define MASSIVE %(massive)d
 #define MASSIVE_ABS %(massive_abs)sf
@@ -546,19 +560,21 @@ __device__ __forceinline__ unsigned maxact_key(unsigned a) {
     return (unsigned)(fine < 0 ? 0 : (fine > OVERFLOW ? OVERFLOW : fine));
 }
 
-// this thread's vectors of row r (none past the last row, or of padding)
+// this thread's vectors of row r (zeros past the last row, and for padding, which is never read)
 #define LOAD_ROW(dst, r)                                                                     \
     do {                                                                                     \
         const bool live = (r) < n_rows && mask[(r) < n_rows ? (r) : 0];                      \
         const uint4* r4 = reinterpret_cast<const uint4*>(x + (long long)(r) * row_stride);   \
         _Pragma("unroll")                                                                    \
         for (int j = 0; j < VEC; ++j) {                                                      \
-            const int c = j * THREADS + tid;                                                 \
+            const int c = j * GROUP + t;                                                     \
             dst[j] = live && c < n4 ? __ldcs(r4 + c) : make_uint4(0u, 0u, 0u, 0u);          \
         }                                                                                    \
     } while (0)
 
-// Rows [blockIdx.x, n_rows) step gridDim.x, each 16-byte aligned, width divisible by 8.
+// A block takes ROWS rows at a time, one per group of GROUP threads: rows [blockIdx.x * ROWS + g,
+// n_rows) step gridDim.x * ROWS for group g. Rows are 16-byte aligned, their width divisible by 8.
+// Partials are per group: part index blockIdx.x * ROWS + g, of gridDim.x * ROWS.
 extern "C" __global__ void __launch_bounds__(THREADS) maxact_scan_bf16(
         const unsigned short* __restrict__ x, int row_stride, int n_rows, int width, int tokens_per_row,
         const unsigned char* __restrict__ mask, const long long* __restrict__ token,
@@ -566,11 +582,12 @@ extern "C" __global__ void __launch_bounds__(THREADS) maxact_scan_bf16(
         unsigned* __restrict__ hist, int hist_copies, float* __restrict__ row_f, int* __restrict__ row_i,
         long long* __restrict__ row_key, double* __restrict__ part_f, int* __restrict__ part_i) {
     __shared__ unsigned h[NBINS];
-    __shared__ float w_hi[WARPS], w_lo[WARPS], w_s[WARPS], w_sq[WARPS];
-    __shared__ int w_bad[WARPS], w_first[WARPS], w_below[WARPS];
+    __shared__ float w_hi[THREADS / 32], w_lo[THREADS / 32], w_s[THREADS / 32], w_sq[THREADS / 32];
+    __shared__ int w_bad[THREADS / 32], w_first[THREADS / 32], w_below[THREADS / 32];
     const float inf = __int_as_float(0x7F800000);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int n4 = width >> 3, n_parts = gridDim.x;
+    const int g = tid / GROUP, t = tid %% GROUP, w0 = g * GROUP_WARPS;
+    const int n4 = width >> 3, n_parts = gridDim.x * ROWS, step = gridDim.x * ROWS;
     for (int i = tid; i < NBINS; i += THREADS) h[i] = 0u;
     unsigned cmax[VEC * 4];
     #pragma unroll
@@ -579,16 +596,20 @@ extern "C" __global__ void __launch_bounds__(THREADS) maxact_scan_bf16(
     float p_hi = -inf, p_lo = inf;
     int p_valid = 0, p_bad = 0, p_massive = 0;
     __syncthreads();
-    // the next row of the block is loaded while this one is worked on
+    // the next rows of the block are loaded while these are worked on
     uint4 v[VEC], next[VEC];
-    LOAD_ROW(next, blockIdx.x);
-    for (int row = blockIdx.x; row < n_rows; row += gridDim.x) {
-        const bool counted = mask[row];
+    LOAD_ROW(next, blockIdx.x * ROWS + g);
+    for (int base = blockIdx.x * ROWS; base < n_rows; base += step) {
+        const int row = base + g;
+        const bool counted = row < n_rows && mask[row];
         #pragma unroll
         for (int j = 0; j < VEC; ++j) v[j] = next[j];
-        LOAD_ROW(next, row + gridDim.x);
-        if (!counted) {  // padding, the same for the whole block: nothing read, nothing counted
-            if (tid == 0) {
+        LOAD_ROW(next, row + step);
+        bool any = false;  // the same for the whole block
+        #pragma unroll
+        for (int q = 0; q < ROWS; ++q) any |= base + q < n_rows && mask[base + q < n_rows ? base + q : 0];
+        if (!any) {  // padding only: nothing read, nothing counted
+            if (t == 0 && row < n_rows) {
                 for (int q = 0; q < 4; ++q) row_f[q * n_rows + row] = 0.f;
                 for (int q = 0; q < 3; ++q) row_i[q * n_rows + row] = 0;
                 row_key[row] = -1;
@@ -599,7 +620,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) maxact_scan_bf16(
         unsigned bad = 0u;
         #pragma unroll
         for (int j = 0; j < VEC; ++j) {
-            if (j * THREADS + tid < n4) {
+            if (counted && j * GROUP + t < n4) {
                 const unsigned w[4] = {v[j].x, v[j].y, v[j].z, v[j].w};
                 #pragma unroll
                 for (int k = 0; k < 8; ++k) {
@@ -626,12 +647,13 @@ extern "C" __global__ void __launch_bounds__(THREADS) maxact_scan_bf16(
         bad = __any_sync(FULL, bad);
         if (lane == 0) { w_hi[warp] = hi; w_lo[warp] = lo; w_s[warp] = s; w_sq[warp] = sq; w_bad[warp] = bad; }
         __syncthreads();
-        hi = w_hi[0]; lo = w_lo[0]; s = w_s[0]; sq = w_sq[0]; bad = w_bad[0];
+        hi = w_hi[w0]; lo = w_lo[w0]; s = w_s[w0]; sq = w_sq[w0]; bad = w_bad[w0];
         #pragma unroll
-        for (int q = 1; q < WARPS; ++q) {
-            hi = fmaxf(hi, w_hi[q]); lo = fminf(lo, w_lo[q]); s += w_s[q]; sq += w_sq[q]; bad |= w_bad[q];
+        for (int q = 1; q < GROUP_WARPS; ++q) {
+            hi = fmaxf(hi, w_hi[w0 + q]); lo = fminf(lo, w_lo[w0 + q]); s += w_s[w0 + q]; sq += w_sq[w0 + q];
+            bad |= w_bad[w0 + q];
         }
-        const bool valid = !bad;
+        const bool valid = counted && !bad;
         const bool positive = hi >= -lo;
         const float tabs = positive ? hi : -lo;
         const float ext = positive ? hi : lo;
@@ -639,8 +661,8 @@ extern "C" __global__ void __launch_bounds__(THREADS) maxact_scan_bf16(
         int first = 0x7FFFFFFF, below = 0;
         #pragma unroll
         for (int j = 0; j < VEC; ++j) {
-            const int c = j * THREADS + tid;
-            if (c < n4) {
+            const int c = j * GROUP + t;
+            if (counted && c < n4) {
                 const unsigned w[4] = {v[j].x, v[j].y, v[j].z, v[j].w};
                 #pragma unroll
                 for (int k = 0; k < 4; ++k) {
@@ -663,11 +685,16 @@ extern "C" __global__ void __launch_bounds__(THREADS) maxact_scan_bf16(
         }
         if (lane == 0) { w_first[warp] = first; w_below[warp] = below; }
         __syncthreads();
-        if (tid == 0) {
-            for (int q = 1; q < WARPS; ++q) { first = min(first, w_first[q]); below += w_below[q]; }
-            row_f[row] = hi; row_f[n_rows + row] = lo; row_f[2 * n_rows + row] = s; row_f[3 * n_rows + row] = sq;
-            row_i[row] = valid; row_i[n_rows + row] = below; row_i[2 * n_rows + row] = first;
+        if (t == 0 && row < n_rows) {
+            for (int q = 1; q < GROUP_WARPS; ++q) { first = min(first, w_first[w0 + q]); below += w_below[w0 + q]; }
             long long key = -1;
+            if (counted) {
+                row_f[row] = hi; row_f[n_rows + row] = lo; row_f[2 * n_rows + row] = s; row_f[3 * n_rows + row] = sq;
+                row_i[row] = valid; row_i[n_rows + row] = below; row_i[2 * n_rows + row] = first;
+            } else {
+                for (int q = 0; q < 4; ++q) row_f[q * n_rows + row] = 0.f;
+                for (int q = 0; q < 3; ++q) row_i[q * n_rows + row] = 0;
+            }
             if (valid) {
                 key = ((long long)__float_as_uint(tabs) << 32) | (0xFFFFFFFFLL - token[row]);
                 atomicMax(sample_max + sample[row / tokens_per_row], __float_as_uint(tabs));
@@ -675,7 +702,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) maxact_scan_bf16(
                 p_hi = fmaxf(p_hi, hi); p_lo = fminf(p_lo, lo);
                 p_valid += 1;
                 p_massive += (tabs > MASSIVE_ABS) && (below >= (width - 1) / 2 + 1);
-            } else {
+            } else if (counted) {
                 p_bad += 1;
             }
             row_key[row] = key;
@@ -690,7 +717,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) maxact_scan_bf16(
     // the column maxima, skipping the atomic where the stored value is already as large
     #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-        const int c = j * THREADS + tid;
+        const int c = j * GROUP + t;
         if (c < n4) {
             #pragma unroll
             for (int k = 0; k < 4; ++k) {
@@ -701,15 +728,16 @@ extern "C" __global__ void __launch_bounds__(THREADS) maxact_scan_bf16(
             }
         }
     }
-    if (tid == 0) {
-        const int b = blockIdx.x;
+    if (t == 0) {
+        const int b = blockIdx.x * ROWS + g;
         part_f[b] = p_sum; part_f[n_parts + b] = p_sq; part_f[2 * n_parts + b] = (double)p_hi;
         part_f[3 * n_parts + b] = (double)p_lo;
         part_i[b] = p_valid; part_i[n_parts + b] = p_bad; part_i[2 * n_parts + b] = p_massive;
     }
 }
 """
-_SCAN_MAX_THREADS = 512
+_SCAN_MAX_GROUP = 512
+_SCAN_MIN_THREADS = 256
 _SCAN_MAX_VEC = 16  # rows of up to 65,536 bf16
 _cuda_scan: dict[str, Any] = {"kernels": {}, "failed": False}
 _SCAN_PARAMS = ctypes.c_void_p * 17
@@ -717,19 +745,27 @@ _SCAN_PARAMS = ctypes.c_void_p * 17
 
 @dataclass(frozen=True)
 class CudaScanShape:
-    """Threads per block, 16-byte vectors per thread and row, and blocks, of one CUDA scan launch."""
+    """One CUDA scan launch: threads per row, rows per block at a time, 16-byte vectors per thread
+    and row, and blocks."""
 
-    threads: int
+    group: int
+    rows: int
     vec: int
     blocks: int
 
+    @property
+    def threads(self) -> int:
+        return self.group * self.rows
 
-def cuda_scan_shape(x2: torch.Tensor, threads: int | None = None) -> CudaScanShape | None:
+
+def cuda_scan_shape(x2: torch.Tensor, group: int | None = None, rows: int | None = None) -> CudaScanShape | None:
     """How the CUDA scan would run over bf16 rows `x2` [N, H], or None where it cannot (then Triton scans).
 
     Needs bf16 on CUDA, rows 16-byte aligned with a width divisible by 8, at most 65,536 wide.
-    Threads (unless given): about two vectors each, 64 to 512. Blocks are left at 0: `_cuda_scan_kernel` sets them to
-    as many as run at once on every SM (the kernel's occupancy), at most one per row.
+    Unless given: about two vectors per thread, so 32 to 512 threads per row, and as many rows at
+    a time as make blocks of 256 threads (narrow rows share a block, and its two synchronisations
+    per step). Blocks are left at 0: `_cuda_scan_kernel` sets them to as many as run at once on
+    every SM (the kernel's occupancy).
     """
     if (x2.dtype != torch.bfloat16 or not x2.is_cuda or INTERPRET or _cuda_scan["failed"]
             or os.environ.get("MAXACT_CARD_CUDA_SCAN", "1") in ("0", "false", "off")):
@@ -738,12 +774,14 @@ def cuda_scan_shape(x2: torch.Tensor, threads: int | None = None) -> CudaScanSha
     if width % 8 or x2.stride(-1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16 or n_rows == 0:
         return None
     n4 = width // 8
-    if threads is None:
-        threads = min(_SCAN_MAX_THREADS, max(64, 1 << max((n4 + 1) // 2 - 1, 0).bit_length()))
-    vec = -(-n4 // threads)
-    if vec > _SCAN_MAX_VEC:
+    if group is None:
+        group = min(_SCAN_MAX_GROUP, max(32, 1 << max((n4 + 1) // 2 - 1, 0).bit_length()))
+    if rows is None:
+        rows = max(1, _SCAN_MIN_THREADS // group)
+    vec = -(-n4 // group)
+    if vec > _SCAN_MAX_VEC or group % 32 or group * rows > 1024:
         return None
-    return CudaScanShape(threads, vec, 0)
+    return CudaScanShape(group, rows, vec, 0)
 
 
 def _sms(device: torch.device) -> int:
@@ -759,13 +797,14 @@ def _cuda_scan_kernel(device: torch.device, shape: CudaScanShape, massive: bool,
     """The NVRTC scan kernel of this shape loaded on `device` and the launch's full shape, or None
     where it cannot be built."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    key = (index, shape.threads, shape.vec, massive)
+    key = (index, shape.group, shape.rows, shape.vec, massive)
     entry = _cuda_scan["kernels"].get(key)
     if entry is None:
         try:
             source = _SCAN_CUDA_SOURCE % {
                 "bins": HIST_BINS, "bias": _FINE_BIAS, "overflow": HIST_OVERFLOW, "nonfinite": HIST_NONFINITE,
-                "hist_stride": HIST_STRIDE, "threads": shape.threads, "vec": shape.vec, "massive": int(massive),
+                "hist_stride": HIST_STRIDE, "threads": shape.threads, "rows": shape.rows, "vec": shape.vec,
+                "massive": int(massive),
                 "massive_abs": repr(float(MASSIVE_ABS)), "massive_ratio": repr(float(MASSIVE_RATIO)),
             }
             with torch.cuda.device(index):
@@ -782,12 +821,12 @@ def _cuda_scan_kernel(device: torch.device, shape: CudaScanShape, massive: bool,
             return None
         entry = _cuda_scan["kernels"][key] = (kernel, per_sm.value * _sms(device))
     kernel, resident = entry
-    return kernel, CudaScanShape(shape.threads, shape.vec, max(1, min(n_rows, resident)))
+    return kernel, CudaScanShape(shape.group, shape.rows, shape.vec, max(1, min(-(-n_rows // shape.rows), resident)))
 
 
 def _launch_cuda_scan(kernel: Any, shape: CudaScanShape, x2: torch.Tensor, tokens_per_row: int, mask: torch.Tensor,
                       token_index: torch.Tensor, sample_index: torch.Tensor, acc: SiteStats, hist: torch.Tensor,
-                      ws: _Workspace) -> None:
+                      ws: _Workspace, stream: int) -> None:
     n_rows, width = x2.shape
     ptr = ctypes.c_void_p
     values = (ptr(x2.data_ptr()), ctypes.c_int(x2.stride(0)), ctypes.c_int(n_rows), ctypes.c_int(width),
@@ -797,11 +836,7 @@ def _launch_cuda_scan(kernel: Any, shape: CudaScanShape, x2: torch.Tensor, token
               ptr(ws.scan.row_i.data_ptr()), ptr(ws.row_key.data_ptr()), ptr(ws.part_f.data_ptr()),
               ptr(ws.part_i.data_ptr()))
     params = _SCAN_PARAMS(*(ctypes.addressof(v) for v in values))
-    stream = ctypes.c_void_p(torch.cuda.current_stream(x2.device).cuda_stream)
-    status = torch.cuda._utils._get_gpu_runtime_library().cuLaunchKernel(
-        kernel.func, shape.blocks, 1, 1, shape.threads, 1, 1, 0, stream, params, None)
-    if status != 0:
-        raise RuntimeError(f"cuLaunchKernel returned {status}")
+    _cu_launch(kernel.func, shape.blocks, shape.threads, stream, params)
 
 
 # --- the host side ----------------------------------------------------------------------------------
@@ -811,16 +846,17 @@ _BLOCK_R = 1024  # rows per top-K selection program of the fold
 _scratch: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _stream_key(device: torch.device) -> Any:
-    return (device, torch.cuda.current_stream(device).cuda_stream) if device.type == "cuda" else device
+def _stream_of(device: torch.device) -> int:
+    """The handle of `device`'s current stream (0 off CUDA): scratch is kept per stream."""
+    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
 
 
-def _persistent_scratch(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _persistent_scratch(device: torch.device, stream: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The private histograms and the fold's ticket counter of `device`'s current stream, zeroed.
 
     The fold kernel leaves both at zero again, so one allocation serves every update.
     """
-    key = _stream_key(device)
+    key = (device, _stream_of(device) if stream is None else stream)
     pair = _scratch.get(key)
     if pair is None:
         copies = _HIST_COPIES_CUDA if device.type == "cuda" else _HIST_COPIES_CPU
@@ -859,13 +895,13 @@ _workspaces: dict[Any, _Workspace] = {}
 _MAX_WORKSPACES = 16
 
 
-def _workspace(device: torch.device, n_rows: int, n_parts: int, top_k: int, block_k: int) -> _Workspace:
+def _workspace(device: torch.device, stream: int, n_rows: int, n_parts: int, top_k: int, block_k: int) -> _Workspace:
     """Per-row, per-program and staging buffers for one update, kept for the next of the same shape.
 
     Every site of a batch has the same rows, so one set serves a whole forward pass: no allocator
     calls per update. Updates on one stream run in order, so reuse never races.
     """
-    key = (_stream_key(device), n_rows, n_parts, top_k)
+    key = (device, stream, n_rows, n_parts, top_k)
     ws = _workspaces.get(key)
     if ws is None:
         if len(_workspaces) >= _MAX_WORKSPACES:
@@ -902,7 +938,8 @@ def fused_update(acc: SiteStats, x: torch.Tensor, mask: torch.Tensor, token_inde
     The caller checks `available(x)`. `acc`'s tensors must be contiguous, on x's device, with the
     dtypes `SiteStats` gives them; mask is bool [B, T]. For massive sites the median |a| of the new
     top-K entries is left to the caller (`Scan.source` says which rows they are). `config` forces a
-    block shape: a ScanConfig runs the Triton scan, a CudaScanShape the CUDA scan with its threads.
+    block shape: a ScanConfig runs the Triton scan, a CudaScanShape the CUDA scan with its threads per
+    row and rows per block.
     """
     width = x.shape[-1]
     x2 = x.reshape(-1, width)
@@ -911,19 +948,20 @@ def fused_update(acc: SiteStats, x: torch.Tensor, mask: torch.Tensor, token_inde
     n_rows = x2.shape[0]
     device = x2.device
     if isinstance(config, CudaScanShape):
-        shape, cfg = cuda_scan_shape(x2, threads=config.threads), scan_config(width, x2.element_size())
+        shape, cfg = cuda_scan_shape(x2, config.group, config.rows), scan_config(width, x2.element_size())
     else:
         shape = cuda_scan_shape(x2) if config is None else None
         cfg = config or scan_config(width, x2.element_size())
     found = _cuda_scan_kernel(device, shape, acc.massive, n_rows) if shape is not None else None
     kernel, shape = found if found is not None else (None, None)
-    n_parts = shape.blocks if shape is not None else triton.cdiv(n_rows, cfg.block_n)
+    n_parts = shape.blocks * shape.rows if shape is not None else triton.cdiv(n_rows, cfg.block_n)
     is_bf16 = x2.dtype == torch.bfloat16
     block_k = max(16, triton.next_power_of_2(acc.top_k))
-    ws = _workspace(device, n_rows, n_parts, acc.top_k, block_k)
+    stream = _stream_of(device)
+    ws = _workspace(device, stream, n_rows, n_parts, acc.top_k, block_k)
     row_f, row_i, source = ws.scan.row_f, ws.scan.row_i, ws.scan.source
     data = x2.view(torch.int16) if is_bf16 else x2
-    hist, ticket = _persistent_scratch(device)
+    hist, ticket = _persistent_scratch(device, stream)
     flat_mask, flat_tokens = _flat(mask).view(torch.uint8), _flat(token_index)
     # Triton launches on the current device: a model sharded over GPUs updates sites on others
     on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
@@ -932,7 +970,8 @@ def fused_update(acc: SiteStats, x: torch.Tensor, mask: torch.Tensor, token_inde
             if kernel is not None:
                 assert shape is not None
                 counted_apart = False  # the CUDA scan counts into the private histograms
-                _launch_cuda_scan(kernel, shape, x2, x.shape[-2], flat_mask, flat_tokens, sample_index, acc, hist, ws)
+                _launch_cuda_scan(kernel, shape, x2, x.shape[-2], flat_mask, flat_tokens, sample_index, acc, hist, ws,
+                                  stream)
             else:
                 counted_apart = cuda_histogram_ready(x2)
                 _scan_kernel[(n_parts,)](
