@@ -333,7 +333,8 @@ def test_top_k_across_selection_blocks(kernels: ModuleType, top_k: int) -> None:
 @pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("massive", [False, True])
 @pytest.mark.parametrize(("width", "cuda_scan"), [
-    (4096, True), (12288, True), (1000, True),  # the CUDA scan: 2, 3 and 2 vectors per thread
+    # the CUDA scan: 256 threads per row, 512 (3 vectors each), 2 rows of 128 and 4 rows of 64 per block
+    (4096, True), (12288, True), (2048, True), (1000, True),
     (4096, False),  # the Triton scan with the CUDA histogram
     (1001, False),  # not divisible by 8: the Triton scan and the CUDA histogram's unvectorised path
 ])
