@@ -737,7 +737,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) maxact_scan_bf16(
 }
 """
 _SCAN_MAX_GROUP = 512
-_SCAN_MIN_THREADS = 256
+_SCAN_ROW_THREADS = 128
 _SCAN_MAX_VEC = 16  # rows of up to 65,536 bf16
 _cuda_scan: dict[str, Any] = {"kernels": {}, "failed": False}
 _SCAN_PARAMS = ctypes.c_void_p * 17
@@ -762,9 +762,11 @@ def cuda_scan_shape(x2: torch.Tensor, group: int | None = None, rows: int | None
     """How the CUDA scan would run over bf16 rows `x2` [N, H], or None where it cannot (then Triton scans).
 
     Needs bf16 on CUDA, rows 16-byte aligned with a width divisible by 8, at most 65,536 wide.
-    Unless given: about two vectors per thread, so 32 to 512 threads per row, and as many rows at
-    a time as make blocks of 256 threads (narrow rows share a block, and its two synchronisations
-    per step). Blocks are left at 0: `_cuda_scan_kernel` sets them to as many as run at once on
+    Unless given: 4 to 8 vectors per thread (32 to 512 threads per row), and as many rows at a time
+    as make blocks of 128 threads (narrow rows share a block, and its two synchronisations per step):
+    the fastest shapes of `bench/bench_stats.py --cuda-sweep` on an H100 for widths 2,048 (64 x 2,
+    0.059 ms per [16384, H] update), 4,096 (128 x 1, 0.102 ms), 6,144 (128 x 1, 0.140 ms) and
+    12,288 (256 x 1, 0.268 ms), each within 2% of the best. Blocks are left at 0: `_cuda_scan_kernel` sets them to as many as run at once on
     every SM (the kernel's occupancy).
     """
     if (x2.dtype != torch.bfloat16 or not x2.is_cuda or INTERPRET or _cuda_scan["failed"]
@@ -775,9 +777,9 @@ def cuda_scan_shape(x2: torch.Tensor, group: int | None = None, rows: int | None
         return None
     n4 = width // 8
     if group is None:
-        group = min(_SCAN_MAX_GROUP, max(32, 1 << max((n4 + 1) // 2 - 1, 0).bit_length()))
+        group = min(_SCAN_MAX_GROUP, max(32, _pow2_floor(n4 // 4)))
     if rows is None:
-        rows = max(1, _SCAN_MIN_THREADS // group)
+        rows = max(1, _SCAN_ROW_THREADS // group)
     vec = -(-n4 // group)
     if vec > _SCAN_MAX_VEC or group % 32 or group * rows > 1024:
         return None

@@ -333,7 +333,7 @@ def test_top_k_across_selection_blocks(kernels: ModuleType, top_k: int) -> None:
 @pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("massive", [False, True])
 @pytest.mark.parametrize(("width", "cuda_scan"), [
-    # the CUDA scan: 256 threads per row, 512 (3 vectors each), 2 rows of 128 and 4 rows of 64 per block
+    # the CUDA scan: 128 threads per row, 256 (6 vectors each), 2 rows of 64 and 4 rows of 32 per block
     (4096, True), (12288, True), (2048, True), (1000, True),
     (4096, False),  # the Triton scan with the CUDA histogram
     (1001, False),  # not divisible by 8: the Triton scan and the CUDA histogram's unvectorised path
