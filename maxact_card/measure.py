@@ -8,6 +8,7 @@ transfer to the host is the final one.
 
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -179,14 +180,32 @@ def _as_bth(t: torch.Tensor, batch: int, seq: int) -> torch.Tensor | None:
     return None
 
 
-class _Hooks:
-    """Registers one hook per site; each extracts its tensor and updates its accumulator."""
+def _stats_stream(device: torch.device) -> torch.cuda.Stream | None:
+    """A CUDA stream of `device` for the statistics, so that they run beside the forward pass rather
+    than between its kernels (None off CUDA, or with MAXACT_CARD_OVERLAP=0)."""
+    if device.type != "cuda" or os.environ.get("MAXACT_CARD_OVERLAP", "1") in ("0", "false", "off"):
+        return None
+    return torch.cuda.Stream(device)
 
-    def __init__(self, model: nn.Module, sites: Sequence[Site], consumers: dict[str, Consumer]) -> None:
+
+class _Hooks:
+    """Registers one hook per site; each extracts its tensor and updates its accumulator.
+
+    With a side stream (CUDA), each update is queued there behind the work that produced its tensor,
+    and the tensor is marked as in use by that stream so that its memory is not reused early; the
+    forward pass goes on meanwhile. `join()` makes the forward's stream wait for every queued update:
+    called after each forward pass, before the accumulators are read, rolled back or the batch's
+    inputs released.
+    """
+
+    def __init__(self, model: nn.Module, sites: Sequence[Site], consumers: dict[str, Consumer],
+                 side: torch.cuda.Stream | None = None) -> None:
         self.ctx: BatchContext | None = None
         self.shape: tuple[int, int] = (0, 0)
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
         self.unreadable: dict[str, str] = {}
+        self.side = side
+        self.main = torch.cuda.current_stream(side.device) if side is not None else None
         for site in sites:
             module = model.get_submodule(site.module)
             acc = consumers[site.name]
@@ -203,7 +222,19 @@ class _Hooks:
         if t is None:
             self.unreadable.setdefault(site.name, "its tensor is not [batch, tokens, width]")
             return
-        acc(t.detach(), self.ctx)
+        t = t.detach()
+        side = self.side
+        if side is None or t.device != side.device:
+            acc(t, self.ctx)
+            return
+        side.wait_stream(self.main)
+        t.record_stream(side)
+        with torch.cuda.stream(side):
+            acc(t, self.ctx)
+
+    def join(self) -> None:
+        if self.side is not None and self.main is not None:
+            self.main.wait_stream(self.side)
 
     def _pre_hook(self, site: Site, acc: Consumer):  # type: ignore[no-untyped-def]
         def hook(module: nn.Module, args: tuple[object, ...]) -> None:
@@ -423,7 +454,7 @@ def run_hooked(
     for t in token_ids:
         offsets.append(total)
         total += len(t)
-    hooks = _Hooks(model, sites, consumers)
+    hooks = _Hooks(model, sites, consumers, _stats_stream(input_device))
     report = LoopReport(0.0, hooks.unreadable)
     start = time.perf_counter()
     done_samples = done_tokens = 0
@@ -497,6 +528,7 @@ def _forward_one(runner: nn.Module, hooks: _Hooks, token_ids: list[list[int]], b
         if after_forward is not None:
             after_forward(out, hooks.ctx)
     finally:
+        hooks.join()  # before the batch's inputs are released, or anything reads the statistics
         hooks.ctx = None
 
 

@@ -581,3 +581,24 @@ def test_quant_bad_options_are_usage_errors(
     assert len(errors) == 1 and message in errors[0]
     assert "Traceback" not in res.stderr
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_statistics_on_a_side_stream_equal_inline_updates(token_ids: list[list[int]],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from maxact_card import measure as measure_mod
+
+    device = torch.device("cuda")
+    model = _llama(layers=3).to(device, torch.bfloat16)
+    plan = [list(range(i, min(i + 2, len(token_ids)))) for i in range(0, len(token_ids), 2)]
+    runs = {}
+    for overlap in ("1", "0"):
+        monkeypatch.setenv("MAXACT_CARD_OVERLAP", overlap)
+        assert (measure_mod._stats_stream(device) is not None) == (overlap == "1")
+        runs[overlap] = measure(model, token_ids, batches=plan, device=device).stats
+    assert runs["1"].keys() == runs["0"].keys()
+    for name, side in runs["1"].items():
+        inline = runs["0"][name]
+        for field in SiteStats.MERGE_OPS:
+            a, b = getattr(side, field), getattr(inline, field)
+            assert torch.equal(a, b) if field not in ("sum", "sumsq") else torch.allclose(a, b, rtol=1e-9), (name, field)
