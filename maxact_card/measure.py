@@ -8,6 +8,7 @@ transfer to the host is the final one.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections import deque
@@ -180,32 +181,33 @@ def _as_bth(t: torch.Tensor, batch: int, seq: int) -> torch.Tensor | None:
     return None
 
 
-def _stats_stream(device: torch.device) -> torch.cuda.Stream | None:
-    """A CUDA stream of `device` for the statistics, so that they run beside the forward pass rather
-    than between its kernels (None off CUDA, or with MAXACT_CARD_OVERLAP=0)."""
+def _streams(device: torch.device) -> tuple[torch.cuda.Stream, torch.cuda.Stream] | None:
+    """CUDA streams of `device` for the forward pass (high priority) and the statistics (low), so that
+    the statistics fill what the forward leaves idle rather than run between its kernels (None off
+    CUDA, or with MAXACT_CARD_OVERLAP=0)."""
     if device.type != "cuda" or os.environ.get("MAXACT_CARD_OVERLAP", "1") in ("0", "false", "off"):
         return None
-    return torch.cuda.Stream(device)
+    low, high = torch.cuda.Stream.priority_range() if hasattr(torch.cuda.Stream, "priority_range") else (0, -1)
+    return torch.cuda.Stream(device, priority=high), torch.cuda.Stream(device, priority=low)
 
 
 class _Hooks:
     """Registers one hook per site; each extracts its tensor and updates its accumulator.
 
-    With a side stream (CUDA), each update is queued there behind the work that produced its tensor,
-    and the tensor is marked as in use by that stream so that its memory is not reused early; the
-    forward pass goes on meanwhile. `join()` makes the forward's stream wait for every queued update:
+    With streams (CUDA: the loop runs on `main`), each update is queued on `side` behind the work that
+    produced its tensor, and the tensor is marked as in use by that stream so that its memory is not
+    reused early; the forward pass goes on meanwhile. `join()` makes the forward's stream wait for every queued update:
     called after each forward pass, before the accumulators are read, rolled back or the batch's
     inputs released.
     """
 
     def __init__(self, model: nn.Module, sites: Sequence[Site], consumers: dict[str, Consumer],
-                 side: torch.cuda.Stream | None = None) -> None:
+                 streams: tuple[torch.cuda.Stream, torch.cuda.Stream] | None = None) -> None:
         self.ctx: BatchContext | None = None
         self.shape: tuple[int, int] = (0, 0)
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
         self.unreadable: dict[str, str] = {}
-        self.side = side
-        self.main = torch.cuda.current_stream(side.device) if side is not None else None
+        self.main, self.side = streams if streams is not None else (None, None)
         for site in sites:
             module = model.get_submodule(site.module)
             acc = consumers[site.name]
@@ -224,7 +226,7 @@ class _Hooks:
             return
         t = t.detach()
         side = self.side
-        if side is None or t.device != side.device:
+        if side is None or self.main is None or t.device != side.device:
             acc(t, self.ctx)
             return
         side.wait_stream(self.main)
@@ -454,7 +456,8 @@ def run_hooked(
     for t in token_ids:
         offsets.append(total)
         total += len(t)
-    hooks = _Hooks(model, sites, consumers, _stats_stream(input_device))
+    streams = _streams(input_device)
+    hooks = _Hooks(model, sites, consumers, streams)
     report = LoopReport(0.0, hooks.unreadable)
     start = time.perf_counter()
     done_samples = done_tokens = 0
@@ -462,7 +465,10 @@ def run_hooked(
     parts_left = {k: 1 for k, _ in queue}
     ceiling: int | None = None  # padded tokens a batch may hold after an out-of-memory error
     try:
-        with torch.inference_mode():
+        if streams is not None:  # the loop's own stream starts behind what was queued before it
+            streams[0].wait_stream(torch.cuda.current_stream(input_device))
+        on_stream = torch.cuda.stream(streams[0]) if streams is not None else contextlib.nullcontext()
+        with torch.inference_mode(), on_stream:
             while queue:
                 k, batch = queue.popleft()
                 if ceiling is not None and len(batch) > 1 and padded_tokens(token_ids, batch) > ceiling:

@@ -594,7 +594,7 @@ def test_statistics_on_a_side_stream_equal_inline_updates(token_ids: list[list[i
     runs = {}
     for overlap in ("1", "0"):
         monkeypatch.setenv("MAXACT_CARD_OVERLAP", overlap)
-        assert (measure_mod._stats_stream(device) is not None) == (overlap == "1")
+        assert (measure_mod._streams(device) is not None) == (overlap == "1")
         runs[overlap] = measure(model, token_ids, batches=plan, device=device).stats
     assert runs["1"].keys() == runs["0"].keys()
     for name, side in runs["1"].items():
