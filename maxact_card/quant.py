@@ -302,13 +302,15 @@ class QuantAccumulator:
     ) -> None:
         """`scales` holds a positive finite scale for every static policy (see `static_scales`)."""
         self.scales = _check_scales(scales)
-        self._scale_vec: torch.Tensor | None = None
         self.thresholds = thresholds
         self._state = {
             name: torch.zeros(shape, dtype=dtype, device=device) for name, (dtype, shape) in _FIELDS.items()
         }
         # the device the state landed on: "cuda" becomes "cuda:0", so comparisons with x.device hold
         self.device = self._state["noise"].device
+        # copied here, once: a host-to-device copy inside `update` would synchronise with the host
+        self._scale_vec = torch.tensor([float(self.scales.get(p, 1.0)) for p in POLICY_ORDER],
+                                       dtype=torch.float32, device=self.device)
 
     def update(self, x: torch.Tensor, mask: torch.Tensor) -> None:
         """Add held-out activations x [B, T, H] under mask [B, T] (False = padding, never counted).
@@ -329,9 +331,6 @@ class QuantAccumulator:
             )
         mask = mask.to(torch.bool)
         hidden = x.shape[-1]
-        if self._scale_vec is None:
-            self._scale_vec = torch.tensor([float(self.scales.get(p, 1.0)) for p in POLICY_ORDER],
-                                           dtype=torch.float32, device=self.device)
         signal_tok, abs_tok, noise_tok, abs_error_tok, clipped_tok = _token_errors(x, self._scale_vec)
         state = self._state
         state["signal"] += torch.where(mask, signal_tok, 0).sum(dtype=torch.float64)
