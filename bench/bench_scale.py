@@ -149,8 +149,8 @@ def sharded_model(args: argparse.Namespace) -> None:
     placed = sorted({str(s.max.device) for s in m.stats.values()})
     from maxact_card import kernels, stats
 
-    print(f"fused kernels on: {stats._KERNELS['error'] is None}; CUDA histogram loaded on devices "
-          f"{sorted(kernels._cuda_hist['kernels'])}, failed: {kernels._cuda_hist['failed']}")
+    print(f"fused kernels on: {stats._KERNELS['error'] is None}; CUDA scan loaded on devices "
+          f"{sorted({key[0] for key in kernels._cuda_scan['kernels']})}, failed: {kernels._cuda_scan['failed']}")
     problems = compare(one, host_state(m))
     print(f"shape={args.shape} one GPU {t_one:.3f}s, sharded over {gpus} GPUs {t_sharded:.3f}s; statistics on {placed}")
     print("sharded statistics identical to one GPU" if not problems else f"DIFFERENT: {problems[:8]}")
