@@ -182,7 +182,8 @@ def setup_costs(model: torch.nn.Module, token_ids: list[list[int]], device: torc
 
 def kernel_times(fn) -> dict[str, tuple[float, int]]:  # type: ignore[no-untyped-def]
     """Device time (ms) and launch count of each kernel that `fn` runs, under torch.profiler."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()

@@ -130,7 +130,8 @@ def summary(x: torch.Tensor, w: torch.Tensor, ctx: stats.BatchContext, width: in
               f"   {t_new / read:6.2f}x one read   {t_old / t_new:6.1f}x faster")
         small, small_ctx = x[:1, :8], ctx_rows(ctx, 1, 8)
         host = stats.SiteStats(width, 64, device, massive=massive)
-        t_host = host_time(lambda host=host: _update(host, small, small_ctx, True), device)
+        t_host = host_time(lambda host=host, small=small, small_ctx=small_ctx: _update(host, small, small_ctx, True),
+                           device)
         print(f"{'  host time per update, [1x8] rows' + tag:44s} {t_host:8.3f} ms   (the GPU work is negligible)")
     stats.use_kernels(None)
     if kernels_ok:

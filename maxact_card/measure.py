@@ -187,8 +187,8 @@ def _streams(device: torch.device) -> tuple[torch.cuda.Stream, torch.cuda.Stream
     CUDA, or with MAXACT_CARD_OVERLAP=0)."""
     if device.type != "cuda" or os.environ.get("MAXACT_CARD_OVERLAP", "1") in ("0", "false", "off"):
         return None
-    low, high = torch.cuda.Stream.priority_range() if hasattr(torch.cuda.Stream, "priority_range") else (0, -1)
-    return torch.cuda.Stream(device, priority=high), torch.cuda.Stream(device, priority=low)
+    # lower is more urgent; 0 is the default (and least urgent), -1 the next (CUDA clamps to its range)
+    return torch.cuda.Stream(device, priority=-1), torch.cuda.Stream(device, priority=0)
 
 
 class _Hooks:
@@ -207,7 +207,8 @@ class _Hooks:
         self.shape: tuple[int, int] = (0, 0)
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
         self.unreadable: dict[str, str] = {}
-        self.main, self.side = streams if streams is not None else (None, None)
+        self.main: torch.cuda.Stream | None = streams[0] if streams is not None else None
+        self.side: torch.cuda.Stream | None = streams[1] if streams is not None else None
         for site in sites:
             module = model.get_submodule(site.module)
             acc = consumers[site.name]

@@ -325,7 +325,7 @@ def test_top_k_across_selection_blocks(kernels: ModuleType, top_k: int) -> None:
     # padding): row 2048 of the second batch
     assert got.topk_value[:5].tolist() == [200.0, 200.0, 200.0, 200.0, -110.0]
     assert got.topk_channel[:5].tolist() == [5, 7, 5, 7, (2048 + 1) % 24]
-    hist, ticket = kernels._persistent_scratch(torch.device("cpu"))
+    _, ticket = kernels._persistent_scratch(torch.device("cpu"))
     assert int(ticket) == 0
 
 
