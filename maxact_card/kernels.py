@@ -1,28 +1,35 @@
-"""Fused Triton kernels for `SiteStats.update`: every statistic of one activation in two launches.
+"""Fused kernels for `SiteStats.update`: every statistic of one activation in two launches.
 
 `dense_scan` + `torch.bincount` in `stats.py` are the reference; these kernels give the same
 numbers (bit for bit, except the float sums, whose order of addition differs) without writing
 anything per element:
 
-1. `_scan_kernel`, one program per block of rows. Pass 1 reads the block from memory: per row the
-   max, min (NaN-propagating, so inf/NaN show), sum and sum of squares. Pass 2 reads it again (from
-   L2: a block is at most 32 KB) now that validity and extremes are known, and works on the bits of
-   |a|: column maxima over valid rows (an atomic max on the int32 bits, only where the block beats
-   the stored value), the |a| histogram of masked rows (atomic adds into one of several private
-   int32 histograms, so that no bin is hit by every program at once) and, for massive sites, the
-   per-row count of channels below |a|max/1000. Per row it writes its extremes and moments; rows
-   whose top-K key beats the current K-th entry go to a short candidate list; per program it
-   writes partial max/min/sum/sumsq/counts; the sample maxima take an atomic max per row.
-2. `_fold_kernel`: the first programs add the private histograms into the int64 counts and zero
-   them for the next call; the last one folds the partials into the scalar statistics in a fixed
-   order (so sums are deterministic), picks the best candidates, finds the first channel of each
-   one's extreme by reading its row, and merges them into the top-K in place.
+1. A scan, one of two:
+   - `maxact_scan_bf16` (CUDA C++, compiled at run time by NVRTC through torch; bf16 rows 16-byte
+     aligned, width divisible by 8): one read of the tensor. A group of threads holds a row in
+     registers; two reductions give its extremes, moments, validity, the first channel of its
+     extreme and (massive sites) the channels below |a|max/1000. The |a| histogram is counted in
+     shared memory, the column maxima stay in registers over all the rows a block takes, and both
+     reach memory once per block. Padding rows are not read.
+   - `_scan_kernel` (Triton; other dtypes and widths, and Triton's CPU interpreter in the tests):
+     one program per block of rows reads it twice (the second pass from L2, once validity and
+     extremes are known); column maxima by atomics per block of rows; the histogram by atomics into
+     private copies, or by the CUDA `maxact_abs_hist_bf16` kernel for bf16.
+   Both write, per row, the extremes, moments, flags, first extreme channel and top-K key (|a| bits
+   high, complement of the token's run index low; -1 where the row is not valid), and per block
+   partial sums and counts; the sample maxima take an atomic max per row.
+2. `_fold_kernel` (Triton): the first programs add the private histograms into the int64 counts
+   and zero them; the others each take 1,024 rows and stage the largest keys that beat the stored
+   K-th entry, and the last of them to finish (a ticket counter) folds the partials into the
+   scalar statistics in a fixed order (so sums are deterministic), merges the staged keys and
+   merges them into the top-K in place.
 
 Nothing synchronises with the host. Triton is optional: `available()` says whether the kernels can
 run on a tensor (Triton installed and the tensor on CUDA, or Triton's interpreter switched on with
 TRITON_INTERPRET=1 before Triton is imported, which runs them on CPU tensors for tests). Only
 long-standing Triton features are used (masked loads and stores, reductions, atomics, while
-loops), so that the Triton bundled with older PyTorch builds them too.
+loops), so that the Triton bundled with older PyTorch builds them too. MAXACT_CARD_CUDA_SCAN=0 and
+MAXACT_CARD_CUDA_HIST=0 turn the CUDA kernels off.
 """
 
 from __future__ import annotations
