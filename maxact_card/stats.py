@@ -303,6 +303,7 @@ class SiteStats:
         torch.minimum(self.min, torch.where(valid, tok_min, torch.inf).amin(), out=self.min)
         abs_valid = torch.where(valid, tok_abs, 0.0)
         self.sample_max.scatter_reduce_(0, ctx.sample_index, abs_valid.amax(dim=1), reduce="amax")
+        assert tok_channel is not None
         self._update_topk(x, abs_valid, tok_signed, tok_channel, valid, ctx)
         torch.maximum(self.channel_max, channel_max, out=self.channel_max)
         self.sum += torch.where(valid, tok_sum, 0.0).sum(dtype=torch.float64)
@@ -341,26 +342,17 @@ class SiteStats:
         torch.where(source >= 0, median, self.topk_median, out=self.topk_median)
 
     def _update_topk(self, x: torch.Tensor, abs_valid: torch.Tensor, signed: torch.Tensor,
-                     channel: torch.Tensor | None, valid: torch.Tensor, ctx: BatchContext) -> None:
-        """Merge this batch's largest tokens into the top-K.
-
-        `channel` holds each token's channel of its extreme; None (the fused scan does not keep it)
-        finds it for the K chosen tokens only: the first channel holding the extreme, as dense_scan
-        and the fused fold report it.
-        """
+                     channel: torch.Tensor, valid: torch.Tensor, ctx: BatchContext) -> None:
+        """Merge this batch's largest tokens (each with the channel of its extreme) into the top-K."""
         bits = abs_valid.contiguous().view(torch.int32).to(torch.int64)
         key = torch.where(valid, (bits << 32) | (_KEY_LOW - ctx.token_index.reshape(valid.shape)), -1).reshape(-1)
         top_key, idx = key.topk(min(self.top_k, key.numel()))
         value = signed.reshape(-1).index_select(0, idx)
-        rows = x.reshape(-1, x.shape[-1]).index_select(0, idx) if self.massive or channel is None else None
-        if channel is None:
-            assert rows is not None
-            top_channel = (rows.float() == value.unsqueeze(1)).to(torch.uint8).argmax(dim=1)
-        else:
-            top_channel = channel.reshape(-1).index_select(0, idx)
-        if rows is not None and self.massive:
+        top_channel = channel.reshape(-1).index_select(0, idx)
+        if self.massive:
             # The median |a| of each candidate token, for Sun et al.'s ratio at the top tokens: the
             # final top-K does not depend on batching, so neither does the largest ratio read there.
+            rows = x.reshape(-1, x.shape[-1]).index_select(0, idx)
             median = rows.abs().median(dim=-1).values.float()
         else:
             median = torch.zeros_like(value)
