@@ -328,7 +328,8 @@ class SiteStats:
         The fields need no check: every path that sets them (construction, `_select_topk`,
         `load_state_dict`) leaves them contiguous, with their `_DTYPES`, on this accumulator's device.
         """
-        if x.dim() != 3 or x.numel() == 0 or self.top_k < 1 or self.topk_key.numel() != self.top_k:
+        if x.dim() != 3 or x.numel() == 0 or x.shape[-1] != self.width or self.top_k < 1 \
+                or self.topk_key.numel() != self.top_k:
             return False
         shape = x.shape[:-1]
         if ctx.mask.shape != shape or ctx.token_index.shape != shape or ctx.input_ids.shape != shape:
