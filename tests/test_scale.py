@@ -325,7 +325,7 @@ def test_auto_budget_follows_free_memory(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(budget, "free_bytes", lambda device, all_gpus=False: per_token * 10_000)
     assert budget.auto_batch_tokens(model, CPU, torch.float32, 64) == 4864  # half of 10,000, down to 256s
     monkeypatch.setattr(budget, "free_bytes", lambda device, all_gpus=False: 1 << 50)
-    assert budget.auto_batch_tokens(model, CPU, torch.float32, 64) == budget.CPU_BUDGET
+    assert budget.auto_batch_tokens(model, CPU, torch.float32, 64) == budget.MAX_BUDGET == 16384
     monkeypatch.setattr(budget, "free_bytes", lambda device, all_gpus=False: 0)
     assert budget.auto_batch_tokens(model, CPU, torch.float32, 64) == budget.MIN_BUDGET
 
