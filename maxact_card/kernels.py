@@ -942,7 +942,8 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
 def fused_update(acc: SiteStats, x: torch.Tensor, mask: torch.Tensor, token_index: torch.Tensor,
                  sample_index: torch.Tensor, input_ids: torch.Tensor, *,
                  config: ScanConfig | CudaScanShape | None = None) -> Scan:
-    """Fold a [B, T, H] activation into `acc` in two launches (scan, then fold), in place.
+    """Fold a [B, T, H] activation into `acc` in place: a scan, then the fold (and, where the Triton scan
+    runs on bf16, the CUDA histogram).
 
     The caller checks `available(x)`. `acc`'s tensors must be contiguous, on x's device, with the
     dtypes `SiteStats` gives them; mask is bool [B, T]. For massive sites the median |a| of the new
