@@ -51,6 +51,7 @@ from maxact_card.stats import (
     MASSIVE_RATIO,
     abs_hist_counts,
 )
+from maxact_card.switches import switched_off
 
 if TYPE_CHECKING:
     from maxact_card.stats import SiteStats
@@ -391,19 +392,21 @@ if triton is not None:
 # times slower, and two copies per block gained nothing. Triton (3.6) has no shared-memory atomics, so
 # this kernel is CUDA C++ compiled at run time by NVRTC through torch; where that is not possible the
 # Triton scan counts the histogram itself.
-_HIST_CUDA_SOURCE = r"""
-#define NBINS %(bins)d
-#define FINE_BIAS %(bias)d
-#define OVERFLOW %(overflow)d
-#define NONFINITE %(nonfinite)d
-#define SPARE NBINS
+# The histogram key of `abs_hist_keys` from the 15 magnitude bits of a bf16, for both CUDA sources.
+_CUDA_KEY_SOURCE = f"""
+#define NBINS {HIST_BINS}
+#define FINE_BIAS {_FINE_BIAS}
+#define OVERFLOW {HIST_OVERFLOW}
+#define NONFINITE {HIST_NONFINITE}
 
-__device__ __forceinline__ unsigned maxact_key(unsigned short raw) {
-    unsigned a = raw & 0x7FFFu;
+__device__ __forceinline__ unsigned maxact_key(unsigned a) {{
     if (a >= 0x7F80u) return NONFINITE;
     int fine = (int)(a >> 1) - FINE_BIAS;
     return (unsigned)(fine < 0 ? 0 : (fine > OVERFLOW ? OVERFLOW : fine));
-}
+}}
+"""
+_HIST_CUDA_SOURCE = r"""
+#define SPARE NBINS
 
 __device__ __forceinline__ void maxact_add(unsigned* h, unsigned key) {
     atomicAdd(&h[key], 1u);
@@ -430,15 +433,15 @@ extern "C" __global__ void maxact_abs_hist_bf16(const unsigned short* __restrict
                 unsigned w[4] = {v.x, v.y, v.z, v.w};
                 #pragma unroll
                 for (int j = 0; j < 4; ++j) {
-                    maxact_add(h, c < n4 ? maxact_key((unsigned short)(w[j] & 0xFFFFu)) : SPARE);
-                    maxact_add(h, c < n4 ? maxact_key((unsigned short)(w[j] >> 16)) : SPARE);
+                    maxact_add(h, c < n4 ? maxact_key(w[j] & 0x7FFFu) : SPARE);
+                    maxact_add(h, c < n4 ? maxact_key((w[j] >> 16) & 0x7FFFu) : SPARE);
                 }
             }
         } else {
             int steps = (width + blockDim.x - 1) / blockDim.x;
             for (int s = 0; s < steps; ++s) {
                 int c = s * blockDim.x + threadIdx.x;
-                maxact_add(h, c < width ? maxact_key(r[c]) : SPARE);
+                maxact_add(h, c < width ? maxact_key(r[c] & 0x7FFFu) : SPARE);
             }
         }
     }
@@ -453,19 +456,26 @@ _HIST_BLOCK = 512
 _cuda_hist: dict[str, Any] = {"kernels": {}, "failed": False}
 
 
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def _compile(index: int, source: str, name: str) -> Any:
+    """NVRTC-compile `source` (after the shared key prelude) and load kernel `name` on CUDA device `index`."""
+    with torch.cuda.device(index):
+        return torch.cuda._compile_kernel(_CUDA_KEY_SOURCE + source, name)
+
+
 def _cuda_hist_kernel(device: torch.device) -> Any:
     """The NVRTC histogram kernel loaded on `device` (a CUDA module belongs to one device's context),
     or None where it cannot be built (then Triton counts)."""
-    if _cuda_hist["failed"] or os.environ.get("MAXACT_CARD_CUDA_HIST", "1") in ("0", "false", "off"):
+    if _cuda_hist["failed"] or switched_off("MAXACT_CARD_CUDA_HIST"):
         return None
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = _device_index(device)
     kernel = _cuda_hist["kernels"].get(index)
     if kernel is None:
         try:
-            source = _HIST_CUDA_SOURCE % {"bins": HIST_BINS, "bias": _FINE_BIAS, "overflow": HIST_OVERFLOW,
-                                          "nonfinite": HIST_NONFINITE}
-            with torch.cuda.device(index):
-                kernel = torch.cuda._compile_kernel(source, "maxact_abs_hist_bf16")
+            kernel = _compile(index, _HIST_CUDA_SOURCE, "maxact_abs_hist_bf16")
         except Exception:  # noqa: BLE001 - no NVRTC, an old torch: the Triton scan counts instead
             _cuda_hist["failed"] = True
             return None
@@ -494,13 +504,13 @@ def cuda_abs_histogram(x2: torch.Tensor, mask: torch.Tensor, counts: torch.Tenso
 
 
 _sm_count: dict[int, int] = {}
-_HIST_PARAMS = ctypes.c_void_p * 7
 _driver: dict[str, Any] = {}
 
 
-def _cu_launch(func: Any, grid: int, block: int, stream: int, params: Any) -> None:
-    """cuLaunchKernel on a 1-D grid. The driver library and its function are looked up once: torch's
-    helper opens the library anew on every call, which costs more host time than the launch."""
+def _cu_launch(func: Any, grid: int, block: int, stream: int, values: tuple[Any, ...]) -> None:
+    """cuLaunchKernel on a 1-D grid with the ctypes `values` as arguments. The driver library and its
+    function are looked up once: torch's helper opens the library anew on every call, which costs more
+    host time than the launch."""
     launch = _driver.get("launch")
     if launch is None:
         launch = torch.cuda._utils._get_gpu_runtime_library().cuLaunchKernel
@@ -508,6 +518,7 @@ def _cu_launch(func: Any, grid: int, block: int, stream: int, params: Any) -> No
                                                                       ctypes.c_void_p]
         launch.restype = ctypes.c_int
         _driver["launch"] = launch
+    params = (ctypes.c_void_p * len(values))(*(ctypes.addressof(v) for v in values))
     status = launch(func, grid, 1, 1, block, 1, 1, 0, stream, params, None)
     if status != 0:
         raise RuntimeError(f"cuLaunchKernel returned {status}")
@@ -518,7 +529,7 @@ def _launch_cuda_hist(x2: torch.Tensor, mask: torch.Tensor, counts: torch.Tensor
 
     torch's own launcher for these kernels builds its argument array anew on every call (about
     0.15 ms of host time); with hundreds of sites per forward pass that host time, not the GPU,
-    set the pace for small models. This passes the same seven arguments from a fixed array type.
+    set the pace for small models. This passes the same seven arguments straight to the driver.
     """
     kernel = _cuda_hist_kernel(x2.device)
     n_rows, width = x2.shape
@@ -532,8 +543,7 @@ def _launch_cuda_hist(x2: torch.Tensor, mask: torch.Tensor, counts: torch.Tensor
         return
     values = (ctypes.c_void_p(x2.data_ptr()), ctypes.c_int(x2.stride(0)), ctypes.c_int(n_rows), ctypes.c_int(width),
               ctypes.c_void_p(mask.data_ptr()), ctypes.c_void_p(counts.data_ptr()), ctypes.c_int(vec))
-    params = _HIST_PARAMS(*(ctypes.addressof(v) for v in values))
-    _cu_launch(func, grid, _HIST_BLOCK, torch.cuda.current_stream(x2.device).cuda_stream, params)
+    _cu_launch(func, grid, _HIST_BLOCK, torch.cuda.current_stream(x2.device).cuda_stream, values)
 
 
 # --- the whole scan of bf16 activations, in CUDA C++ ----------------------------------------------
@@ -546,10 +556,6 @@ def _launch_cuda_hist(x2: torch.Tensor, mask: torch.Tensor, counts: torch.Tensor
 # the SIMD max) and reach memory once per block. Padding rows are not read at all. The outputs are
 # those of the Triton scan (per row, per block, and the private histograms), so the same fold follows.
 _SCAN_CUDA_SOURCE = r"""
-#define NBINS %(bins)d
-#define FINE_BIAS %(bias)d
-#define OVERFLOW %(overflow)d
-#define NONFINITE %(nonfinite)d
 #define HIST_STRIDE %(hist_stride)d
 #define THREADS %(threads)d
 #define ROWS %(rows)d
@@ -560,12 +566,6 @@ _SCAN_CUDA_SOURCE = r"""
 #define MASSIVE_ABS %(massive_abs)sf
 #define MASSIVE_RATIO %(massive_ratio)s
 #define FULL 0xFFFFFFFFu
-
-__device__ __forceinline__ unsigned maxact_key(unsigned a) {
-    if (a >= 0x7F80u) return NONFINITE;
-    int fine = (int)(a >> 1) - FINE_BIAS;
-    return (unsigned)(fine < 0 ? 0 : (fine > OVERFLOW ? OVERFLOW : fine));
-}
 
 // this thread's vectors of row r (zeros past the last row, and for padding, which is never read)
 #define LOAD_ROW(dst, r)                                                                     \
@@ -747,7 +747,6 @@ _SCAN_MAX_GROUP = 512
 _SCAN_ROW_THREADS = 128
 _SCAN_MAX_VEC = 16  # rows of up to 65,536 bf16
 _cuda_scan: dict[str, Any] = {"kernels": {}, "failed": False}
-_SCAN_PARAMS = ctypes.c_void_p * 17
 
 
 @dataclass(frozen=True)
@@ -777,7 +776,7 @@ def cuda_scan_shape(x2: torch.Tensor, group: int | None = None, rows: int | None
     every SM (the kernel's occupancy).
     """
     if (x2.dtype != torch.bfloat16 or not x2.is_cuda or INTERPRET or _cuda_scan["failed"]
-            or os.environ.get("MAXACT_CARD_CUDA_SCAN", "1") in ("0", "false", "off")):
+            or switched_off("MAXACT_CARD_CUDA_SCAN")):
         return None
     n_rows, width = x2.shape
     if width % 8 or x2.stride(-1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16 or n_rows == 0:
@@ -794,7 +793,7 @@ def cuda_scan_shape(x2: torch.Tensor, group: int | None = None, rows: int | None
 
 
 def _sms(device: torch.device) -> int:
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = _device_index(device)
     sms = _sm_count.get(index)
     if sms is None:
         sms = _sm_count[index] = torch.cuda.get_device_properties(index).multi_processor_count
@@ -805,19 +804,17 @@ def _cuda_scan_kernel(device: torch.device, shape: CudaScanShape, massive: bool,
                       n_rows: int) -> tuple[Any, CudaScanShape] | None:
     """The NVRTC scan kernel of this shape loaded on `device` and the launch's full shape, or None
     where it cannot be built."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = _device_index(device)
     key = (index, shape.group, shape.rows, shape.vec, massive)
     entry = _cuda_scan["kernels"].get(key)
     if entry is None:
         try:
             source = _SCAN_CUDA_SOURCE % {
-                "bins": HIST_BINS, "bias": _FINE_BIAS, "overflow": HIST_OVERFLOW, "nonfinite": HIST_NONFINITE,
                 "hist_stride": HIST_STRIDE, "threads": shape.threads, "rows": shape.rows, "vec": shape.vec,
                 "massive": int(massive),
                 "massive_abs": repr(float(MASSIVE_ABS)), "massive_ratio": repr(float(MASSIVE_RATIO)),
             }
-            with torch.cuda.device(index):
-                kernel = torch.cuda._compile_kernel(source, "maxact_scan_bf16")
+            kernel = _compile(index, source, "maxact_scan_bf16")
             if getattr(kernel, "func", None) is None:
                 raise RuntimeError("no driver handle to launch the kernel with")
             per_sm = ctypes.c_int(0)
@@ -844,8 +841,7 @@ def _launch_cuda_scan(kernel: Any, shape: CudaScanShape, x2: torch.Tensor, token
               ptr(hist.data_ptr()), ctypes.c_int(hist.shape[0]), ptr(ws.scan.row_f.data_ptr()),
               ptr(ws.scan.row_i.data_ptr()), ptr(ws.row_key.data_ptr()), ptr(ws.part_f.data_ptr()),
               ptr(ws.part_i.data_ptr()))
-    params = _SCAN_PARAMS(*(ctypes.addressof(v) for v in values))
-    _cu_launch(kernel.func, shape.blocks, shape.threads, stream, params)
+    _cu_launch(kernel.func, shape.blocks, shape.threads, stream, values)
 
 
 # --- the host side ----------------------------------------------------------------------------------

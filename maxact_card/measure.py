@@ -9,7 +9,6 @@ transfer to the host is the final one.
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -22,6 +21,7 @@ from torch import nn
 from maxact_card.errors import RuntimeFailure, UsageError
 from maxact_card.sites import READ_GATE_HALF, READ_INPUT, READ_ROUTER, Site, SiteMap, discover
 from maxact_card.stats import BatchContext, SiteStats
+from maxact_card.switches import switched_off
 
 ProgressFn = Callable[[int, int], None]  # (samples done, tokens done)
 Consumer = Callable[[torch.Tensor, BatchContext], None]  # what a hook feeds: a [B, T, H] tensor and its batch
@@ -138,11 +138,9 @@ class Measurement:
 
 def enable_compile() -> None:
     """Fuse the statistics passes with torch.compile on CUDA unless MAXACT_CARD_COMPILE=0."""
-    import os
-
     from maxact_card import quant, stats
 
-    on = os.environ.get("MAXACT_CARD_COMPILE", "1") not in ("0", "false", "off")
+    on = not switched_off("MAXACT_CARD_COMPILE")
     stats.use_compile(on)
     quant.use_compile(on)
 
@@ -185,7 +183,7 @@ def _streams(device: torch.device) -> tuple[torch.cuda.Stream, torch.cuda.Stream
     """CUDA streams of `device` for the forward pass (high priority) and the statistics (low), so that
     the statistics fill what the forward leaves idle rather than run between its kernels (None off
     CUDA, or with MAXACT_CARD_OVERLAP=0)."""
-    if device.type != "cuda" or os.environ.get("MAXACT_CARD_OVERLAP", "1") in ("0", "false", "off"):
+    if device.type != "cuda" or switched_off("MAXACT_CARD_OVERLAP"):
         return None
     # lower is more urgent; 0 is the default (and least urgent), -1 the next (CUDA clamps to its range)
     return torch.cuda.Stream(device, priority=-1), torch.cuda.Stream(device, priority=0)
@@ -196,9 +194,9 @@ class _Hooks:
 
     With streams (CUDA: the loop runs on `main`), each update is queued on `side` behind the work that
     produced its tensor, and the tensor is marked as in use by that stream so that its memory is not
-    reused early; the forward pass goes on meanwhile. `join()` makes the forward's stream wait for every queued update:
-    called after each forward pass, before the accumulators are read, rolled back or the batch's
-    inputs released.
+    reused early; the forward pass goes on meanwhile. `join()` makes the forward's stream wait for
+    every queued update: called after each forward pass, before the accumulators are read, rolled
+    back or the batch's inputs released.
     """
 
     def __init__(self, model: nn.Module, sites: Sequence[Site], consumers: dict[str, Consumer],

@@ -8,11 +8,12 @@ combine into the same answer whatever the order.
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Any, ClassVar
 
 import torch
+
+from maxact_card.switches import switched_off
 
 # |a| histogram. The key of a value comes from the bit pattern of |a| as bfloat16: its exponent
 # and the top 6 bits of its mantissa, for |a| in [2**-32, 2**32), so 64 bins per octave of
@@ -185,7 +186,7 @@ def _kernel_module(x: torch.Tensor) -> Any:
     on = _KERNELS["on"]
     if x.is_cuda:
         if on is None:
-            on = os.environ.get("MAXACT_CARD_KERNELS", "1") not in ("0", "false", "off")
+            on = not switched_off("MAXACT_CARD_KERNELS")
         if not on:
             return None
         module = _KERNELS["module"]
@@ -201,6 +202,11 @@ def _kernel_module(x: torch.Tensor) -> Any:
         if on is not True or module is None or not module.INTERPRET:
             return None
     return module if module.available(x) else None
+
+
+def _row_medians(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The (lower) median |a| of the given token rows of x [..., H], float32."""
+    return x.reshape(-1, x.shape[-1]).index_select(0, rows).abs().median(dim=-1).values.float()
 
 
 class BatchContext:
@@ -338,8 +344,7 @@ class SiteStats:
 
     def _fused_medians(self, x: torch.Tensor, source: torch.Tensor) -> None:
         """The median |a| of the top-K entries the fused update took from `x` (source: their rows, or -1)."""
-        rows = x.reshape(-1, x.shape[-1]).index_select(0, source.clamp(min=0))
-        median = rows.abs().median(dim=-1).values.float()
+        median = _row_medians(x, source.clamp(min=0))
         torch.where(source >= 0, median, self.topk_median, out=self.topk_median)
 
     def _update_topk(self, x: torch.Tensor, abs_valid: torch.Tensor, signed: torch.Tensor,
@@ -353,8 +358,7 @@ class SiteStats:
         if self.massive:
             # The median |a| of each candidate token, for Sun et al.'s ratio at the top tokens: the
             # final top-K does not depend on batching, so neither does the largest ratio read there.
-            rows = x.reshape(-1, x.shape[-1]).index_select(0, idx)
-            median = rows.abs().median(dim=-1).values.float()
+            median = _row_medians(x, idx)
         else:
             median = torch.zeros_like(value)
         self._select_topk(
