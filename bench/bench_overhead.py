@@ -30,7 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from maxact_card.corpus import batches as make_batches  # noqa: E402
-from maxact_card.measure import base_model, measure  # noqa: E402
+from maxact_card.measure import base_model, measure, needs_attention_mask  # noqa: E402
+from maxact_card.norms import compiled_norms  # noqa: E402
 
 # Shapes from the public config.json files of these models.
 SHAPES = {
@@ -68,10 +69,14 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_bare(runner: torch.nn.Module, token_ids: list[list[int]], plan: list[list[int]], device: torch.device) -> float:
+def time_bare(runner: torch.nn.Module, token_ids: list[list[int]], plan: list[list[int]], device: torch.device,
+              use_mask: bool, fused: bool | None = None) -> float:
+    """The forward the measurement makes, without hooks: the attention mask only where it needs one, and
+    compiled RMSNorms where the measurement compiles them (fused=None); use_mask=True, fused=False is
+    the plain transformers forward."""
     sync(device)
     start = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), compiled_norms(runner, enabled=fused):
         for batch in plan:
             width = max(len(token_ids[i]) for i in batch)
             ids = torch.zeros((len(batch), width), dtype=torch.long)
@@ -79,7 +84,7 @@ def time_bare(runner: torch.nn.Module, token_ids: list[list[int]], plan: list[li
             for row, i in enumerate(batch):
                 ids[row, : len(token_ids[i])] = torch.tensor(token_ids[i])
                 mask[row, : len(token_ids[i])] = 1
-            runner(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+            runner(input_ids=ids.to(device), attention_mask=mask.to(device) if use_mask else None, use_cache=False)
     sync(device)
     return time.perf_counter() - start
 
@@ -200,6 +205,9 @@ def profile(bare_fn, hooked_fn) -> None:  # type: ignore[no-untyped-def]
     bare, hooked = kernel_times(bare_fn), kernel_times(hooked_fn)
     total_bare = sum(ms for ms, _ in bare.values())
     total_hooked = sum(ms for ms, _ in hooked.values())
+    print(f"profile: the bare forward's kernels by device time (of {total_bare:.1f} ms):")
+    for key, (ms, n) in sorted(bare.items(), key=lambda kv: -kv[1][0])[:20]:
+        print(f"  {ms:9.2f} ms  {100 * ms / total_bare:5.1f}%  {n:6d} calls  {key[:100]}")
     print(f"profile: device time bare {total_bare:.1f} ms, hooked {total_hooked:.1f} ms "
           f"({total_hooked / total_bare:.3f}x); kernels the hooked pass adds or grows:")
     extra = sorted(((ms - bare.get(k, (0.0, 0))[0], n - bare.get(k, (0.0, 0))[1], k) for k, (ms, n) in hooked.items()),
@@ -224,6 +232,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile", choices=["off", "on", "both"], default="both")
     parser.add_argument("--quant", action="store_true", help="also time the INT8/FP8 held-out pass")
+    parser.add_argument("--variants", action="store_true",
+                        help="also time the bare forward with the attention mask alone, and with eager norms alone")
     parser.add_argument("--profile", action="store_true",
                         help="also profile one bare and one hooked pass: device time per kernel, and the difference")
     args = parser.parse_args()
@@ -259,15 +269,27 @@ def main() -> None:
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     if device.type != "cuda":
         modes = [False]
-    time_bare(runner, token_ids, plan, device)  # warm-up over every batch shape
-    bare_peak = peak(lambda: time_bare(runner, token_ids, plan, device), device)
+    use_mask = needs_attention_mask(model, device)
+    print(f"attention mask: {'passed' if use_mask else 'not needed (causal model, right padding)'}")
+    # the plain transformers forward (mask, eager norms); --variants adds each change alone
+    variants: list[tuple[bool, bool | None]] = [(True, False)]
+    if args.variants:
+        variants += [(True, None), (use_mask, False)]
+    variants = list(dict.fromkeys(v for v in variants if v != (use_mask, None)))
+    time_bare(runner, token_ids, plan, device, use_mask)  # warm-up over every batch shape
+    bare_peak = peak(lambda: time_bare(runner, token_ids, plan, device, use_mask), device)
     for compiled in modes:
         os.environ["MAXACT_CARD_COMPILE"] = "1" if compiled else "0"
         time_hooked(model, token_ids, plan, device)  # warm-up (and compilation)
         bare, hooked, total = [], [], []
+        others: dict[tuple[bool, bool | None], list[float]] = {v: [] for v in variants}
+        for mask_on, fused in variants:
+            time_bare(runner, token_ids, plan, device, mask_on, fused)  # warm-up (and compilation)
         for _ in range(args.repeats):  # interleaved, so drift hits both sides alike
-            bare.append(time_bare(runner, token_ids, plan, device))
+            bare.append(time_bare(runner, token_ids, plan, device, use_mask))
             total.append(time_hooked(model, token_ids, plan, device, loop=hooked))
+            for (mask_on, fused), times in others.items():
+                times.append(time_bare(runner, token_ids, plan, device, mask_on, fused))
         hooked_peak = peak(lambda: time_hooked(model, token_ids, plan, device), device)
         b, h, t = statistics.median(bare), statistics.median(hooked), statistics.median(total)
         print(f"compile={'on' if compiled else 'off'}: bare {b:.3f}s ({tokens / b:,.0f} tok/s, {mfu(b)})  "
@@ -275,17 +297,22 @@ def main() -> None:
               f"(with the accumulators' set-up {t / b:.3f}x)  "
               f"peak memory bare {bare_peak:,.0f} MiB hooked {hooked_peak:,.0f} MiB "
               f"ratio {hooked_peak / bare_peak if bare_peak == bare_peak and bare_peak > 0 else float('nan'):.3f}x")
+        for (mask_on, fused), times in others.items():
+            m = statistics.median(times)
+            print(f"  bare forward, attention mask {'on' if mask_on else 'off'}, "
+                  f"{'eager' if fused is False else 'compiled (on CUDA)'} norms: {m:.3f}s ({tokens / m:,.0f} tok/s, {mfu(m)}), "
+                  f"{m / b:.3f}x the measurement's bare forward")
     setup_costs(model, token_ids, device)
     if args.profile and device.type == "cuda":
         os.environ["MAXACT_CARD_COMPILE"] = "1"
-        profile(lambda: time_bare(runner, token_ids, plan, device), lambda: time_hooked(model, token_ids, plan, device))
+        profile(lambda: time_bare(runner, token_ids, plan, device, use_mask), lambda: time_hooked(model, token_ids, plan, device))
     if args.quant:
         os.environ["MAXACT_CARD_COMPILE"] = "1"
         run = quant_pass(model, token_ids, plan, device)
         run()  # warm-up
         bare, extra = [], []
         for _ in range(args.repeats):
-            bare.append(time_bare(runner, token_ids, plan, device))
+            bare.append(time_bare(runner, token_ids, plan, device, use_mask))
             extra.append(run())
         b, q = statistics.median(bare), statistics.median(extra)
         print(f"quant held-out pass: bare {b:.3f}s  with every policy {q:.3f}s  ratio {q / b:.3f}x")

@@ -2,14 +2,17 @@
 
 The loop runs the base model (never the LM head, so no [B, T, vocab] logits), pads batches on the
 right (so padding never changes what a causal model computes for real tokens) and excludes padding
-through the attention mask. Nothing in a hook or between batches waits for the device; the only
-transfer to the host is the final one.
+from every statistic by the batch's mask. The forward itself gets no attention mask when the model
+is causal (`needs_attention_mask`): right padding is then invisible to real tokens anyway, and
+without a mask SDPA runs its causal kernel, which skips the masked half of the scores. Nothing in a
+hook or between batches waits for the device; the only transfer to the host is the final one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +22,7 @@ import torch
 from torch import nn
 
 from maxact_card.errors import RuntimeFailure, UsageError
+from maxact_card.norms import compiled_norms
 from maxact_card.sites import READ_GATE_HALF, READ_INPUT, READ_ROUTER, Site, SiteMap, discover
 from maxact_card.stats import BatchContext, SiteStats
 from maxact_card.switches import switched_off
@@ -327,6 +331,55 @@ def _probe_widths(model: nn.Module, runner: nn.Module, sites: Sequence[Site], de
     return widths
 
 
+_MASK_NEEDED: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+
+
+def needs_attention_mask(model: nn.Module, device: torch.device, pad_token_id: int = 0) -> bool:
+    """Whether the forward pass needs the attention mask to keep right padding from real tokens.
+
+    It does not when every attention module of the model is causal (transformers' `is_causal`) and
+    one tiny padded batch agrees with and without the mask at its real tokens: each token then sees
+    only earlier ones, and padding comes after all of them. Any doubt keeps the mask: a model with
+    no `is_causal` flag, a bidirectional module, a forward that fails without a mask, a probe that
+    disagrees, or MAXACT_CARD_MASKLESS=0. Decided once per model.
+    """
+    runner = base_model(model)
+    if switched_off("MAXACT_CARD_MASKLESS"):
+        return True
+    known = _MASK_NEEDED.get(runner)
+    if known is None:
+        known = _MASK_NEEDED[runner] = _probe_mask_needed(model, runner, device, pad_token_id)
+    return known
+
+
+def _probe_mask_needed(model: nn.Module, runner: nn.Module, device: torch.device, pad_token_id: int) -> bool:
+    flags = [m.is_causal for m in runner.modules() if isinstance(getattr(m, "is_causal", None), bool)]
+    if not flags or not all(flags):
+        return True
+    vocab = _vocab_size(model)
+    if vocab < 2:
+        return True
+    real, width = 3, 6
+    ids = (torch.arange(2 * width, dtype=torch.long).view(2, width) * 7 + 1) % vocab
+    ids[1, real:] = pad_token_id % vocab
+    mask = torch.ones_like(ids)
+    mask[1, real:] = 0
+    ids, mask = ids.to(device), mask.to(device)
+    try:
+        with torch.inference_mode():
+            masked = _first_tensor(runner(input_ids=ids, attention_mask=mask, use_cache=False))
+            bare = _first_tensor(runner(input_ids=ids, attention_mask=None, use_cache=False))
+    except Exception:  # noqa: BLE001 - a model that cannot run without a mask keeps it
+        return True
+    if masked is None or bare is None or masked.shape != bare.shape or masked.dim() != 3:
+        return True
+    a, b = masked[1, :real].float(), bare[1, :real].float()
+    # kernels differ with and without a mask, so rounding may too; padding that leaks moves most values
+    scale = a.pow(2).mean(-1, keepdim=True).sqrt()
+    off = (a - b).abs() > 0.02 * a.abs() + 0.02 * scale
+    return not bool(torch.isfinite(b).all()) or float(off.float().mean()) > 0.01
+
+
 def measure(
     model: nn.Module,
     token_ids: list[list[int]],
@@ -353,8 +406,7 @@ def prepare(model: nn.Module, token_ids: list[list[int]], *, device: torch.devic
     site_map = discover(model)
     runner = base_model(model)
     num_samples = len(token_ids)
-    vocab = int(getattr(model.get_input_embeddings(), "num_embeddings", 1)) if hasattr(
-        model, "get_input_embeddings") and model.get_input_embeddings() is not None else 1
+    vocab = _vocab_size(model) or 1
     input_device = _input_device(model, device)
 
     sites = list(site_map.sites)
@@ -450,6 +502,7 @@ def run_hooked(
     input_device = _input_device(model, device)
     if input_device.type == "cuda":
         enable_compile()
+    use_mask = needs_attention_mask(model, input_device, pad_token_id)
     offsets: list[int] = []
     total = 0
     for t in token_ids:
@@ -467,7 +520,8 @@ def run_hooked(
         if streams is not None:  # the loop's own stream starts behind what was queued before it
             streams[0].wait_stream(torch.cuda.current_stream(input_device))
         on_stream = torch.cuda.stream(streams[0]) if streams is not None else contextlib.nullcontext()
-        with torch.inference_mode(), on_stream:
+        # on CUDA each RMSNorm runs as one fused kernel, for this loop only
+        with torch.inference_mode(), on_stream, compiled_norms(model):
             while queue:
                 k, batch = queue.popleft()
                 if ceiling is not None and len(batch) > 1 and padded_tokens(token_ids, batch) > ceiling:
@@ -475,7 +529,8 @@ def run_hooked(
                     continue
                 saved = control.transaction.snapshot() if control.transaction is not None else None
                 try:
-                    _forward_one(runner, hooks, token_ids, batch, offsets, pad_token_id, input_device, after_forward)
+                    _forward_one(runner, hooks, token_ids, batch, offsets, pad_token_id, input_device, after_forward,
+                                 use_mask)
                 except torch.OutOfMemoryError:
                     failed = padded_tokens(token_ids, batch)
                     shape = f"{len(batch)}x{failed // len(batch)}"
@@ -522,13 +577,13 @@ def _split_front(queue: deque[tuple[int, list[int]]], parts_left: dict[int, int]
 
 def _forward_one(runner: nn.Module, hooks: _Hooks, token_ids: list[list[int]], batch: list[int], offsets: list[int],
                  pad_token_id: int, input_device: torch.device,
-                 after_forward: Callable[[object, BatchContext], None] | None) -> None:
+                 after_forward: Callable[[object, BatchContext], None] | None, use_mask: bool = True) -> None:
     ids, mask, token_index = _pad(token_ids, batch, offsets, pad_token_id)
     ids, mask, token_index = ids.to(input_device), mask.to(input_device), token_index.to(input_device)
     hooks.ctx = BatchContext(mask, token_index, torch.tensor(batch, device=input_device), ids)
     hooks.shape = (ids.shape[0], ids.shape[1])
     try:
-        out = runner(input_ids=ids, attention_mask=mask.long(), use_cache=False,
+        out = runner(input_ids=ids, attention_mask=mask.long() if use_mask else None, use_cache=False,
                      output_hidden_states=after_forward is not None)
         if after_forward is not None:
             after_forward(out, hooks.ctx)
@@ -551,9 +606,19 @@ def _pad(token_ids: list[list[int]], batch: list[int], offsets: list[int],
     return ids, mask, token_index
 
 
+def _input_embeddings(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_input_embeddings", None)
+    embeddings = get() if callable(get) else None
+    return embeddings if isinstance(embeddings, nn.Module) else None
+
+
+def _vocab_size(model: nn.Module) -> int:
+    """Rows of the input embedding (0 when the model does not say)."""
+    return int(getattr(_input_embeddings(model), "num_embeddings", 0) or 0)
+
+
 def _input_device(model: nn.Module, device: torch.device) -> torch.device:
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    weight = getattr(embeddings, "weight", None)
+    weight = getattr(_input_embeddings(model), "weight", None)
     return weight.device if isinstance(weight, torch.Tensor) else device
 
 

@@ -416,6 +416,77 @@ def test_padded_batches_give_the_same_statistics(
         )
 
 
+def _forward_masks(model: Any, ids: list[list[int]], batches: list[list[int]]) -> list[torch.Tensor | None]:
+    """The attention_mask each forward of a measurement received."""
+    from maxact_card.measure import base_model
+
+    seen: list[torch.Tensor | None] = []
+    handle = base_model(model).register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs.get("attention_mask")), with_kwargs=True
+    )
+    try:
+        measure(model, ids, batches=batches, device=CPU, pad_token_id=0)
+    finally:
+        handle.remove()
+    return seen
+
+
+def test_a_causal_model_runs_without_the_attention_mask(
+    reference_model: Any, varied_ids: list[list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batches = corpus_mod.batches([len(t) for t in varied_ids], batch_size=8)
+    masks = _forward_masks(reference_model, varied_ids, batches)[-len(batches):]  # after the set-up probes
+    assert masks == [None] * len(batches)
+    maskless = _comparable(_results(reference_model, varied_ids, batches))
+    monkeypatch.setenv("MAXACT_CARD_MASKLESS", "0")
+    masks = _forward_masks(reference_model, varied_ids, batches)[-len(batches):]
+    assert all(m is not None for m in masks)
+    assert any(not bool(m.all()) for m in masks if m is not None)  # padding really happens
+    masked = _comparable(_results(reference_model, varied_ids, batches))
+    for name, a in masked.items():
+        b = maskless[name]
+        assert a["count"] == b["count"] and a["location"] == b["location"], name
+        assert [e["location"] for e in a["top_k"]] == [e["location"] for e in b["top_k"]], name
+        for key in ("max", "min", "max_abs", "mean", "rms"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-9), (name, key)
+
+
+def test_bidirectional_attention_keeps_the_mask(varied_ids: list[list[int]]) -> None:
+    from maxact_card.measure import base_model, needs_attention_mask
+
+    causal = _llama(layers=2, seed=3)
+    assert needs_attention_mask(causal, CPU) is False
+    model = _llama(layers=2, seed=3)
+    flags = [m for m in base_model(model).modules() if hasattr(m, "is_causal")]
+    assert flags
+    for m in flags:
+        m.is_causal = False  # what an encoder-style checkpoint declares
+    assert needs_attention_mask(model, CPU) is True
+    batches = corpus_mod.batches([len(t) for t in varied_ids], batch_size=8)
+    masks = _forward_masks(model, varied_ids, batches)[-len(batches):]
+    assert all(m is not None for m in masks) and any(not bool(m.all()) for m in masks if m is not None)
+
+
+def test_a_leak_without_the_mask_keeps_it() -> None:
+    """A model whose flags all say causal, but whose first layer mixes every position in when it gets
+    no mask (as a bidirectional attention would): the probe sees the padding reach real tokens."""
+    from maxact_card.measure import base_model, needs_attention_mask
+
+    model = _llama(layers=2, seed=4)
+    runner = base_model(model)
+
+    def leak(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if kwargs.get("attention_mask") is not None:
+            return None
+        hidden = args[0] if args else kwargs["hidden_states"]
+        mixed = hidden + hidden.mean(dim=1, keepdim=True)
+        return ((mixed, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": mixed})
+
+    runner.layers[0].register_forward_pre_hook(leak, with_kwargs=True)
+    assert all(m.is_causal for m in runner.modules() if hasattr(m, "is_causal"))
+    assert needs_attention_mask(model, CPU) is True
+
+
 # --- (e) the LM head never runs ------------------------------------------------------------------
 def test_lm_head_never_runs(token_ids: list[list[int]]) -> None:
     model = _llama(layers=2)
