@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from maxact_card.corpus import batches as make_batches  # noqa: E402
 from maxact_card.measure import base_model, measure, needs_attention_mask  # noqa: E402
-from maxact_card.norms import compiled_norms  # noqa: E402
+from maxact_card.fusion import fused_forward  # noqa: E402
 
 # Shapes from the public config.json files of these models.
 SHAPES = {
@@ -72,11 +72,11 @@ def sync(device: torch.device) -> None:
 def time_bare(runner: torch.nn.Module, token_ids: list[list[int]], plan: list[list[int]], device: torch.device,
               use_mask: bool, fused: bool | None = None) -> float:
     """The forward the measurement makes, without hooks: the attention mask only where it needs one, and
-    compiled RMSNorms where the measurement compiles them (fused=None); use_mask=True, fused=False is
-    the plain transformers forward."""
+    compiled RMSNorms and rotary embeddings where the measurement compiles them (fused=None);
+    use_mask=True, fused=False is the plain transformers forward."""
     sync(device)
     start = time.perf_counter()
-    with torch.inference_mode(), compiled_norms(runner, enabled=fused):
+    with torch.inference_mode(), fused_forward(runner, enabled=fused):
         for batch in plan:
             width = max(len(token_ids[i]) for i in batch)
             ids = torch.zeros((len(batch), width), dtype=torch.long)
@@ -233,7 +233,7 @@ def main() -> None:
     parser.add_argument("--compile", choices=["off", "on", "both"], default="both")
     parser.add_argument("--quant", action="store_true", help="also time the INT8/FP8 held-out pass")
     parser.add_argument("--variants", action="store_true",
-                        help="also time the bare forward with the attention mask alone, and with eager norms alone")
+                        help="also time the bare forward with the attention mask alone, and with eager norms and rotary alone")
     parser.add_argument("--profile", action="store_true",
                         help="also profile one bare and one hooked pass: device time per kernel, and the difference")
     args = parser.parse_args()
@@ -271,7 +271,7 @@ def main() -> None:
         modes = [False]
     use_mask = needs_attention_mask(model, device)
     print(f"attention mask: {'passed' if use_mask else 'not needed (causal model, right padding)'}")
-    # the plain transformers forward (mask, eager norms); --variants adds each change alone
+    # the plain transformers forward (mask, eager norms and rotary); --variants adds each change alone
     variants: list[tuple[bool, bool | None]] = [(True, False)]
     if args.variants:
         variants += [(True, None), (use_mask, False)]
@@ -300,7 +300,7 @@ def main() -> None:
         for (mask_on, fused), times in others.items():
             m = statistics.median(times)
             print(f"  bare forward, attention mask {'on' if mask_on else 'off'}, "
-                  f"{'eager' if fused is False else 'compiled (on CUDA)'} norms: {m:.3f}s ({tokens / m:,.0f} tok/s, {mfu(m)}), "
+                  f"{'eager' if fused is False else 'compiled (on CUDA)'} norms and rotary: {m:.3f}s ({tokens / m:,.0f} tok/s, {mfu(m)}), "
                   f"{m / b:.3f}x the measurement's bare forward")
     setup_costs(model, token_ids, device)
     if args.profile and device.type == "cuda":

@@ -1,0 +1,200 @@
+"""Compiled RMSNorms and rotary embeddings: the same numbers as eager, hooks still fire, everything put
+back, failures fall back."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from maxact_card import fusion
+from maxact_card.measure import base_model, measure
+from tests import factory
+
+CPU = torch.device("cpu")
+
+
+def _ids(batch: int = 3, length: int = 11, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, factory.VOCAB, (batch, length), generator=g)
+
+
+def _bf16(arch: str) -> nn.Module:
+    return factory.build_model(arch).to(torch.bfloat16)
+
+
+def _compiled_not_fallen_back() -> bool:
+    return not [key for key in fusion._FAILED if key[1] == "inductor"]
+
+
+def _one_step(fast: torch.Tensor, eager: torch.Tensor) -> torch.Tensor:
+    """Whether each value is within one bf16 step of eager's."""
+    fast, eager = fast.float(), eager.float()
+    step = torch.exp2(torch.floor(torch.log2(eager.abs().clamp_min(1e-30))) - 7)
+    return (fast - eager).abs() <= step
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3_text", "qwen3_next"])
+def test_each_compiled_norm_is_within_one_bf16_step_of_eager(arch: str) -> None:
+    """Qwen3 (q/k norms too), Gemma's 1 + weight, Qwen3-Next's gated norm; bf16, where the casts matter.
+    Only the order of the sum of squares may differ from eager: a rare last-bit difference, never more."""
+    runner = base_model(_bf16(arch))
+    norms = fusion.norm_modules(runner)
+    assert len(norms) >= 2 * factory.config(arch).num_hidden_layers, arch  # type: ignore[attr-defined]
+    g = torch.Generator().manual_seed(1)
+    checked = set()
+    with torch.inference_mode():
+        for m in norms:
+            if type(m) in checked:
+                continue
+            checked.add(type(m))
+            if getattr(m, "weight", None) is not None:
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.4 + 0.5)
+            width = m.weight.shape[-1]
+            x = (torch.randn(64, width, generator=g) * 3).bfloat16()
+            x[0, 1] = 3.0e4  # a massive activation
+            args = (x, torch.randn(64, width, generator=g).bfloat16()) if "Gated" in type(m).__name__ else (x,)
+            eager = m(*args)
+            with fusion.fused_forward(m, enabled=True) as fused:
+                assert fused.norms == 1
+                fast = m(*args)
+            assert "forward" not in vars(m)  # put back
+            assert bool(_one_step(fast, eager).all()), type(m).__name__
+            assert float((fast != eager).float().mean()) < 0.01, type(m).__name__
+    assert _compiled_not_fallen_back()
+    assert len(checked) == (2 if arch == "qwen3_next" else 1)
+
+
+def test_the_compiled_rotary_embedding_is_bit_identical() -> None:
+    """Elementwise only: with the precision casts kept, every bf16 rounding happens where eager's does."""
+    runner = base_model(_bf16("qwen3"))
+    files = fusion.rotary_files(runner)
+    assert len(files) == 1
+    eager_fn = getattr(files[0], fusion.ROTARY)
+    g = torch.Generator().manual_seed(2)
+    q, k = (torch.randn(2, h, 17, 8, generator=g).bfloat16() * 5 for h in (4, 2))
+    angles = torch.arange(17).float()[:, None] * torch.rand(4, generator=g)[None]
+    cos, sin = (torch.cat([f(angles)] * 2, -1)[None].bfloat16() for f in (torch.cos, torch.sin))
+    eager = eager_fn(q, k, cos, sin)
+    with fusion.fused_forward(runner, enabled=True) as fused:
+        assert fused.rotary == 1 and getattr(files[0], fusion.ROTARY) is not eager_fn
+        fast = getattr(files[0], fusion.ROTARY)(q, k, cos, sin)
+    assert getattr(files[0], fusion.ROTARY) is eager_fn  # put back
+    assert _compiled_not_fallen_back()
+    assert torch.equal(fast[0], eager[0]) and torch.equal(fast[1], eager[1])
+
+
+def test_a_hook_on_a_norm_still_sees_its_output() -> None:
+    model = _bf16("qwen3")
+    final = base_model(model).norm
+    seen: list[torch.Tensor] = []
+    final.register_forward_hook(lambda module, args, out: seen.append(out.detach().clone()))
+    ids = _ids()
+    with torch.inference_mode():
+        eager = base_model(model)(input_ids=ids, use_cache=False).last_hidden_state
+        with fusion.fused_forward(model, enabled=True):
+            assert "forward" in vars(final)
+            base_model(model)(input_ids=ids, use_cache=False)
+    assert len(seen) == 2 and torch.equal(seen[0], eager) and torch.equal(seen[1], eager)
+
+
+def test_a_measurement_with_the_fused_forward_agrees_with_eager() -> None:
+    model = _bf16("qwen3")
+    with torch.no_grad():
+        base_model(model).embed_tokens.weight[7, 5] = 300.0  # planted: the peak of every residual site
+    ids = _ids(batch=6, length=9, seed=1).tolist()
+    ids = [row[: 4 + i] for i, row in enumerate(ids)]  # varied lengths: padded batches
+    ids[4][3] = 7
+    batches = [[0, 1, 2], [3, 4, 5]]
+    eager = measure(model, ids, batches=batches, device=CPU)
+    with fusion.fused_forward(model, enabled=True) as fused:  # the loop's own block finds nothing left to swap
+        assert fused.norms > 0 and fused.rotary == 1
+        fast = measure(model, ids, batches=batches, device=CPU)
+    assert _compiled_not_fallen_back()
+    assert eager.stats.keys() == fast.stats.keys()
+    residual = [name for name in eager.stats if name.endswith("hook_resid_post")]
+    assert residual
+    for name, acc in eager.stats.items():
+        a, b = acc.state_dict(), fast.stats[name].state_dict()
+        assert torch.equal(a["count"], b["count"]), name
+        for key in ("max", "min", "channel_max", "topk_value"):
+            assert torch.allclose(a[key], b[key], rtol=2e-2, atol=1e-3), (name, key)
+        if name in residual:  # the planted peak: the same token (low bits of the key) and channel
+            assert int(a["topk_key"][0]) & 0xFFFFFFFF == int(b["topk_key"][0]) & 0xFFFFFFFF, name
+            assert int(a["topk_channel"][0]) == int(b["topk_channel"][0]) == 5, name
+
+
+def test_only_norms_whose_forward_is_their_class_s_own_are_swapped() -> None:
+    model = _bf16("llama")
+    runner = base_model(model)
+    hooked = runner.layers[0].input_layernorm
+    hooked.forward = functools.partial(type(hooked).forward, hooked)  # what accelerate's device hooks do
+    total = len([m for m in runner.modules() if "RMSNorm" in type(m).__name__])
+    with fusion.fused_forward(model, enabled=True) as fused:
+        assert isinstance(hooked.forward, functools.partial)
+        assert fused.norms == total - 1
+    assert isinstance(hooked.forward, functools.partial)
+
+
+def test_off_cuda_and_switched_off_nothing_is_swapped(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _bf16("qwen3")
+    with fusion.fused_forward(model) as fused:
+        assert fused == fusion.Fused()  # the norms live on the CPU
+    monkeypatch.setenv("MAXACT_CARD_FUSE", "0")
+    with fusion.fused_forward(model, enabled=None) as fused:
+        assert fused == fusion.Fused()
+
+
+def test_a_piece_that_does_not_compile_runs_eager() -> None:
+    def broken(gm: Any, example_inputs: Any) -> Any:
+        raise RuntimeError("no compiler here")
+
+    model = _bf16("llama")
+    ids = _ids()
+    with torch.inference_mode():
+        eager = base_model(model)(input_ids=ids, use_cache=False).last_hidden_state
+        with pytest.warns(RuntimeWarning, match="runs eager"), fusion.fused_forward(model, enabled=True,
+                                                                                   backend=broken) as fused:
+            assert fused.norms > 0 and fused.rotary == 1
+            out = base_model(model)(input_ids=ids, use_cache=False).last_hidden_state
+    assert torch.equal(out, eager)
+    assert {key[0].__name__ for key in fusion._FAILED if key[1] is broken} == {"forward", fusion.ROTARY}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_a_compiled_norm_is_at_most_one_bf16_step_from_eager() -> None:
+    """Only the sum of squares' order of addition may differ on a GPU: a rare last-bit difference, never more."""
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+    torch.manual_seed(0)
+    norm = Qwen3RMSNorm(4096).to("cuda", torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.3)
+    x = (torch.randn(16384, 4096, device="cuda") * 3).bfloat16()
+    x[0, 7] = 3.0e4  # a massive activation, as on a first token
+    with torch.inference_mode():
+        eager = norm(x).float()
+        with fusion.fused_forward(norm) as fused:  # the default: on, since the norm lives on CUDA
+            assert fused.norms == 1
+            fast = norm(x).float()
+    assert _compiled_not_fallen_back()
+    step = torch.exp2(torch.floor(torch.log2(eager.abs().clamp_min(1e-30))) - 7)  # one bf16 step at eager's value
+    assert bool(((fast - eager).abs() <= step).all())
+    assert float((fast != eager).float().mean()) < 1e-3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_the_fused_forward_of_a_model_stays_within_bf16_rounding() -> None:
+    model = factory.build_model("qwen3").to("cuda", torch.bfloat16)
+    runner = base_model(model)
+    ids = _ids(batch=4, length=64).to("cuda")
+    with torch.inference_mode():
+        eager = runner(input_ids=ids, use_cache=False).last_hidden_state.float()
+        with fusion.fused_forward(model) as fused:
+            assert fused.norms > 0 and fused.rotary == 1
+            fast = runner(input_ids=ids, use_cache=False).last_hidden_state.float()
+    assert _compiled_not_fallen_back()
+    assert float((fast - eager).norm() / eager.norm()) < 1e-2
