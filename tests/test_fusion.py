@@ -30,17 +30,18 @@ def _compiled_not_fallen_back() -> bool:
     return not [key for key in fusion._FAILED if key[1] == "inductor"]
 
 
-def _one_step(fast: torch.Tensor, eager: torch.Tensor) -> torch.Tensor:
-    """Whether each value is within one bf16 step of eager's."""
+def _one_step(fast: torch.Tensor, eager: torch.Tensor, steps: int = 1) -> torch.Tensor:
+    """Whether each value is within `steps` bf16 steps of eager's."""
     fast, eager = fast.float(), eager.float()
     step = torch.exp2(torch.floor(torch.log2(eager.abs().clamp_min(1e-30))) - 7)
-    return (fast - eager).abs() <= step
+    return (fast - eager).abs() <= steps * step
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "gemma3_text", "qwen3_next"])
-def test_each_compiled_norm_is_within_one_bf16_step_of_eager(arch: str) -> None:
+def test_each_compiled_norm_is_within_two_bf16_steps_of_eager(arch: str) -> None:
     """Qwen3 (q/k norms too), Gemma's 1 + weight, Qwen3-Next's gated norm; bf16, where the casts matter.
-    Only the order of the sum of squares may differ from eager: a rare last-bit difference, never more."""
+    Only the order of the sum of squares may differ from eager: rarely the normalised value's last bit,
+    and then its product with the weight's."""
     runner = base_model(_bf16(arch))
     norms = fusion.norm_modules(runner)
     assert len(norms) >= 2 * factory.config(arch).num_hidden_layers, arch  # type: ignore[attr-defined]
@@ -62,7 +63,7 @@ def test_each_compiled_norm_is_within_one_bf16_step_of_eager(arch: str) -> None:
                 assert fused.norms == 1
                 fast = m(*args)
             assert "forward" not in vars(m)  # put back
-            assert bool(_one_step(fast, eager).all()), type(m).__name__
+            assert bool(_one_step(fast, eager, steps=2).all()), type(m).__name__
             assert float((fast != eager).float().mean()) < 0.01, type(m).__name__
     assert _compiled_not_fallen_back()
     assert len(checked) == (2 if arch == "qwen3_next" else 1)
@@ -165,8 +166,9 @@ def test_a_piece_that_does_not_compile_runs_eager() -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_on_cuda_a_compiled_norm_is_at_most_one_bf16_step_from_eager() -> None:
-    """Only the sum of squares' order of addition may differ on a GPU: a rare last-bit difference, never more."""
+def test_on_cuda_a_compiled_norm_is_at_most_two_bf16_steps_from_eager() -> None:
+    """Only the sum of squares' order of addition (and the reciprocal square root's last bit) may differ
+    on a GPU: rarely the normalised value's last bit, and then its product with the weight's, never more."""
     from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
     torch.manual_seed(0)
@@ -181,9 +183,10 @@ def test_on_cuda_a_compiled_norm_is_at_most_one_bf16_step_from_eager() -> None:
             assert fused.norms == 1
             fast = norm(x).float()
     assert _compiled_not_fallen_back()
-    step = torch.exp2(torch.floor(torch.log2(eager.abs().clamp_min(1e-30))) - 7)  # one bf16 step at eager's value
-    assert bool(((fast - eager).abs() <= step).all())
-    assert float((fast != eager).float().mean()) < 1e-3
+    within = _one_step(fast, eager, steps=2)
+    differ = float((fast != eager).float().mean())
+    assert differ < 1e-3, f"{differ:.2e} of the values differ"
+    assert bool(within.all()), f"{int((~within).sum())} values more than two bf16 steps away"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
