@@ -276,7 +276,8 @@ def main() -> None:
     if args.variants:
         variants += [(True, None), (use_mask, False)]
     variants = list(dict.fromkeys(v for v in variants if v != (use_mask, None)))
-    time_bare(runner, token_ids, plan, device, use_mask)  # warm-up over every batch shape
+    first = time_bare(runner, token_ids, plan, device, use_mask)  # warm-up over every batch shape
+    print(f"first bare pass (warm-up; compiles the fused norms and rotary on CUDA): {first:.1f}s")
     bare_peak = peak(lambda: time_bare(runner, token_ids, plan, device, use_mask), device)
     for compiled in modes:
         os.environ["MAXACT_CARD_COMPILE"] = "1" if compiled else "0"

@@ -140,7 +140,9 @@ def sharded_model(args: argparse.Namespace) -> None:
     one = host_state(m)
     # layers split evenly over the GPUs; embeddings on the first, final norm on the last
     layers = model.config.num_hidden_layers
-    device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.norm": gpus - 1, "lm_head": gpus - 1}
+    # a tied LM head shares the embedding's weight, so it stays beside it (it never runs here)
+    head = 0 if model.config.tie_word_embeddings else gpus - 1
+    device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.norm": gpus - 1, "lm_head": head}
     for i in range(layers):
         device_map[f"model.layers.{i}"] = i * gpus // layers
     model = dispatch_model(model, device_map=device_map)

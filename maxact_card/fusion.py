@@ -18,9 +18,9 @@ product with the weight: fewer than one value in a thousand, at most two bf16 st
 test (on the CPU here, none at all).
 
 Only modules whose class name says RMSNorm are taken, and only those whose `forward` is the class's
-own: accelerate's device hooks of a sharded model replace it per instance, and those stay as they
-are. Hooks registered on a norm keep running, since only `forward` is swapped, never the module's
-call. A rotary function is swapped in the modelling file that defines the model's classes, for the
+own. Where accelerate's device hook of a sharded model wraps it, the forward the hook calls is
+swapped instead, so that a sharded model computes what it computes on one GPU. Hooks registered
+on a norm keep running, since only the forward is swapped, never the module's call. A rotary function is swapped in the modelling file that defines the model's classes, for the
 duration of the block, and put back after. A piece that fails to compile costs speed, never the
 run: it falls back to its eager code. MAXACT_CARD_FUSE=0 keeps everything eager.
 """
@@ -55,11 +55,22 @@ class Fused:
     rotary: int = 0
 
 
+def _slot(m: nn.Module) -> str | None:
+    """Which attribute of norm `m` to swap: `forward` when it is the class's own; accelerate's saved
+    `_old_forward` when a device hook (sharded models) wraps the class's own forward; else none."""
+    if "forward" not in vars(m):
+        return "forward"
+    saved = vars(m).get("_old_forward")
+    if getattr(m, "_hf_hook", None) is not None and getattr(saved, "__func__", None) is type(m).forward:
+        return "_old_forward"
+    return None
+
+
 def norm_modules(model: nn.Module) -> list[nn.Module]:
-    """The RMSNorm leaves of `model` whose forward is their class's own."""
+    """The RMSNorm leaves of `model` whose forward (or the one a device hook wraps) is their class's own."""
     return [
         m for m in model.modules()
-        if "rmsnorm" in type(m).__name__.lower() and not any(True for _ in m.children()) and "forward" not in vars(m)
+        if "rmsnorm" in type(m).__name__.lower() and not any(True for _ in m.children()) and _slot(m) is not None
     ]
 
 
@@ -118,20 +129,25 @@ def fused_forward(model: nn.Module, *, enabled: bool | None = None, backend: Bac
         enabled = not switched_off("MAXACT_CARD_FUSE") and any(
             p.is_cuda for m in modules for p in m.parameters(recurse=False)
         )
-    swapped: list[nn.Module] = []
+    swapped: list[tuple[nn.Module, str, object]] = []
     files: list[tuple[types.ModuleType, Callable[..., Any]]] = []
     try:
         if enabled:
             for m in modules:
-                m.forward = types.MethodType(compiled(type(m).forward, backend), m)  # type: ignore[method-assign]
-                swapped.append(m)
+                slot = _slot(m)
+                assert slot is not None
+                swapped.append((m, slot, vars(m).get(slot)))
+                setattr(m, slot, types.MethodType(compiled(type(m).forward, backend), m))
             for file in rotary_files(model):
                 eager = getattr(file, ROTARY)
                 setattr(file, ROTARY, compiled(eager, backend))
                 files.append((file, eager))
         yield Fused(norms=len(swapped), rotary=len(files))
     finally:
-        for m in swapped:
-            vars(m).pop("forward", None)
+        for m, slot, before in swapped:
+            if before is None:
+                vars(m).pop(slot, None)
+            else:
+                setattr(m, slot, before)
         for file, eager in files:
             setattr(file, ROTARY, eager)

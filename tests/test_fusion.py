@@ -128,16 +128,32 @@ def test_a_measurement_with_the_fused_forward_agrees_with_eager() -> None:
             assert int(a["topk_channel"][0]) == int(b["topk_channel"][0]) == 5, name
 
 
-def test_only_norms_whose_forward_is_their_class_s_own_are_swapped() -> None:
+def test_a_norm_under_a_device_hook_is_compiled_behind_the_hook() -> None:
+    """accelerate's device hooks (a sharded model) wrap the class's forward: the hook stays, the forward it
+    calls is the compiled one; a forward replaced by anything else is left alone."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
     model = _bf16("llama")
     runner = base_model(model)
-    hooked = runner.layers[0].input_layernorm
-    hooked.forward = functools.partial(type(hooked).forward, hooked)  # what accelerate's device hooks do
+    hooked, other = runner.layers[0].input_layernorm, runner.layers[1].input_layernorm
+    add_hook_to_module(hooked, AlignDevicesHook(execution_device=CPU, io_same_device=True))
+    wrapper, saved = hooked.forward, hooked._old_forward
+    other.forward = functools.partial(type(other).forward, other)
     total = len([m for m in runner.modules() if "RMSNorm" in type(m).__name__])
-    with fusion.fused_forward(model, enabled=True) as fused:
-        assert isinstance(hooked.forward, functools.partial)
-        assert fused.norms == total - 1
-    assert isinstance(hooked.forward, functools.partial)
+    ids = _ids()
+    with torch.inference_mode():
+        eager = runner(input_ids=ids, use_cache=False).last_hidden_state
+        with fusion.fused_forward(model, enabled=True) as fused:
+            assert fused.norms == total - 1
+            assert hooked.forward is wrapper and hooked._old_forward is not saved
+            assert isinstance(other.forward, functools.partial)
+            calls: list[int] = []
+            hooked.register_forward_pre_hook(lambda *a: calls.append(1))
+            fast = runner(input_ids=ids, use_cache=False).last_hidden_state
+    assert calls == [1]
+    assert hooked.forward is wrapper and hooked._old_forward is saved  # put back
+    assert _compiled_not_fallen_back()
+    assert bool(_one_step(fast, eager, steps=2).all())
 
 
 def test_off_cuda_and_switched_off_nothing_is_swapped(monkeypatch: pytest.MonkeyPatch) -> None:
