@@ -4,7 +4,7 @@ In eager transformers an RMSNorm is about seven kernels over the whole activatio
 float32, the square, the mean, the reciprocal square root, the scaling, the cast back, the weight)
 and `apply_rotary_pos_emb` about seven more over the queries and keys (two products, a negation, a
 concatenation, a sum, for each), each a full pass over memory. In Qwen3-8B with 16,384-token
-batches the norms took 15% of the forward's device time and the rotary embeddings 10%. Compiled,
+batches the norms took about 15% of the forward's device time and the rotary embeddings 8%. Compiled,
 each reads its inputs once and writes its outputs once.
 
 The arithmetic stays the model's own: what is compiled is the module's `forward` or the modelling
