@@ -248,7 +248,7 @@ class SiteStats:
     result does not depend on batching. The global maximum and its location are the top-1 entry.
     """
 
-    MERGE_OPS = {
+    MERGE_OPS: ClassVar[dict[str, str]] = {
         "max": "max", "min": "min", "channel_max": "max", "count": "sum", "sum": "sum", "sumsq": "sum",
         "hist": "sum", "nonfinite_tokens": "sum", "massive_tokens": "sum",
         "sample_max": "max", "topk_key": "topk", "topk_value": "topk", "topk_channel": "topk",
@@ -320,19 +320,12 @@ class SiteStats:
             hit = valid & (tok_abs > MASSIVE_ABS) & (below >= (x.shape[-1] - 1) // 2 + 1)
             self.massive_tokens += hit.sum()
 
-    _DTYPES: ClassVar[dict[str, torch.dtype]] = {
-        "max": torch.float32, "min": torch.float32, "channel_max": torch.float32, "count": torch.int64,
-        "sum": torch.float64, "sumsq": torch.float64, "hist": torch.int64, "nonfinite_tokens": torch.int64,
-        "massive_tokens": torch.int64, "sample_max": torch.float32, "topk_key": torch.int64,
-        "topk_value": torch.float32, "topk_channel": torch.int64, "topk_token_id": torch.int64,
-        "topk_median": torch.float32,
-    }
-
     def _fusable(self, x: torch.Tensor, ctx: BatchContext) -> bool:
         """Whether the fused kernels may update this accumulator in place (host-side checks only).
 
         The fields need no check: every path that sets them (construction, `_select_topk`,
-        `load_state_dict`) leaves them contiguous, with their `_DTYPES`, on this accumulator's device.
+        `load_state_dict`) leaves them contiguous, with the dtypes construction gave them, on this
+        accumulator's device.
         """
         if x.dim() != 3 or x.numel() == 0 or x.shape[-1] != self.width or self.top_k < 1 \
                 or self.topk_key.numel() != self.top_k:
@@ -408,7 +401,7 @@ class SiteStats:
         return {name: getattr(self, name) for name in self.MERGE_OPS}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Replace every field (tensors are moved to this accumulator's device and dtypes, contiguous)."""
-        device = self.max.device
+        """Replace every field (tensors are moved to this accumulator's device and the field's dtype, contiguous)."""
         for name in self.MERGE_OPS:
-            setattr(self, name, state[name].to(device=device, dtype=self._DTYPES[name]).contiguous())
+            current = getattr(self, name)
+            setattr(self, name, state[name].to(device=current.device, dtype=current.dtype).contiguous())

@@ -189,6 +189,7 @@ def test_massive_ratio_does_not_depend_on_batching() -> None:
         assert _top_ratio(apart.state_dict()) == expected
         assert _top_ratio(together.state_dict()) == expected
 
+
 def test_cpu_updates_take_the_reference_path_unless_asked() -> None:
     # the fused kernels run on CUDA; on CPU only through Triton's interpreter, when a test asks
     from maxact_card.stats import _kernel_module
