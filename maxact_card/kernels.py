@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -466,21 +467,29 @@ def _compile(index: int, source: str, name: str) -> Any:
         return torch.cuda._compile_kernel(_CUDA_KEY_SOURCE + source, name)
 
 
+def _built(table: dict[str, Any], key: Any, build: Callable[[], Any]) -> Any:
+    """`table`'s entry for `key`, built on first use; None once any build has failed (no NVRTC, an old
+    torch), which leaves the work to the Triton kernels for the rest of the process."""
+    if table["failed"]:
+        return None
+    entry = table["kernels"].get(key)
+    if entry is None:
+        try:
+            entry = build()
+        except Exception:  # noqa: BLE001 - see the docstring
+            table["failed"] = True
+            return None
+        table["kernels"][key] = entry
+    return entry
+
+
 def _cuda_hist_kernel(device: torch.device) -> Any:
     """The NVRTC histogram kernel loaded on `device` (a CUDA module belongs to one device's context),
     or None where it cannot be built (then Triton counts)."""
-    if _cuda_hist["failed"] or switched_off("MAXACT_CARD_CUDA_HIST"):
+    if switched_off("MAXACT_CARD_CUDA_HIST"):
         return None
     index = _device_index(device)
-    kernel = _cuda_hist["kernels"].get(index)
-    if kernel is None:
-        try:
-            kernel = _compile(index, _HIST_CUDA_SOURCE, "maxact_abs_hist_bf16")
-        except Exception:  # noqa: BLE001 - no NVRTC, an old torch: the Triton scan counts instead
-            _cuda_hist["failed"] = True
-            return None
-        _cuda_hist["kernels"][index] = kernel
-    return kernel
+    return _built(_cuda_hist, index, lambda: _compile(index, _HIST_CUDA_SOURCE, "maxact_abs_hist_bf16"))
 
 
 def cuda_histogram_ready(x2: torch.Tensor) -> bool:
@@ -805,27 +814,26 @@ def _cuda_scan_kernel(device: torch.device, shape: CudaScanShape, massive: bool,
     """The NVRTC scan kernel of this shape loaded on `device` and the launch's full shape, or None
     where it cannot be built."""
     index = _device_index(device)
-    key = (index, shape.group, shape.rows, shape.vec, massive)
-    entry = _cuda_scan["kernels"].get(key)
+
+    def build() -> tuple[Any, int]:
+        source = _SCAN_CUDA_SOURCE % {
+            "hist_stride": HIST_STRIDE, "threads": shape.threads, "rows": shape.rows, "vec": shape.vec,
+            "massive": int(massive),
+            "massive_abs": repr(float(MASSIVE_ABS)), "massive_ratio": repr(float(MASSIVE_RATIO)),
+        }
+        kernel = _compile(index, source, "maxact_scan_bf16")
+        if getattr(kernel, "func", None) is None:
+            raise RuntimeError("no driver handle to launch the kernel with")
+        per_sm = ctypes.c_int(0)
+        status = torch.cuda._utils._get_gpu_runtime_library().cuOccupancyMaxActiveBlocksPerMultiprocessor(
+            ctypes.byref(per_sm), kernel.func, shape.threads, ctypes.c_size_t(0))
+        if status != 0 or per_sm.value < 1:
+            raise RuntimeError(f"occupancy query returned {status}")
+        return kernel, per_sm.value * _sms(device)
+
+    entry = _built(_cuda_scan, (index, shape.group, shape.rows, shape.vec, massive), build)
     if entry is None:
-        try:
-            source = _SCAN_CUDA_SOURCE % {
-                "hist_stride": HIST_STRIDE, "threads": shape.threads, "rows": shape.rows, "vec": shape.vec,
-                "massive": int(massive),
-                "massive_abs": repr(float(MASSIVE_ABS)), "massive_ratio": repr(float(MASSIVE_RATIO)),
-            }
-            kernel = _compile(index, source, "maxact_scan_bf16")
-            if getattr(kernel, "func", None) is None:
-                raise RuntimeError("no driver handle to launch the kernel with")
-            per_sm = ctypes.c_int(0)
-            status = torch.cuda._utils._get_gpu_runtime_library().cuOccupancyMaxActiveBlocksPerMultiprocessor(
-                ctypes.byref(per_sm), kernel.func, shape.threads, ctypes.c_size_t(0))
-            if status != 0 or per_sm.value < 1:
-                raise RuntimeError(f"occupancy query returned {status}")
-        except Exception:  # noqa: BLE001 - no NVRTC, an old torch: the Triton scan instead
-            _cuda_scan["failed"] = True
-            return None
-        entry = _cuda_scan["kernels"][key] = (kernel, per_sm.value * _sms(device))
+        return None
     kernel, resident = entry
     return kernel, CudaScanShape(shape.group, shape.rows, shape.vec, max(1, min(-(-n_rows // shape.rows), resident)))
 
