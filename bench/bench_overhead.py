@@ -30,8 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from maxact_card.corpus import batches as make_batches  # noqa: E402
-from maxact_card.measure import base_model, measure, needs_attention_mask  # noqa: E402
 from maxact_card.fusion import fused_forward  # noqa: E402
+from maxact_card.measure import base_model, measure, needs_attention_mask, pad_batch  # noqa: E402
 
 # Shapes from the public config.json files of these models.
 SHAPES = {
@@ -78,13 +78,9 @@ def time_bare(runner: torch.nn.Module, token_ids: list[list[int]], plan: list[li
     start = time.perf_counter()
     with torch.inference_mode(), fused_forward(runner, enabled=fused):
         for batch in plan:
-            width = max(len(token_ids[i]) for i in batch)
-            ids = torch.zeros((len(batch), width), dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, i in enumerate(batch):
-                ids[row, : len(token_ids[i])] = torch.tensor(token_ids[i])
-                mask[row, : len(token_ids[i])] = 1
-            runner(input_ids=ids.to(device), attention_mask=mask.to(device) if use_mask else None, use_cache=False)
+            ids, mask = pad_batch(token_ids, batch)
+            runner(input_ids=ids.to(device), attention_mask=mask.long().to(device) if use_mask else None,
+                   use_cache=False)
     sync(device)
     return time.perf_counter() - start
 

@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_overhead import SHAPES, build, lengths_for  # noqa: E402
+from bench_overhead import SHAPES, build, lengths_for, sync  # noqa: E402
 
 from maxact_card import distributed  # noqa: E402
 from maxact_card.corpus import batches as make_batches  # noqa: E402
@@ -69,16 +69,11 @@ def compare(a: dict[str, dict[str, torch.Tensor]], b: dict[str, dict[str, torch.
     return problems
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed(fn, device: torch.device):  # type: ignore[no-untyped-def]
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     out = fn()
-    _sync(device)
+    sync(device)
     return out, time.perf_counter() - start
 
 

@@ -31,16 +31,15 @@ def bench(fn, device: torch.device, repeats: int = 20) -> float:  # type: ignore
     for _ in range(3):
         fn()
     if device.type == "cuda":
-        from torch.profiler import ProfilerActivity, profile
+        from bench_overhead import kernel_times
 
-        torch.cuda.synchronize(device)
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        def run() -> None:
             for _ in range(repeats):
                 fn()
             torch.cuda.synchronize(device)
-        total = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0))
-                    for e in prof.key_averages())
-        return total / 1000 / repeats
+
+        torch.cuda.synchronize(device)
+        return sum(ms for ms, _ in kernel_times(run).values()) / repeats
     import time
 
     t = time.perf_counter()

@@ -602,8 +602,9 @@ def _forward_one(runner: nn.Module, hooks: _Hooks, token_ids: list[list[int]], b
         hooks.ctx = None
 
 
-def _pad(token_ids: list[list[int]], batch: list[int], offsets: list[int],
-         pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pad_batch(token_ids: list[list[int]], batch: list[int], pad_token_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The samples `batch` as ids [B, T], padded on the right with `pad_token_id`, and the bool mask of
+    their real tokens (on the host)."""
     width = max(len(token_ids[i]) for i in batch)
     ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.bool)
@@ -611,7 +612,13 @@ def _pad(token_ids: list[list[int]], batch: list[int], offsets: list[int],
         seq = token_ids[i]
         ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
         mask[row, : len(seq)] = True
-    positions = torch.arange(width, dtype=torch.long).unsqueeze(0)
+    return ids, mask
+
+
+def _pad(token_ids: list[list[int]], batch: list[int], offsets: list[int],
+         pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ids, mask = pad_batch(token_ids, batch, pad_token_id)
+    positions = torch.arange(ids.shape[1], dtype=torch.long).unsqueeze(0)
     token_index = torch.tensor([offsets[i] for i in batch], dtype=torch.long).unsqueeze(1) + positions
     return ids, mask, token_index
 
