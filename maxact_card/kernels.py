@@ -10,7 +10,8 @@ anything per element:
      registers; two reductions give its extremes, moments, validity, the first channel of its
      extreme and (massive sites) the channels below |a|max/1000. The |a| histogram is counted in
      shared memory, the column maxima stay in registers over all the rows a block takes, and both
-     reach memory once per block. Padding rows are not read.
+     reach memory once per block (the histogram straight into the int64 counts). Padding rows are
+     not read.
    - `_scan_kernel` (Triton; other dtypes and widths, and Triton's CPU interpreter in the tests):
      one program per block of rows reads it twice (the second pass from L2, once validity and
      extremes are known); column maxima by atomics per block of rows; the histogram by atomics into
@@ -18,8 +19,8 @@ anything per element:
    Both write, per row, the extremes, moments, flags, first extreme channel and top-K key (|a| bits
    high, complement of the token's run index low; -1 where the row is not valid), and per block
    partial sums and counts; the sample maxima take an atomic max per row.
-2. `_fold_kernel` (Triton): the first programs add the private histograms into the int64 counts
-   and zero them; the others each take 1,024 rows and stage the largest keys that beat the stored
+2. `_fold_kernel` (Triton): after the Triton scan, the first programs add the private histograms
+   into the int64 counts and zero them; the others each take 1,024 rows and stage the largest keys that beat the stored
    K-th entry, and the last of them to finish (a ticket counter) folds the partials into the
    scalar statistics in a fixed order (so sums are deterministic), merges the staged keys and
    merges them into the top-K in place.
@@ -170,7 +171,7 @@ if triton is not None:
         tok_sum = tl.sum(total, axis=1)
         tok_sq = tl.sum(total_sq, axis=1)
         positive = tok_max >= -tok_min
-        tok_abs = tl.where(positive, tok_max, -tok_min)
+        tok_abs = tl.abs(tl.where(positive, tok_max, -tok_min))  # +0, not -0, for a row of -0
         abs_bits = tok_abs.to(tl.int32, bitcast=True)
         # the fp32 quotient, correctly rounded: a float64 quotient rounded again to fp32 is exact
         # (53 >= 2 * 24 + 2 bits), where a plain fp32 `/` may be compiled to an approximate divide.
@@ -561,9 +562,18 @@ def _launch_cuda_hist(x2: torch.Tensor, mask: torch.Tensor, counts: torch.Tensor
 # about 1.7 reads of the tensor plus one more for the histogram. Here one block takes rows in turn and
 # holds each row in registers (at most VEC 16-byte vectors per thread), so the tensor is read once:
 # extremes, moments and validity by two block reductions; the histogram in shared memory; the column
-# maxima stay in registers across all the block's rows (two bf16 magnitudes per 32-bit register, by
-# the SIMD max) and reach memory once per block. Padding rows are not read at all. The outputs are
-# those of the Triton scan (per row, per block, and the private histograms), so the same fold follows.
+# maxima stay in registers across all the block's rows and reach memory once per block. Padding rows
+# are not read at all. The outputs are those of the Triton scan (per row, per block, and the private
+# histograms), so the same fold follows.
+# Each element costs few instructions (about 8, counted in the SASS for sm_90; about 25 before): two
+# bf16 values are handled per 32-bit word wherever the hardware has paired instructions: extremes
+# (max.NaN/min.NaN.bf16x2, which also carry an inf or NaN through to the validity test), column
+# maxima (max.bf16x2 of magnitudes) and the massive count (set.lt.bf16x2 on Hopper, a compare per
+# value before it). A value's histogram key is a shift, a mask and one clamp (VIADDMNMX.RELU on
+# Hopper), with inf and NaN counted as overflow and moved to their own key by the rare rows that
+# hold them. The first channel of a row's extreme is looked for only by the threads whose own
+# extreme it is. At the end each block adds its non-empty counters straight into the int64
+# histogram, so the fold has no private histograms to sum for this scan.
 _SCAN_CUDA_SOURCE = r"""
 #define HIST_STRIDE %(hist_stride)d
 #define THREADS %(threads)d
@@ -574,7 +584,39 @@ _SCAN_CUDA_SOURCE = r"""
 #define MASSIVE %(massive)d
 #define MASSIVE_ABS %(massive_abs)sf
 #define MASSIVE_RATIO %(massive_ratio)s
+#define TABLE ((NBINS + 3) / 4 * 4)
 #define FULL 0xFFFFFFFFu
+
+__device__ __forceinline__ unsigned bf2_max_nan(unsigned a, unsigned b) {
+    unsigned d; asm("max.NaN.bf16x2 %%0, %%1, %%2;" : "=r"(d) : "r"(a), "r"(b)); return d;
+}
+__device__ __forceinline__ unsigned bf2_min_nan(unsigned a, unsigned b) {
+    unsigned d; asm("min.NaN.bf16x2 %%0, %%1, %%2;" : "=r"(d) : "r"(a), "r"(b)); return d;
+}
+__device__ __forceinline__ unsigned bf2_max(unsigned a, unsigned b) {
+    unsigned d; asm("max.bf16x2 %%0, %%1, %%2;" : "=r"(d) : "r"(a), "r"(b)); return d;
+}
+// how many of a word's two magnitudes lie below t16 (bf16 bits, the same in both halves), times 16
+__device__ __forceinline__ int below16(unsigned a2, unsigned t2) {
+#if __CUDA_ARCH__ >= 900
+    unsigned m; asm("set.lt.u32.bf16x2 %%0, %%1, %%2;" : "=r"(m) : "r"(a2), "r"(t2)); return __popc(m);
+#else
+    return (((a2 & 0xFFFFu) < (t2 & 0xFFFFu)) + ((a2 >> 16) < (t2 & 0xFFFFu))) << 4;
+#endif
+}
+__device__ __forceinline__ float lo_of(unsigned w) { return __uint_as_float(w << 16); }
+__device__ __forceinline__ float hi_of(unsigned w) { return __uint_as_float(w & 0xFFFF0000u); }
+// count a value into its histogram key, given its magnitude bits >> 1 as a byte offset (times 4): the
+// key's clamp is one instruction on Hopper (VIADDMNMX.RELU). An inf or a NaN counts as overflow here;
+// the rows that hold one move it to the non-finite key afterwards.
+__device__ __forceinline__ void count(unsigned* h, unsigned off) {
+    off = (unsigned)max(min((int)off - 4 * FINE_BIAS, 4 * OVERFLOW), 0);
+    atomicAdd(reinterpret_cast<unsigned*>(reinterpret_cast<char*>(h) + off), 1u);
+}
+// a word holding an inf or a NaN
+__device__ __forceinline__ bool nonfinite2(unsigned w) {
+    return (w & 0x7FFFu) >= 0x7F80u || (w & 0x7FFF0000u) >= 0x7F800000u;
+}
 
 // this thread's vectors of row r (zeros past the last row, and for padding, which is never read)
 #define LOAD_ROW(dst, r)                                                                     \
@@ -595,17 +637,17 @@ extern "C" __global__ void __launch_bounds__(THREADS) maxact_scan_bf16(
         const unsigned short* __restrict__ x, int row_stride, int n_rows, int width, int tokens_per_row,
         const unsigned char* __restrict__ mask, const long long* __restrict__ token,
         const long long* __restrict__ sample, unsigned* __restrict__ channel_max, unsigned* __restrict__ sample_max,
-        unsigned* __restrict__ hist, int hist_copies, float* __restrict__ row_f, int* __restrict__ row_i,
+        unsigned long long* __restrict__ counts, float* __restrict__ row_f, int* __restrict__ row_i,
         long long* __restrict__ row_key, double* __restrict__ part_f, int* __restrict__ part_i) {
-    __shared__ unsigned h[NBINS];
+    __shared__ __align__(16) unsigned h[TABLE];
     __shared__ float w_hi[THREADS / 32], w_lo[THREADS / 32], w_s[THREADS / 32], w_sq[THREADS / 32];
     __shared__ int w_bad[THREADS / 32], w_first[THREADS / 32], w_below[THREADS / 32];
     const float inf = __int_as_float(0x7F800000);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = tid / GROUP, t = tid %% GROUP, w0 = g * GROUP_WARPS;
     const int n4 = width >> 3, n_parts = gridDim.x * ROWS, step = gridDim.x * ROWS;
-    for (int i = tid; i < NBINS; i += THREADS) h[i] = 0u;
-    unsigned cmax[VEC * 4];
+    for (int i = tid; i < TABLE / 4; i += THREADS) reinterpret_cast<uint4*>(h)[i] = make_uint4(0u, 0u, 0u, 0u);
+    unsigned cmax[VEC * 4];  // magnitudes, two bf16 per register
     #pragma unroll
     for (int j = 0; j < VEC * 4; ++j) cmax[j] = 0u;
     double p_sum = 0.0, p_sq = 0.0;
@@ -632,26 +674,28 @@ extern "C" __global__ void __launch_bounds__(THREADS) maxact_scan_bf16(
             }
             continue;
         }
-        float hi = -inf, lo = inf, s = 0.f, sq = 0.f;
-        unsigned bad = 0u;
+        // the extremes start at the largest finite bf16, so a thread with no values marks nothing bad
+        unsigned hi2 = 0xFF7FFF7Fu, lo2 = 0x7F7F7F7Fu;
+        float s_even = 0.f, s_odd = 0.f, sq_even = 0.f, sq_odd = 0.f;
         #pragma unroll
         for (int j = 0; j < VEC; ++j) {
             if (counted && j * GROUP + t < n4) {
                 const unsigned w[4] = {v[j].x, v[j].y, v[j].z, v[j].w};
                 #pragma unroll
-                for (int k = 0; k < 8; ++k) {
-                    const unsigned b = (w[k >> 1] >> ((k & 1) * 16)) & 0xFFFFu;
-                    const unsigned a = b & 0x7FFFu;
-                    const float f = __uint_as_float(b << 16);
-                    bad |= a >= 0x7F80u;
-                    hi = fmaxf(hi, f);
-                    lo = fminf(lo, f);
-                    s += f;
-                    sq = fmaf(f, f, sq);
-                    atomicAdd(&h[maxact_key(a)], 1u);
+                for (int k = 0; k < 4; ++k) {
+                    hi2 = bf2_max_nan(hi2, w[k]);
+                    lo2 = bf2_min_nan(lo2, w[k]);
+                    const float f0 = lo_of(w[k]), f1 = hi_of(w[k]);
+                    s_even += f0; s_odd += f1;
+                    sq_even = fmaf(f0, f0, sq_even); sq_odd = fmaf(f1, f1, sq_odd);
+                    count(h, (w[k] << 1) & 0xFFFCu);
+                    count(h, (w[k] >> 15) & 0xFFFCu);
                 }
             }
         }
+        unsigned bad = nonfinite2(hi2) || nonfinite2(lo2);
+        const float t_hi = fmaxf(lo_of(hi2), hi_of(hi2)), t_lo = fminf(lo_of(lo2), hi_of(lo2));
+        float hi = t_hi, lo = t_lo, s = s_even + s_odd, sq = sq_even + sq_odd;
         // every lane of a butterfly ends with the same value, so the order of addition is fixed
         #pragma unroll
         for (int o = 16; o > 0; o >>= 1) {
@@ -671,26 +715,58 @@ extern "C" __global__ void __launch_bounds__(THREADS) maxact_scan_bf16(
         }
         const bool valid = counted && !bad;
         const bool positive = hi >= -lo;
-        const float tabs = positive ? hi : -lo;
+        const float tabs = fabsf(positive ? hi : lo);  // +0, not -0, for a row of -0
         const float ext = positive ? hi : lo;
-        const unsigned thr = __float_as_uint((float)((double)tabs / MASSIVE_RATIO));
         int first = 0x7FFFFFFF, below = 0;
-        #pragma unroll
-        for (int j = 0; j < VEC; ++j) {
-            const int c = j * GROUP + t;
-            if (counted && c < n4) {
-                const unsigned w[4] = {v[j].x, v[j].y, v[j].z, v[j].w};
-                #pragma unroll
-                for (int k = 0; k < 4; ++k) {
-                    if (valid) cmax[j * 4 + k] = __vmaxu2(cmax[j * 4 + k], w[k] & 0x7FFF7FFFu);
+        if (valid) {
+            #pragma unroll
+            for (int j = 0; j < VEC; ++j) {
+                if (j * GROUP + t < n4) {
+                    const unsigned w[4] = {v[j].x, v[j].y, v[j].z, v[j].w};
+                    #pragma unroll
+                    for (int k = 0; k < 4; ++k) cmax[j * 4 + k] = bf2_max(cmax[j * 4 + k], w[k] & 0x7FFF7FFFu);
                 }
-                #pragma unroll
-                for (int k = 0; k < 8; ++k) {
-                    const unsigned b = (w[k >> 1] >> ((k & 1) * 16)) & 0xFFFFu;
-                    if (__uint_as_float(b << 16) == ext) first = min(first, c * 8 + k);
+            }
 #if MASSIVE
-                    below += ((b & 0x7FFFu) << 16) < thr;
+            // |a| < tabs / ratio, compared as bits: a << 16 < thr for a bf16 magnitude a exactly when
+            // a < ceil(thr / 65536)
+            const unsigned thr = __float_as_uint((float)((double)tabs / MASSIVE_RATIO));
+            const unsigned t16 = (thr + 0xFFFFu) >> 16, t2 = t16 | (t16 << 16);
+            #pragma unroll
+            for (int j = 0; j < VEC; ++j) {
+                if (j * GROUP + t < n4) {
+                    const unsigned w[4] = {v[j].x, v[j].y, v[j].z, v[j].w};
+                    #pragma unroll
+                    for (int k = 0; k < 4; ++k) below += below16(w[k] & 0x7FFF7FFFu, t2);
+                }
+            }
+            below >>= 4;
 #endif
+        }
+        if (counted && bad) {  // its inf and NaN were counted as overflow: move them
+            int n = 0;
+            #pragma unroll
+            for (int j = 0; j < VEC; ++j) {
+                if (j * GROUP + t < n4) {
+                    const unsigned w[4] = {v[j].x, v[j].y, v[j].z, v[j].w};
+                    #pragma unroll
+                    for (int k = 0; k < 4; ++k) n += ((w[k] & 0x7FFFu) >= 0x7F80u) + ((w[k] & 0x7FFF0000u) >= 0x7F800000u);
+                }
+            }
+            if (n) { atomicSub(&h[OVERFLOW], (unsigned)n); atomicAdd(&h[NONFINITE], (unsigned)n); }
+        }
+        // only a thread whose own extreme is the row's holds the row's first channel of it
+        if (counted && (positive ? t_hi : t_lo) == ext) {
+            #pragma unroll
+            for (int j = 0; j < VEC; ++j) {
+                const int c = j * GROUP + t;
+                if (c < n4) {
+                    const unsigned w[4] = {v[j].x, v[j].y, v[j].z, v[j].w};
+                    #pragma unroll
+                    for (int k = 0; k < 8; ++k) {
+                        const unsigned word = w[k >> 1];
+                        if (first == 0x7FFFFFFF && (k & 1 ? hi_of(word) : lo_of(word)) == ext) first = c * 8 + k;
+                    }
                 }
             }
         }
@@ -725,10 +801,16 @@ extern "C" __global__ void __launch_bounds__(THREADS) maxact_scan_bf16(
         }
     }
     __syncthreads();
-    unsigned* mine = hist + (blockIdx.x %% hist_copies) * HIST_STRIDE;
-    for (int i = tid; i < NBINS; i += THREADS) {
-        const unsigned c = h[i];
-        if (c) atomicAdd(mine + i, c);
+    // the table into the int64 histogram: one add per non-empty counter
+    for (int i = tid; i < TABLE / 4; i += THREADS) {
+        const uint4 c4 = reinterpret_cast<const uint4*>(h)[i];
+        if (c4.x | c4.y | c4.z | c4.w) {
+            const unsigned c[4] = {c4.x, c4.y, c4.z, c4.w};
+            #pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                if (c[q]) atomicAdd(counts + 4 * i + q, (unsigned long long)c[q]);
+            }
+        }
     }
     // the column maxima, skipping the atomic where the stored value is already as large
     #pragma unroll
@@ -753,7 +835,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) maxact_scan_bf16(
 }
 """
 _SCAN_MAX_GROUP = 512
-_SCAN_ROW_THREADS = 128
+_SCAN_ROW_THREADS = 256
 _SCAN_MAX_VEC = 16  # rows of up to 65,536 bf16
 _cuda_scan: dict[str, Any] = {"kernels": {}, "failed": False}
 
@@ -778,11 +860,11 @@ def cuda_scan_shape(x2: torch.Tensor, group: int | None = None, rows: int | None
 
     Needs bf16 on CUDA, rows 16-byte aligned with a width divisible by 8, at most 65,536 wide.
     Unless given: 4 to 8 vectors per thread (32 to 512 threads per row), and as many rows at a time
-    as make blocks of 128 threads (narrow rows share a block, and its two synchronisations per step):
-    the fastest shapes of `bench/bench_stats.py --cuda-sweep` on an H100 for widths 2,048 (64 x 2,
-    0.059 ms per [16384, H] update), 4,096 (128 x 1, 0.102 ms), 6,144 (128 x 1, 0.140 ms) and
-    12,288 (256 x 1, 0.268 ms), each within 2% of the best. Blocks are left at 0: `_cuda_scan_kernel` sets them to as many as run at once on
-    every SM (the kernel's occupancy).
+    as make blocks of 256 threads (narrow rows share a block, and its two synchronisations per step):
+    the shapes of `bench/bench_stats.py --cuda-sweep` on an H100 for widths 2,048 (64 x 4, 0.063 ms
+    per [16384, H] update with the fold), 4,096 (128 x 2, 0.089 ms), 6,144 (128 x 2, 0.123 ms) and
+    12,288 (256 x 1, 0.222 ms), each the fastest or within 5% of it. Blocks are left at 0:
+    `_cuda_scan_kernel` sets them to as many as run at once on every SM (the kernel's occupancy).
     """
     if (x2.dtype != torch.bfloat16 or not x2.is_cuda or INTERPRET or _cuda_scan["failed"]
             or switched_off("MAXACT_CARD_CUDA_SCAN")):
@@ -839,14 +921,14 @@ def _cuda_scan_kernel(device: torch.device, shape: CudaScanShape, massive: bool,
 
 
 def _launch_cuda_scan(kernel: Any, shape: CudaScanShape, x2: torch.Tensor, tokens_per_row: int, mask: torch.Tensor,
-                      token_index: torch.Tensor, sample_index: torch.Tensor, acc: SiteStats, hist: torch.Tensor,
-                      ws: _Workspace, stream: int) -> None:
+                      token_index: torch.Tensor, sample_index: torch.Tensor, acc: SiteStats, ws: _Workspace,
+                      stream: int) -> None:
     n_rows, width = x2.shape
     ptr = ctypes.c_void_p
     values = (ptr(x2.data_ptr()), ctypes.c_int(x2.stride(0)), ctypes.c_int(n_rows), ctypes.c_int(width),
               ctypes.c_int(tokens_per_row), ptr(mask.data_ptr()), ptr(token_index.data_ptr()),
               ptr(sample_index.data_ptr()), ptr(acc.channel_max.data_ptr()), ptr(acc.sample_max.data_ptr()),
-              ptr(hist.data_ptr()), ctypes.c_int(hist.shape[0]), ptr(ws.scan.row_f.data_ptr()),
+              ptr(acc.hist.data_ptr()), ptr(ws.scan.row_f.data_ptr()),
               ptr(ws.scan.row_i.data_ptr()), ptr(ws.row_key.data_ptr()), ptr(ws.part_f.data_ptr()),
               ptr(ws.part_i.data_ptr()))
     _cu_launch(kernel.func, shape.blocks, shape.threads, stream, values)
@@ -983,9 +1065,8 @@ def fused_update(acc: SiteStats, x: torch.Tensor, mask: torch.Tensor, token_inde
         with on_device:
             if kernel is not None:
                 assert shape is not None
-                counted_apart = False  # the CUDA scan counts into the private histograms
-                _launch_cuda_scan(kernel, shape, x2, x.shape[-2], flat_mask, flat_tokens, sample_index, acc, hist, ws,
-                                  stream)
+                counted_apart = False  # the CUDA scan adds its histogram into acc.hist itself
+                _launch_cuda_scan(kernel, shape, x2, x.shape[-2], flat_mask, flat_tokens, sample_index, acc, ws, stream)
             else:
                 counted_apart = cuda_histogram_ready(x2)
                 _scan_kernel[(n_parts,)](
@@ -999,7 +1080,7 @@ def fused_update(acc: SiteStats, x: torch.Tensor, mask: torch.Tensor, token_inde
                     IS_BF16=is_bf16, HIST=not counted_apart, num_warps=cfg.num_warps,
                 )
             block_b = 512
-            hist_programs = 0 if counted_apart else triton.cdiv(HIST_STRIDE, block_b)
+            hist_programs = 0 if counted_apart or kernel is not None else triton.cdiv(HIST_STRIDE, block_b)
             _fold_kernel[(hist_programs + triton.cdiv(n_rows, _BLOCK_R),)](
                 hist, hist.shape[0], hist_programs, acc.hist, ticket,
                 ws.part_f, ws.part_i, n_parts, width,

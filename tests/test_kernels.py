@@ -136,7 +136,7 @@ def _assert_matches(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor],
 
 
 def _planted(dtype: torch.dtype, width: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """[3, 5, width]: a scaled channel, an outlier, padding with huge values, inf/NaN and zero rows."""
+    """[3, 5, width]: a scaled channel, an outlier, padding with huge values, inf/NaN, zero and -0 rows."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(3, 5, width, generator=gen) * 2.0
     x[..., width // 3] *= 40.0  # a scaled channel
@@ -144,6 +144,7 @@ def _planted(dtype: torch.dtype, width: int, seed: int = 0) -> tuple[torch.Tenso
     x[0, 3, 1] = float("inf")
     x[2, 1, 0] = float("nan")
     x[2, 2] = 0.0  # an all-zero row is valid
+    x[0, 4] = -0.0  # so is a row of -0, whose largest |a| is +0
     x[2, 4] = 3.0e4  # padding holding huge values
     mask = torch.ones(3, 5, dtype=torch.bool)
     mask[2, 4] = False
@@ -353,6 +354,9 @@ def test_cuda_update_equals_the_reference_path(massive: bool, width: int, cuda_s
         x[b - 1, 3, width // 5] = -300.0 * (1 + offset / 1000)
         x[0, 1] = torch.where(torch.arange(width) == 7, 4000.0, 1e-3)  # a massive token
         x[1, 2, 5] = float("nan")
+        x[1, 2, 6], x[1, 2, 8] = 1e10, float("-inf")  # the overflow key, and a second non-finite value
+        x[2, 3, 10], x[2, 3, 11] = 1e-12, -0.0  # the underflow key
+        x[0, 6] = -0.0  # a row of -0: valid, its largest |a| is +0
         x[1, 4, width - 1] = 5000.0 * (1 + offset / 1000)  # the last channel, tied with an earlier one
         x[1, 4, 3] = 5000.0 * (1 + offset / 1000)
         mask = torch.ones(b, t, dtype=torch.bool)
