@@ -355,7 +355,7 @@ def test_cuda_update_equals_the_reference_path(massive: bool, width: int, cuda_s
         x[0, 1] = torch.where(torch.arange(width) == 7, 4000.0, 1e-3)  # a massive token
         x[1, 2, 5] = float("nan")
         x[1, 2, 6], x[1, 2, 8] = 1e10, float("-inf")  # the overflow key, and a second non-finite value
-        x[2, 3, 10], x[2, 3, 11] = 1e-12, -0.0  # the underflow key
+        x[0, 9, 10], x[0, 9, 11] = 1e-12, -0.0  # the underflow key
         x[0, 6] = -0.0  # a row of -0: valid, its largest |a| is +0
         x[1, 4, width - 1] = 5000.0 * (1 + offset / 1000)  # the last channel, tied with an earlier one
         x[1, 4, 3] = 5000.0 * (1 + offset / 1000)
