@@ -20,10 +20,10 @@ anything per element:
    high, complement of the token's run index low; -1 where the row is not valid), and per block
    partial sums and counts; the sample maxima take an atomic max per row.
 2. `_fold_kernel` (Triton): after the Triton scan, the first programs add the private histograms
-   into the int64 counts and zero them; the others each take 1,024 rows and stage the largest keys that beat the stored
-   K-th entry, and the last of them to finish (a ticket counter) folds the partials into the
-   scalar statistics in a fixed order (so sums are deterministic), merges the staged keys and
-   merges them into the top-K in place.
+   into the int64 counts and zero them; the others each take 1,024 rows and stage the largest keys
+   that beat the stored K-th entry, and the last of them to finish (a ticket counter) folds the
+   partials into the scalar statistics in a fixed order (so sums are deterministic), merges the
+   staged keys and merges them into the top-K in place.
 
 Nothing synchronises with the host. Triton is optional: `available()` says whether the kernels can
 run on a tensor (Triton installed and the tensor on CUDA, or Triton's interpreter switched on with
@@ -563,10 +563,10 @@ def _launch_cuda_hist(x2: torch.Tensor, mask: torch.Tensor, counts: torch.Tensor
 # holds each row in registers (at most VEC 16-byte vectors per thread), so the tensor is read once:
 # extremes, moments and validity by two block reductions; the histogram in shared memory; the column
 # maxima stay in registers across all the block's rows and reach memory once per block. Padding rows
-# are not read at all. The outputs are those of the Triton scan (per row, per block, and the private
-# histograms), so the same fold follows.
-# Each element costs few instructions (about 8, counted in the SASS for sm_90; about 25 before): two
-# bf16 values are handled per 32-bit word wherever the hardware has paired instructions: extremes
+# are not read at all. The per-row and per-block outputs are those of the Triton scan, so the same
+# fold follows (the histogram this kernel adds itself).
+# Each element costs about 8 instructions (counted in the SASS for sm_90): two bf16 values are
+# handled per 32-bit word wherever the hardware has paired instructions: extremes
 # (max.NaN/min.NaN.bf16x2, which also carry an inf or NaN through to the validity test), column
 # maxima (max.bf16x2 of magnitudes) and the massive count (set.lt.bf16x2 on Hopper, a compare per
 # value before it). A value's histogram key is a shift, a mask and one clamp (VIADDMNMX.RELU on
