@@ -49,10 +49,21 @@ _OPTIONS: dict[str, str | int | bool | Callable[..., Any]] = {"emulate_precision
 
 @dataclass(frozen=True)
 class Fused:
-    """What a `fused_forward` block swapped."""
+    """What a `fused_forward` block swapped: norm modules, modelling files, and the functions compiled
+    for them (as `compiled` keys them: function and backend)."""
 
     norms: int = 0
     rotary: int = 0
+    pieces: tuple[tuple[Callable[..., Any], Backend], ...] = ()
+
+    def record(self) -> dict[str, list[str]]:
+        """The swapped functions by name (modelling file and qualified name): `compiled`, those that
+        ran compiled or have not run yet; `eager`, those that did not compile and ran their eager code."""
+        names: dict[str, set[str]] = {"compiled": set(), "eager": set()}
+        for key in self.pieces:
+            fn = key[0]
+            names["eager" if key in _FAILED else "compiled"].add(f"{fn.__module__.rsplit('.', 1)[-1]}.{fn.__qualname__}")
+        return {kind: sorted(found) for kind, found in names.items()}
 
 
 def _slot(m: nn.Module) -> str | None:
@@ -131,6 +142,7 @@ def fused_forward(model: nn.Module, *, enabled: bool | None = None, backend: Bac
         )
     swapped: list[tuple[nn.Module, str, object]] = []
     files: list[tuple[types.ModuleType, Callable[..., Any]]] = []
+    pieces: dict[tuple[Callable[..., Any], Backend], None] = {}
     try:
         if enabled:
             for m in modules:
@@ -138,11 +150,13 @@ def fused_forward(model: nn.Module, *, enabled: bool | None = None, backend: Bac
                 assert slot is not None
                 swapped.append((m, slot, vars(m).get(slot)))
                 setattr(m, slot, types.MethodType(compiled(type(m).forward, backend), m))
+                pieces[(type(m).forward, backend)] = None
             for file in rotary_files(model):
                 eager = getattr(file, ROTARY)
                 setattr(file, ROTARY, compiled(eager, backend))
                 files.append((file, eager))
-        yield Fused(norms=len(swapped), rotary=len(files))
+                pieces[(eager, backend)] = None
+        yield Fused(norms=len(swapped), rotary=len(files), pieces=tuple(pieces))
     finally:
         for m, slot, before in swapped:
             if before is None:

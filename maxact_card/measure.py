@@ -16,7 +16,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -99,6 +99,8 @@ class LoopReport:
     unreadable: dict[str, str]
     oom_splits: int = 0
     batches_run: list[list[int]] = field(default_factory=list)  # what ran, after any splits
+    # how the forward ran: whether it got the attention mask, and `Fused.record()` of its fused pieces
+    forward: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -531,7 +533,7 @@ def run_hooked(
             streams[0].wait_stream(torch.cuda.current_stream(input_device))
         on_stream = torch.cuda.stream(streams[0]) if streams is not None else contextlib.nullcontext()
         # on CUDA each RMSNorm and rotary embedding runs as one fused kernel, for this loop only
-        with torch.inference_mode(), on_stream, fused_forward(model):
+        with torch.inference_mode(), on_stream, fused_forward(model) as fused:
             while queue:
                 k, batch = queue.popleft()
                 if ceiling is not None and len(batch) > 1 and padded_tokens(token_ids, batch) > ceiling:
@@ -570,6 +572,7 @@ def run_hooked(
                 if parts_left[k] == 0 and control.after_batch is not None:
                     report.wall_time_s = time.perf_counter() - start
                     control.after_batch(k + 1, report)
+            report.forward = {"attention_mask": use_mask, **fused.record()}
         if input_device.type == "cuda":
             torch.cuda.synchronize(input_device)
     finally:

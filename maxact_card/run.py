@@ -243,6 +243,7 @@ class _Run:
         self.store: StateDir | None = None
         self.resumed = False
         self.oom_splits = 0
+        self.forward: dict[str, dict[str, Any]] = {}  # per pass: how its forward ran (LoopReport.forward)
 
     def execute(self, started: _dt.datetime, progress: Callable[[int, int], None] | None,
                 on_plan: Callable[[int, int], None] | None) -> dict[str, Any] | None:
@@ -280,6 +281,7 @@ class _Run:
         splits = distributed.all_reduce_scalar(self.world, float(self.oom_splits), loaded.device, op="sum")
         results["run"]["oom_splits"] = int(splits)
         results["run"]["resumed"] = self.resumed
+        results["run"]["forward"] = self.forward["measure"]
         return results if self.world.is_main else None
 
     def _open_state(self, directory: Path, truncate: bool) -> StateDir:
@@ -344,6 +346,7 @@ class _Run:
 
         report = run_fn(shard, LoopControl(skip=skip, after_batch=after_batch, transaction=group))
         self.oom_splits += report.oom_splits
+        self.forward[name] = report.forward
         return wall_before + report.wall_time_s, dict(unreadable_before, **report.unreadable), report.oom_splits
 
     def quant_pass(self, measurement: Measurement, results: dict[str, Any], eval_ids: list[list[int]],
