@@ -553,7 +553,7 @@ def _launch_cuda_hist(x2: torch.Tensor, mask: torch.Tensor, counts: torch.Tensor
         return
     values = (ctypes.c_void_p(x2.data_ptr()), ctypes.c_int(x2.stride(0)), ctypes.c_int(n_rows), ctypes.c_int(width),
               ctypes.c_void_p(mask.data_ptr()), ctypes.c_void_p(counts.data_ptr()), ctypes.c_int(vec))
-    _cu_launch(func, grid, _HIST_BLOCK, torch.cuda.current_stream(x2.device).cuda_stream, values)
+    _cu_launch(func, grid, _HIST_BLOCK, _stream_of(x2.device), values)
 
 
 # --- the whole scan of bf16 activations, in CUDA C++ ----------------------------------------------
@@ -575,7 +575,6 @@ def _launch_cuda_hist(x2: torch.Tensor, mask: torch.Tensor, counts: torch.Tensor
 # extreme it is. At the end each block adds its non-empty counters straight into the int64
 # histogram, so the fold has no private histograms to sum for this scan.
 _SCAN_CUDA_SOURCE = r"""
-#define HIST_STRIDE %(hist_stride)d
 #define THREADS %(threads)d
 #define ROWS %(rows)d
 #define GROUP (THREADS / ROWS)
@@ -613,9 +612,9 @@ __device__ __forceinline__ void count(unsigned* h, unsigned off) {
     off = (unsigned)max(min((int)off - 4 * FINE_BIAS, 4 * OVERFLOW), 0);
     atomicAdd(reinterpret_cast<unsigned*>(reinterpret_cast<char*>(h) + off), 1u);
 }
-// a word holding an inf or a NaN
-__device__ __forceinline__ bool nonfinite2(unsigned w) {
-    return (w & 0x7FFFu) >= 0x7F80u || (w & 0x7FFF0000u) >= 0x7F800000u;
+// how many of a word's two values are inf or NaN
+__device__ __forceinline__ int nonfinite2(unsigned w) {
+    return ((w & 0x7FFFu) >= 0x7F80u) + ((w & 0x7FFF0000u) >= 0x7F800000u);
 }
 
 // this thread's vectors of row r (zeros past the last row, and for padding, which is never read)
@@ -693,7 +692,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) maxact_scan_bf16(
                 }
             }
         }
-        unsigned bad = nonfinite2(hi2) || nonfinite2(lo2);
+        unsigned bad = nonfinite2(hi2) + nonfinite2(lo2) != 0;
         const float t_hi = fmaxf(lo_of(hi2), hi_of(hi2)), t_lo = fminf(lo_of(lo2), hi_of(lo2));
         float hi = t_hi, lo = t_lo, s = s_even + s_odd, sq = sq_even + sq_odd;
         // every lane of a butterfly ends with the same value, so the order of addition is fixed
@@ -750,7 +749,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) maxact_scan_bf16(
                 if (j * GROUP + t < n4) {
                     const unsigned w[4] = {v[j].x, v[j].y, v[j].z, v[j].w};
                     #pragma unroll
-                    for (int k = 0; k < 4; ++k) n += ((w[k] & 0x7FFFu) >= 0x7F80u) + ((w[k] & 0x7FFF0000u) >= 0x7F800000u);
+                    for (int k = 0; k < 4; ++k) n += nonfinite2(w[k]);
                 }
             }
             if (n) { atomicSub(&h[OVERFLOW], (unsigned)n); atomicAdd(&h[NONFINITE], (unsigned)n); }
@@ -899,7 +898,7 @@ def _cuda_scan_kernel(device: torch.device, shape: CudaScanShape, massive: bool,
 
     def build() -> tuple[Any, int]:
         source = _SCAN_CUDA_SOURCE % {
-            "hist_stride": HIST_STRIDE, "threads": shape.threads, "rows": shape.rows, "vec": shape.vec,
+            "threads": shape.threads, "rows": shape.rows, "vec": shape.vec,
             "massive": int(massive),
             "massive_abs": repr(float(MASSIVE_ABS)), "massive_ratio": repr(float(MASSIVE_RATIO)),
         }
@@ -1063,9 +1062,12 @@ def fused_update(acc: SiteStats, x: torch.Tensor, mask: torch.Tensor, token_inde
     on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     try:
         with on_device:
+            # the |a| histogram: the CUDA scan adds it into acc.hist itself; the Triton scan counts it
+            # into the private histograms, which the fold's first programs sum, unless the CUDA
+            # histogram kernel counts it apart after the fold
+            counted_apart = False
             if kernel is not None:
                 assert shape is not None
-                counted_apart = False  # the CUDA scan adds its histogram into acc.hist itself
                 _launch_cuda_scan(kernel, shape, x2, x.shape[-2], flat_mask, flat_tokens, sample_index, acc, ws, stream)
             else:
                 counted_apart = cuda_histogram_ready(x2)
@@ -1080,7 +1082,7 @@ def fused_update(acc: SiteStats, x: torch.Tensor, mask: torch.Tensor, token_inde
                     IS_BF16=is_bf16, HIST=not counted_apart, num_warps=cfg.num_warps,
                 )
             block_b = 512
-            hist_programs = 0 if counted_apart or kernel is not None else triton.cdiv(HIST_STRIDE, block_b)
+            hist_programs = 0 if kernel is not None or counted_apart else triton.cdiv(HIST_STRIDE, block_b)
             _fold_kernel[(hist_programs + triton.cdiv(n_rows, _BLOCK_R),)](
                 hist, hist.shape[0], hist_programs, acc.hist, ticket,
                 ws.part_f, ws.part_i, n_parts, width,

@@ -243,7 +243,6 @@ class _Run:
         self.store: StateDir | None = None
         self.resumed = False
         self.oom_splits = 0
-        self.forward: dict[str, dict[str, Any]] = {}  # per pass: how its forward ran (LoopReport.forward)
 
     def execute(self, started: _dt.datetime, progress: Callable[[int, int], None] | None,
                 on_plan: Callable[[int, int], None] | None) -> dict[str, Any] | None:
@@ -266,7 +265,7 @@ class _Run:
             return run_measurement(measurement, loaded.model, batches=batches, device=loaded.device,
                                    pad_token_id=_pad_id(loaded.tokenizer), progress=progress, control=control)
 
-        wall, unreadable, _ = self.run_pass("measure", stats, plan, run_fn)
+        wall, unreadable, forward = self.run_pass("measure", stats, plan, run_fn)
         unreadable = distributed.union_unreadable(self.world, unreadable)
         drop_sites(measurement, unreadable)
         distributed.all_reduce_fields(self.world, [measurement.stats[n] for n in sorted(measurement.stats)])
@@ -281,7 +280,7 @@ class _Run:
         splits = distributed.all_reduce_scalar(self.world, float(self.oom_splits), loaded.device, op="sum")
         results["run"]["oom_splits"] = int(splits)
         results["run"]["resumed"] = self.resumed
-        results["run"]["forward"] = self.forward["measure"]
+        results["run"]["forward"] = forward
         return results if self.world.is_main else None
 
     def _open_state(self, directory: Path, truncate: bool) -> StateDir:
@@ -309,11 +308,12 @@ class _Run:
         return store
 
     def run_pass(self, name: str, accumulators: dict[str, Any], plan: list[list[int]],
-                 run_fn: Callable[[list[list[int]], LoopControl], LoopReport]) -> tuple[float, dict[str, str], int]:
+                 run_fn: Callable[[list[list[int]], LoopControl], LoopReport],
+                 ) -> tuple[float, dict[str, str], dict[str, Any]]:
         """Run one pass over this process's share of `plan`, resuming and checkpointing when asked.
 
         Returns the wall time (earlier sessions of a resumed run included), the unreadable sites
-        and the number of out-of-memory splits.
+        and how the forward ran (`LoopReport.forward`); out-of-memory splits add to `oom_splits`.
         """
         group = Accumulators(accumulators)
         saved = self.store.load(name) if self.store is not None else None
@@ -346,8 +346,7 @@ class _Run:
 
         report = run_fn(shard, LoopControl(skip=skip, after_batch=after_batch, transaction=group))
         self.oom_splits += report.oom_splits
-        self.forward[name] = report.forward
-        return wall_before + report.wall_time_s, dict(unreadable_before, **report.unreadable), report.oom_splits
+        return wall_before + report.wall_time_s, dict(unreadable_before, **report.unreadable), report.forward
 
     def quant_pass(self, measurement: Measurement, results: dict[str, Any], eval_ids: list[list[int]],
                    budget: int | None) -> dict[str, Any]:
