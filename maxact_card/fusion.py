@@ -27,12 +27,16 @@ run: it falls back to its eager code. MAXACT_CARD_FUSE=0 keeps everything eager.
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import functools
+import inspect
 import sys
+import textwrap
 import types
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -49,21 +53,32 @@ _OPTIONS: dict[str, str | int | bool | Callable[..., Any]] = {"emulate_precision
 
 @dataclass(frozen=True)
 class Fused:
-    """What a `fused_forward` block swapped: norm modules, modelling files, and the functions compiled
-    for them (as `compiled` keys them: function and backend)."""
+    """What a `fused_forward` block swapped: norm modules, modelling files, the functions compiled
+    for them (as `compiled` keys them: function and backend), and the gated MLPs (their classes)."""
 
     norms: int = 0
     rotary: int = 0
     pieces: tuple[tuple[Callable[..., Any], Backend], ...] = ()
+    mlps: int = 0
+    mlp_classes: tuple[type, ...] = ()
+    ran_eager: set[type] = field(default_factory=set, compare=False)  # MLP classes whose product ran eager
 
     def record(self) -> dict[str, list[str]]:
         """The swapped functions by name (modelling file and qualified name): `compiled`, those that
-        ran compiled or have not run yet; `eager`, those that did not compile and ran their eager code."""
-        names: dict[str, set[str]] = {"compiled": set(), "eager": set()}
+        ran compiled or have not run yet; `eager`, those that did not compile, or whose kernel would
+        not run, and ran their eager code; `fused`, the SwiGLU MLP forwards whose product ran as one
+        kernel (with their sites' statistics where those were read)."""
+        names: dict[str, set[str]] = {"compiled": set(), "eager": set(), "fused": set()}
         for key in self.pieces:
             fn = key[0]
-            names["eager" if key in _FAILED else "compiled"].add(f"{fn.__module__.rsplit('.', 1)[-1]}.{fn.__qualname__}")
+            names["eager" if key in _FAILED else "compiled"].add(_name(fn))
+        for cls in self.mlp_classes:
+            names["eager" if cls in self.ran_eager else "fused"].add(_name(cls.forward))
         return {kind: sorted(found) for kind, found in names.items()}
+
+
+def _name(fn: Callable[..., Any]) -> str:
+    return f"{fn.__module__.rsplit('.', 1)[-1]}.{fn.__qualname__}"
 
 
 def _slot(m: nn.Module) -> str | None:
@@ -95,6 +110,130 @@ def rotary_files(model: nn.Module) -> list[types.ModuleType]:
         if name not in seen and isinstance(fn, types.FunctionType) and fn not in _COMPILED.values():
             seen[name] = file  # type: ignore[assignment]
     return list(seen.values())
+
+
+# --- SwiGLU MLPs ---------------------------------------------------------------------------------
+# An MLP whose forward is exactly `down_proj(act_fn(gate_proj(x)) * up_proj(x))` with a SiLU runs
+# silu(gate) * up as one kernel (three passes over memory, where eager torch makes five: the SiLU
+# reads and writes, the product reads two and writes). What it computes is eager torch's, rounded
+# where eager rounds (`kernels.silu_mul`). Where a measurement reads the MLP's gate or its
+# down_proj input, the reader it registers (`read_gated`) takes the product instead, and can fold
+# both sites' statistics into the same pass: the sites' own hooks then stay quiet for that call.
+GatedReader = Callable[[torch.Tensor, torch.Tensor, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]], torch.Tensor]
+_READERS: dict[nn.Module, GatedReader] = {}
+_QUIET: set[nn.Module] = set()
+_GATED_FORMS: dict[Callable[..., Any], bool] = {}
+
+
+def _is_attr_call(node: ast.AST, owner: str, attr: str, arg: str) -> bool:
+    """Whether `node` is `owner.attr(arg)`, positional and nothing else."""
+    return (isinstance(node, ast.Call) and not node.keywords and len(node.args) == 1
+            and isinstance(node.args[0], ast.Name) and node.args[0].id == arg
+            and isinstance(node.func, ast.Attribute) and node.func.attr == attr
+            and isinstance(node.func.value, ast.Name) and node.func.value.id == owner)
+
+
+def is_swiglu_forward(fn: Callable[..., Any]) -> bool:
+    """Whether `fn`'s source is `down_proj(act_fn(gate_proj(x)) * up_proj(x))` returned (directly or
+    through one local name), in either order of the product, and nothing else."""
+    cached = _GATED_FORMS.get(fn)
+    if cached is not None:
+        return cached
+    found = False
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    except (OSError, TypeError, SyntaxError):
+        tree = None
+    node = tree.body[0] if tree is not None and tree.body else None
+    if isinstance(node, ast.FunctionDef):
+        a = node.args
+        body = node.body[1:] if node.body and isinstance(node.body[0], ast.Expr) \
+            and isinstance(node.body[0].value, ast.Constant) else node.body
+        if (len(a.args) == 2 and not (a.vararg or a.kwarg or a.kwonlyargs or a.posonlyargs or a.defaults)):
+            me, x = a.args[0].arg, a.args[1].arg
+            value = None
+            if len(body) == 1 and isinstance(body[0], ast.Return):
+                value = body[0].value
+            elif (len(body) == 2 and isinstance(body[0], ast.Assign) and len(body[0].targets) == 1
+                  and isinstance(body[0].targets[0], ast.Name) and isinstance(body[1], ast.Return)
+                  and isinstance(body[1].value, ast.Name) and body[1].value.id == body[0].targets[0].id):
+                value = body[0].value
+            if (isinstance(value, ast.Call) and not value.keywords and len(value.args) == 1
+                    and isinstance(value.func, ast.Attribute) and value.func.attr == "down_proj"
+                    and isinstance(value.func.value, ast.Name) and value.func.value.id == me):
+                prod = value.args[0]
+                if isinstance(prod, ast.BinOp) and isinstance(prod.op, ast.Mult):
+                    for act, up in ((prod.left, prod.right), (prod.right, prod.left)):
+                        if (isinstance(act, ast.Call) and not act.keywords and len(act.args) == 1
+                                and isinstance(act.func, ast.Attribute) and act.func.attr == "act_fn"
+                                and isinstance(act.func.value, ast.Name) and act.func.value.id == me
+                                and _is_attr_call(act.args[0], me, "gate_proj", x)
+                                and _is_attr_call(up, me, "up_proj", x)):
+                            found = True
+    _GATED_FORMS[fn] = found
+    return found
+
+
+def gated_mlps(model: nn.Module) -> list[nn.Module]:
+    """The SwiGLU MLPs of `model` (forward as `is_swiglu_forward` reads it, a SiLU as act_fn) whose
+    forward, or the one a device hook wraps, is their class's own. None with MAXACT_CARD_GATED=0."""
+    if switched_off("MAXACT_CARD_GATED"):
+        return []
+    found = []
+    for m in model.modules():
+        children = dict(m.named_children())
+        if not all(n in children for n in ("gate_proj", "up_proj", "down_proj")):
+            continue
+        if _is_silu(getattr(m, "act_fn", None)) and _slot(m) is not None and is_swiglu_forward(type(m).forward):
+            found.append(m)
+    return found
+
+
+def _is_silu(act: object) -> bool:
+    """torch's SiLU or transformers' (which calls torch's), its forward not replaced on the instance."""
+    return (isinstance(act, nn.Module) and "forward" not in vars(act)
+            and (isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"))
+
+
+def read_gated(mlp: nn.Module, reader: GatedReader) -> Callable[[], None]:
+    """Have `reader(gate, up, product)` make `mlp`'s product while its forward is swapped (it returns
+    the product; `product(gate, up)` is the plain one); returns what undoes it."""
+    _READERS[mlp] = reader
+    return lambda: _READERS.pop(mlp, None) if _READERS.get(mlp) is reader else None
+
+
+def quiet(module: nn.Module) -> bool:
+    """Whether a swapped MLP's reader is reading `module`'s site for the call in progress."""
+    return module in _QUIET
+
+
+def _product(g: torch.Tensor, up: torch.Tensor, cls: type, ran_eager: set[type]) -> torch.Tensor:
+    """silu(g) * up: one kernel on CUDA bf16, else eager torch's two (and `cls` noted in `ran_eager`)."""
+    if g.is_cuda:
+        from maxact_card import kernels  # on CUDA only: CPU-only runs never import Triton
+
+        out = kernels.silu_mul(g, up)
+        if out is not None:
+            return out
+    ran_eager.add(cls)
+    return torch.nn.functional.silu(g) * up
+
+
+def _gated_forward(self: nn.Module, x: torch.Tensor, *, ran_eager: set[type]) -> torch.Tensor:
+    """A SwiGLU MLP's forward: its modules called as its own forward calls them, the product as one
+    kernel, or made by the reader a measurement registered."""
+    reader = _READERS.get(self)
+    gate_proj, up_proj, down_proj = self.gate_proj, self.up_proj, self.down_proj
+    cls = type(self)
+    if reader is None:
+        return down_proj(_product(gate_proj(x), up_proj(x), cls, ran_eager))
+    _QUIET.update((gate_proj, down_proj))
+    try:
+        g = gate_proj(x)
+        out = reader(g, up_proj(x), lambda a, b: _product(a, b, cls, ran_eager))
+        return down_proj(out)
+    finally:
+        _QUIET.difference_update((gate_proj, down_proj))
 
 
 def compiled(fn: Callable[..., Any], backend: Backend = "inductor") -> Callable[..., Any]:
@@ -143,6 +282,8 @@ def fused_forward(model: nn.Module, *, enabled: bool | None = None, backend: Bac
     swapped: list[tuple[nn.Module, str, object]] = []
     files: list[tuple[types.ModuleType, Callable[..., Any]]] = []
     pieces: dict[tuple[Callable[..., Any], Backend], None] = {}
+    mlps: list[nn.Module] = []
+    ran_eager: set[type] = set()
     try:
         if enabled:
             for m in modules:
@@ -156,7 +297,14 @@ def fused_forward(model: nn.Module, *, enabled: bool | None = None, backend: Bac
                 setattr(file, ROTARY, compiled(eager, backend))
                 files.append((file, eager))
                 pieces[(eager, backend)] = None
-        yield Fused(norms=len(swapped), rotary=len(files), pieces=tuple(pieces))
+            for m in gated_mlps(model):
+                slot = _slot(m)
+                assert slot is not None
+                swapped.append((m, slot, vars(m).get(slot)))
+                setattr(m, slot, types.MethodType(functools.partial(_gated_forward, ran_eager=ran_eager), m))
+                mlps.append(m)
+        yield Fused(norms=len(swapped) - len(mlps), rotary=len(files), pieces=tuple(pieces), mlps=len(mlps),
+                    mlp_classes=tuple(dict.fromkeys(type(m) for m in mlps)), ran_eager=ran_eager)
     finally:
         for m, slot, before in swapped:
             if before is None:

@@ -574,6 +574,51 @@ def _launch_cuda_hist(x2: torch.Tensor, mask: torch.Tensor, counts: torch.Tensor
 # hold them. The first channel of a row's extreme is looked for only by the threads whose own
 # extreme it is. At the end each block adds its non-empty counters straight into the int64
 # histogram, so the fold has no private histograms to sum for this scan.
+# bf16 pairs in 32-bit words, for the scan and the gated product (no % formatting here)
+_BF16_CUDA_SOURCE = r"""
+__device__ __forceinline__ unsigned bf2_max_nan(unsigned a, unsigned b) {
+    unsigned d; asm("max.NaN.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b)); return d;
+}
+__device__ __forceinline__ unsigned bf2_min_nan(unsigned a, unsigned b) {
+    unsigned d; asm("min.NaN.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b)); return d;
+}
+__device__ __forceinline__ unsigned bf2_max(unsigned a, unsigned b) {
+    unsigned d; asm("max.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b)); return d;
+}
+// how many of a word's two magnitudes lie below t16 (bf16 bits, the same in both halves), times 16
+__device__ __forceinline__ int below16(unsigned a2, unsigned t2) {
+#if __CUDA_ARCH__ >= 900
+    unsigned m; asm("set.lt.u32.bf16x2 %0, %1, %2;" : "=r"(m) : "r"(a2), "r"(t2)); return __popc(m);
+#else
+    return (((a2 & 0xFFFFu) < (t2 & 0xFFFFu)) + ((a2 >> 16) < (t2 & 0xFFFFu))) << 4;
+#endif
+}
+__device__ __forceinline__ float lo_of(unsigned w) { return __uint_as_float(w << 16); }
+__device__ __forceinline__ float hi_of(unsigned w) { return __uint_as_float(w & 0xFFFF0000u); }
+// two floats rounded to bf16 (to nearest, ties to even) in one word, lo in the low half
+__device__ __forceinline__ unsigned bf2_round(float lo, float hi) {
+    unsigned d; asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo)); return d;
+}
+// silu(g) * u for two bf16 pairs, rounded as eager torch rounds them: silu in float32 (as ATen's
+// kernel writes it, x / (1 + exp(-x))) to bf16, then the product in float32 to bf16
+__device__ __forceinline__ unsigned silu_mul2(unsigned g, unsigned u) {
+    const float g0 = lo_of(g), g1 = hi_of(g);
+    const unsigned s = bf2_round(g0 / (1.0f + expf(-g0)), g1 / (1.0f + expf(-g1)));
+    return bf2_round(lo_of(s) * lo_of(u), hi_of(s) * hi_of(u));
+}
+__device__ __forceinline__ uint4 silu_mul8(uint4 g, uint4 u) {
+    return make_uint4(silu_mul2(g.x, u.x), silu_mul2(g.y, u.y), silu_mul2(g.z, u.z), silu_mul2(g.w, u.w));
+}
+"""
+_SILU_MUL_CUDA_SOURCE = r"""
+// silu(g) * u alone, for a gated MLP none of whose sites is read: contiguous bf16, n8 vectors of 8
+extern "C" __global__ void __launch_bounds__(256) maxact_silu_mul_bf16(
+        const uint4* __restrict__ g, const uint4* __restrict__ u, uint4* __restrict__ out, long long n8) {
+    for (long long i = blockIdx.x * 256LL + threadIdx.x; i < n8; i += gridDim.x * 256LL) {
+        out[i] = silu_mul8(__ldcs(g + i), __ldcs(u + i));
+    }
+}
+"""
 _SCAN_CUDA_SOURCE = r"""
 #define THREADS %(threads)d
 #define ROWS %(rows)d
@@ -583,28 +628,14 @@ _SCAN_CUDA_SOURCE = r"""
 #define MASSIVE %(massive)d
 #define MASSIVE_ABS %(massive_abs)sf
 #define MASSIVE_RATIO %(massive_ratio)s
+// GATED 0: scan x, site 0. GATED 1: x is a SwiGLU gate; write silu(x) * up to out and scan the sites
+// SITES says: 1, the gate (SCAN_GATE) or the product; 2, the gate (site 0) and the product (site 1)
+#define GATED %(gated)d
+#define SITES %(sites)d
+#define SCAN_GATE %(scan_gate)d
 #define TABLE ((NBINS + 3) / 4 * 4)
 #define FULL 0xFFFFFFFFu
 
-__device__ __forceinline__ unsigned bf2_max_nan(unsigned a, unsigned b) {
-    unsigned d; asm("max.NaN.bf16x2 %%0, %%1, %%2;" : "=r"(d) : "r"(a), "r"(b)); return d;
-}
-__device__ __forceinline__ unsigned bf2_min_nan(unsigned a, unsigned b) {
-    unsigned d; asm("min.NaN.bf16x2 %%0, %%1, %%2;" : "=r"(d) : "r"(a), "r"(b)); return d;
-}
-__device__ __forceinline__ unsigned bf2_max(unsigned a, unsigned b) {
-    unsigned d; asm("max.bf16x2 %%0, %%1, %%2;" : "=r"(d) : "r"(a), "r"(b)); return d;
-}
-// how many of a word's two magnitudes lie below t16 (bf16 bits, the same in both halves), times 16
-__device__ __forceinline__ int below16(unsigned a2, unsigned t2) {
-#if __CUDA_ARCH__ >= 900
-    unsigned m; asm("set.lt.u32.bf16x2 %%0, %%1, %%2;" : "=r"(m) : "r"(a2), "r"(t2)); return __popc(m);
-#else
-    return (((a2 & 0xFFFFu) < (t2 & 0xFFFFu)) + ((a2 >> 16) < (t2 & 0xFFFFu))) << 4;
-#endif
-}
-__device__ __forceinline__ float lo_of(unsigned w) { return __uint_as_float(w << 16); }
-__device__ __forceinline__ float hi_of(unsigned w) { return __uint_as_float(w & 0xFFFF0000u); }
 // count a value into its histogram key, given its magnitude bits >> 1 as a byte offset (times 4): the
 // key's clamp is one instruction on Hopper (VIADDMNMX.RELU). An inf or a NaN counts as overflow here;
 // the rows that hold one move it to the non-finite key afterwards.
@@ -617,10 +648,18 @@ __device__ __forceinline__ int nonfinite2(unsigned w) {
     return ((w & 0x7FFFu) >= 0x7F80u) + ((w & 0x7FFF0000u) >= 0x7F800000u);
 }
 
-// this thread's vectors of row r (zeros past the last row, and for padding, which is never read)
+// where one site's statistics go: the accumulator's fields it adds into, and its per-row and
+// per-part outputs for the fold
+struct SiteOut {
+    unsigned* channel_max; unsigned* sample_max; unsigned long long* counts;
+    float* row_f; int* row_i; long long* row_key; double* part_f; int* part_i;
+};
+
+// this thread's vectors of row r (zeros past the last row, and for padding, which the statistics
+// never read; a gated scan loads padding rows too, since their product is written)
 #define LOAD_ROW(dst, r)                                                                     \
     do {                                                                                     \
-        const bool live = (r) < n_rows && mask[(r) < n_rows ? (r) : 0];                      \
+        const bool live = (r) < n_rows && (GATED || mask[(r) < n_rows ? (r) : 0]);           \
         const uint4* r4 = reinterpret_cast<const uint4*>(x + (long long)(r) * row_stride);   \
         _Pragma("unroll")                                                                    \
         for (int j = 0; j < VEC; ++j) {                                                      \
@@ -628,6 +667,12 @@ __device__ __forceinline__ int nonfinite2(unsigned w) {
             dst[j] = live && c < n4 ? __ldcs(r4 + c) : make_uint4(0u, 0u, 0u, 0u);          \
         }                                                                                    \
     } while (0)
+// the words site s reads: the product's, or x's
+#if GATED
+#define SRC(s, j) ((SCAN_GATE && (s) == 0) ? v[j] : pv[j])
+#else
+#define SRC(s, j) v[j]
+#endif
 
 // A block takes ROWS rows at a time, one per group of GROUP threads: rows [blockIdx.x * ROWS + g,
 // n_rows) step gridDim.x * ROWS for group g. Rows are 16-byte aligned, their width divisible by 8.
@@ -635,23 +680,26 @@ __device__ __forceinline__ int nonfinite2(unsigned w) {
 extern "C" __global__ void __launch_bounds__(THREADS) maxact_scan_bf16(
         const unsigned short* __restrict__ x, int row_stride, int n_rows, int width, int tokens_per_row,
         const unsigned char* __restrict__ mask, const long long* __restrict__ token,
-        const long long* __restrict__ sample, unsigned* __restrict__ channel_max, unsigned* __restrict__ sample_max,
-        unsigned long long* __restrict__ counts, float* __restrict__ row_f, int* __restrict__ row_i,
-        long long* __restrict__ row_key, double* __restrict__ part_f, int* __restrict__ part_i) {
-    __shared__ __align__(16) unsigned h[TABLE];
+        const long long* __restrict__ sample, const SiteOut o0, const SiteOut o1,
+        const unsigned short* __restrict__ up, int up_stride, unsigned short* __restrict__ out, int out_stride) {
+    __shared__ __align__(16) unsigned h[SITES][TABLE];
     __shared__ float w_hi[THREADS / 32], w_lo[THREADS / 32], w_s[THREADS / 32], w_sq[THREADS / 32];
     __shared__ int w_bad[THREADS / 32], w_first[THREADS / 32], w_below[THREADS / 32];
     const float inf = __int_as_float(0x7F800000);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = tid / GROUP, t = tid %% GROUP, w0 = g * GROUP_WARPS;
     const int n4 = width >> 3, n_parts = gridDim.x * ROWS, step = gridDim.x * ROWS;
-    for (int i = tid; i < TABLE / 4; i += THREADS) reinterpret_cast<uint4*>(h)[i] = make_uint4(0u, 0u, 0u, 0u);
-    unsigned cmax[VEC * 4];  // magnitudes, two bf16 per register
+    for (int i = tid; i < SITES * TABLE / 4; i += THREADS) reinterpret_cast<uint4*>(h)[i] = make_uint4(0u, 0u, 0u, 0u);
+    unsigned cmax[SITES][VEC * 4];  // magnitudes, two bf16 per register
+    double p_sum[SITES], p_sq[SITES];
+    float p_hi[SITES], p_lo[SITES];
+    int p_valid[SITES], p_bad[SITES], p_massive[SITES];
     #pragma unroll
-    for (int j = 0; j < VEC * 4; ++j) cmax[j] = 0u;
-    double p_sum = 0.0, p_sq = 0.0;
-    float p_hi = -inf, p_lo = inf;
-    int p_valid = 0, p_bad = 0, p_massive = 0;
+    for (int s = 0; s < SITES; ++s) {
+        #pragma unroll
+        for (int j = 0; j < VEC * 4; ++j) cmax[s][j] = 0u;
+        p_sum[s] = 0.0; p_sq[s] = 0.0; p_hi[s] = -inf; p_lo[s] = inf; p_valid[s] = p_bad[s] = p_massive[s] = 0;
+    }
     __syncthreads();
     // the next rows of the block are loaded while these are worked on
     uint4 v[VEC], next[VEC];
@@ -662,24 +710,44 @@ extern "C" __global__ void __launch_bounds__(THREADS) maxact_scan_bf16(
         #pragma unroll
         for (int j = 0; j < VEC; ++j) v[j] = next[j];
         LOAD_ROW(next, row + step);
+#if GATED
+        uint4 pv[VEC];
+        if (row < n_rows) {
+            const uint4* u4 = reinterpret_cast<const uint4*>(up + (long long)row * up_stride);
+            uint4* o4 = reinterpret_cast<uint4*>(out + (long long)row * out_stride);
+            #pragma unroll
+            for (int j = 0; j < VEC; ++j) {
+                const int c = j * GROUP + t;
+                if (c < n4) { pv[j] = silu_mul8(v[j], __ldcs(u4 + c)); o4[c] = pv[j]; }
+            }
+        }
+#endif
         bool any = false;  // the same for the whole block
         #pragma unroll
         for (int q = 0; q < ROWS; ++q) any |= base + q < n_rows && mask[base + q < n_rows ? base + q : 0];
-        if (!any) {  // padding only: nothing read, nothing counted
+        if (!any) {  // padding only: nothing counted
             if (t == 0 && row < n_rows) {
-                for (int q = 0; q < 4; ++q) row_f[q * n_rows + row] = 0.f;
-                for (int q = 0; q < 3; ++q) row_i[q * n_rows + row] = 0;
-                row_key[row] = -1;
+                #pragma unroll
+                for (int s = 0; s < SITES; ++s) {
+                    const SiteOut& o = s == 0 ? o0 : o1;
+                    for (int q = 0; q < 4; ++q) o.row_f[q * n_rows + row] = 0.f;
+                    for (int q = 0; q < 3; ++q) o.row_i[q * n_rows + row] = 0;
+                    o.row_key[row] = -1;
+                }
             }
             continue;
         }
+        #pragma unroll
+        for (int s = 0; s < SITES; ++s) {
+        const SiteOut& o = s == 0 ? o0 : o1;
         // the extremes start at the largest finite bf16, so a thread with no values marks nothing bad
         unsigned hi2 = 0xFF7FFF7Fu, lo2 = 0x7F7F7F7Fu;
         float s_even = 0.f, s_odd = 0.f, sq_even = 0.f, sq_odd = 0.f;
         #pragma unroll
         for (int j = 0; j < VEC; ++j) {
             if (counted && j * GROUP + t < n4) {
-                const unsigned w[4] = {v[j].x, v[j].y, v[j].z, v[j].w};
+                const uint4 vv = SRC(s, j);
+                const unsigned w[4] = {vv.x, vv.y, vv.z, vv.w};
                 #pragma unroll
                 for (int k = 0; k < 4; ++k) {
                     hi2 = bf2_max_nan(hi2, w[k]);
@@ -687,29 +755,29 @@ extern "C" __global__ void __launch_bounds__(THREADS) maxact_scan_bf16(
                     const float f0 = lo_of(w[k]), f1 = hi_of(w[k]);
                     s_even += f0; s_odd += f1;
                     sq_even = fmaf(f0, f0, sq_even); sq_odd = fmaf(f1, f1, sq_odd);
-                    count(h, (w[k] << 1) & 0xFFFCu);
-                    count(h, (w[k] >> 15) & 0xFFFCu);
+                    count(h[s], (w[k] << 1) & 0xFFFCu);
+                    count(h[s], (w[k] >> 15) & 0xFFFCu);
                 }
             }
         }
         unsigned bad = nonfinite2(hi2) + nonfinite2(lo2) != 0;
         const float t_hi = fmaxf(lo_of(hi2), hi_of(hi2)), t_lo = fminf(lo_of(lo2), hi_of(lo2));
-        float hi = t_hi, lo = t_lo, s = s_even + s_odd, sq = sq_even + sq_odd;
+        float hi = t_hi, lo = t_lo, sm = s_even + s_odd, sq = sq_even + sq_odd;
         // every lane of a butterfly ends with the same value, so the order of addition is fixed
         #pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            hi = fmaxf(hi, __shfl_xor_sync(FULL, hi, o));
-            lo = fminf(lo, __shfl_xor_sync(FULL, lo, o));
-            s += __shfl_xor_sync(FULL, s, o);
-            sq += __shfl_xor_sync(FULL, sq, o);
+        for (int d = 16; d > 0; d >>= 1) {
+            hi = fmaxf(hi, __shfl_xor_sync(FULL, hi, d));
+            lo = fminf(lo, __shfl_xor_sync(FULL, lo, d));
+            sm += __shfl_xor_sync(FULL, sm, d);
+            sq += __shfl_xor_sync(FULL, sq, d);
         }
         bad = __any_sync(FULL, bad);
-        if (lane == 0) { w_hi[warp] = hi; w_lo[warp] = lo; w_s[warp] = s; w_sq[warp] = sq; w_bad[warp] = bad; }
+        if (lane == 0) { w_hi[warp] = hi; w_lo[warp] = lo; w_s[warp] = sm; w_sq[warp] = sq; w_bad[warp] = bad; }
         __syncthreads();
-        hi = w_hi[w0]; lo = w_lo[w0]; s = w_s[w0]; sq = w_sq[w0]; bad = w_bad[w0];
+        hi = w_hi[w0]; lo = w_lo[w0]; sm = w_s[w0]; sq = w_sq[w0]; bad = w_bad[w0];
         #pragma unroll
         for (int q = 1; q < GROUP_WARPS; ++q) {
-            hi = fmaxf(hi, w_hi[w0 + q]); lo = fminf(lo, w_lo[w0 + q]); s += w_s[w0 + q]; sq += w_sq[w0 + q];
+            hi = fmaxf(hi, w_hi[w0 + q]); lo = fminf(lo, w_lo[w0 + q]); sm += w_s[w0 + q]; sq += w_sq[w0 + q];
             bad |= w_bad[w0 + q];
         }
         const bool valid = counted && !bad;
@@ -721,9 +789,10 @@ extern "C" __global__ void __launch_bounds__(THREADS) maxact_scan_bf16(
             #pragma unroll
             for (int j = 0; j < VEC; ++j) {
                 if (j * GROUP + t < n4) {
-                    const unsigned w[4] = {v[j].x, v[j].y, v[j].z, v[j].w};
+                    const uint4 vv = SRC(s, j);
+                    const unsigned w[4] = {vv.x, vv.y, vv.z, vv.w};
                     #pragma unroll
-                    for (int k = 0; k < 4; ++k) cmax[j * 4 + k] = bf2_max(cmax[j * 4 + k], w[k] & 0x7FFF7FFFu);
+                    for (int k = 0; k < 4; ++k) cmax[s][j * 4 + k] = bf2_max(cmax[s][j * 4 + k], w[k] & 0x7FFF7FFFu);
                 }
             }
 #if MASSIVE
@@ -734,7 +803,8 @@ extern "C" __global__ void __launch_bounds__(THREADS) maxact_scan_bf16(
             #pragma unroll
             for (int j = 0; j < VEC; ++j) {
                 if (j * GROUP + t < n4) {
-                    const unsigned w[4] = {v[j].x, v[j].y, v[j].z, v[j].w};
+                    const uint4 vv = SRC(s, j);
+                    const unsigned w[4] = {vv.x, vv.y, vv.z, vv.w};
                     #pragma unroll
                     for (int k = 0; k < 4; ++k) below += below16(w[k] & 0x7FFF7FFFu, t2);
                 }
@@ -747,12 +817,13 @@ extern "C" __global__ void __launch_bounds__(THREADS) maxact_scan_bf16(
             #pragma unroll
             for (int j = 0; j < VEC; ++j) {
                 if (j * GROUP + t < n4) {
-                    const unsigned w[4] = {v[j].x, v[j].y, v[j].z, v[j].w};
+                    const uint4 vv = SRC(s, j);
+                    const unsigned w[4] = {vv.x, vv.y, vv.z, vv.w};
                     #pragma unroll
                     for (int k = 0; k < 4; ++k) n += nonfinite2(w[k]);
                 }
             }
-            if (n) { atomicSub(&h[OVERFLOW], (unsigned)n); atomicAdd(&h[NONFINITE], (unsigned)n); }
+            if (n) { atomicSub(&h[s][OVERFLOW], (unsigned)n); atomicAdd(&h[s][NONFINITE], (unsigned)n); }
         }
         // only a thread whose own extreme is the row's holds the row's first channel of it
         if (counted && (positive ? t_hi : t_lo) == ext) {
@@ -760,7 +831,8 @@ extern "C" __global__ void __launch_bounds__(THREADS) maxact_scan_bf16(
             for (int j = 0; j < VEC; ++j) {
                 const int c = j * GROUP + t;
                 if (c < n4) {
-                    const unsigned w[4] = {v[j].x, v[j].y, v[j].z, v[j].w};
+                    const uint4 vv = SRC(s, j);
+                    const unsigned w[4] = {vv.x, vv.y, vv.z, vv.w};
                     #pragma unroll
                     for (int k = 0; k < 8; ++k) {
                         const unsigned word = w[k >> 1];
@@ -770,9 +842,9 @@ extern "C" __global__ void __launch_bounds__(THREADS) maxact_scan_bf16(
             }
         }
         #pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            first = min(first, __shfl_xor_sync(FULL, first, o));
-            below += __shfl_xor_sync(FULL, below, o);
+        for (int d = 16; d > 0; d >>= 1) {
+            first = min(first, __shfl_xor_sync(FULL, first, d));
+            below += __shfl_xor_sync(FULL, below, d);
         }
         if (lane == 0) { w_first[warp] = first; w_below[warp] = below; }
         __syncthreads();
@@ -780,58 +852,65 @@ extern "C" __global__ void __launch_bounds__(THREADS) maxact_scan_bf16(
             for (int q = 1; q < GROUP_WARPS; ++q) { first = min(first, w_first[w0 + q]); below += w_below[w0 + q]; }
             long long key = -1;
             if (counted) {
-                row_f[row] = hi; row_f[n_rows + row] = lo; row_f[2 * n_rows + row] = s; row_f[3 * n_rows + row] = sq;
-                row_i[row] = valid; row_i[n_rows + row] = below; row_i[2 * n_rows + row] = first;
+                o.row_f[row] = hi; o.row_f[n_rows + row] = lo; o.row_f[2 * n_rows + row] = sm;
+                o.row_f[3 * n_rows + row] = sq;
+                o.row_i[row] = valid; o.row_i[n_rows + row] = below; o.row_i[2 * n_rows + row] = first;
             } else {
-                for (int q = 0; q < 4; ++q) row_f[q * n_rows + row] = 0.f;
-                for (int q = 0; q < 3; ++q) row_i[q * n_rows + row] = 0;
+                for (int q = 0; q < 4; ++q) o.row_f[q * n_rows + row] = 0.f;
+                for (int q = 0; q < 3; ++q) o.row_i[q * n_rows + row] = 0;
             }
             if (valid) {
                 key = ((long long)__float_as_uint(tabs) << 32) | (0xFFFFFFFFLL - token[row]);
-                atomicMax(sample_max + sample[row / tokens_per_row], __float_as_uint(tabs));
-                p_sum += (double)s; p_sq += (double)sq;
-                p_hi = fmaxf(p_hi, hi); p_lo = fminf(p_lo, lo);
-                p_valid += 1;
-                p_massive += (tabs > MASSIVE_ABS) && (below >= (width - 1) / 2 + 1);
+                atomicMax(o.sample_max + sample[row / tokens_per_row], __float_as_uint(tabs));
+                p_sum[s] += (double)sm; p_sq[s] += (double)sq;
+                p_hi[s] = fmaxf(p_hi[s], hi); p_lo[s] = fminf(p_lo[s], lo);
+                p_valid[s] += 1;
+                p_massive[s] += (tabs > MASSIVE_ABS) && (below >= (width - 1) / 2 + 1);
             } else if (counted) {
-                p_bad += 1;
+                p_bad[s] += 1;
             }
-            row_key[row] = key;
+            o.row_key[row] = key;
         }
+        }  // sites
     }
     __syncthreads();
-    // the table into the int64 histogram: one add per non-empty counter
-    for (int i = tid; i < TABLE / 4; i += THREADS) {
-        const uint4 c4 = reinterpret_cast<const uint4*>(h)[i];
-        if (c4.x | c4.y | c4.z | c4.w) {
-            const unsigned c[4] = {c4.x, c4.y, c4.z, c4.w};
-            #pragma unroll
-            for (int q = 0; q < 4; ++q) {
-                if (c[q]) atomicAdd(counts + 4 * i + q, (unsigned long long)c[q]);
-            }
-        }
-    }
-    // the column maxima, skipping the atomic where the stored value is already as large
     #pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-        const int c = j * GROUP + t;
-        if (c < n4) {
-            #pragma unroll
-            for (int k = 0; k < 4; ++k) {
-                const int col = c * 8 + 2 * k;
-                const unsigned even = cmax[j * 4 + k] << 16, odd = cmax[j * 4 + k] & 0xFFFF0000u;
-                if (even > channel_max[col]) atomicMax(channel_max + col, even);
-                if (odd > channel_max[col + 1]) atomicMax(channel_max + col + 1, odd);
+    for (int s = 0; s < SITES; ++s) {
+        const SiteOut& o = s == 0 ? o0 : o1;
+        // the table into the int64 histogram: one add per non-empty counter
+        for (int i = tid; i < TABLE / 4; i += THREADS) {
+            const uint4 c4 = reinterpret_cast<const uint4*>(h[s])[i];
+            if (c4.x | c4.y | c4.z | c4.w) {
+                const unsigned c[4] = {c4.x, c4.y, c4.z, c4.w};
+                #pragma unroll
+                for (int q = 0; q < 4; ++q) {
+                    if (c[q]) atomicAdd(o.counts + 4 * i + q, (unsigned long long)c[q]);
+                }
             }
         }
-    }
-    if (t == 0) {
-        const int b = blockIdx.x * ROWS + g;
-        part_f[b] = p_sum; part_f[n_parts + b] = p_sq; part_f[2 * n_parts + b] = (double)p_hi;
-        part_f[3 * n_parts + b] = (double)p_lo;
-        part_i[b] = p_valid; part_i[n_parts + b] = p_bad; part_i[2 * n_parts + b] = p_massive;
+        // the column maxima, skipping the atomic where the stored value is already as large
+        #pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+            const int c = j * GROUP + t;
+            if (c < n4) {
+                #pragma unroll
+                for (int k = 0; k < 4; ++k) {
+                    const int col = c * 8 + 2 * k;
+                    const unsigned even = cmax[s][j * 4 + k] << 16, odd = cmax[s][j * 4 + k] & 0xFFFF0000u;
+                    if (even > o.channel_max[col]) atomicMax(o.channel_max + col, even);
+                    if (odd > o.channel_max[col + 1]) atomicMax(o.channel_max + col + 1, odd);
+                }
+            }
+        }
+        if (t == 0) {
+            const int b = blockIdx.x * ROWS + g;
+            o.part_f[b] = p_sum[s]; o.part_f[n_parts + b] = p_sq[s]; o.part_f[2 * n_parts + b] = (double)p_hi[s];
+            o.part_f[3 * n_parts + b] = (double)p_lo[s];
+            o.part_i[b] = p_valid[s]; o.part_i[n_parts + b] = p_bad[s]; o.part_i[2 * n_parts + b] = p_massive[s];
+        }
     }
 }
+
 """
 _SCAN_MAX_GROUP = 512
 _SCAN_ROW_THREADS = 256
@@ -854,7 +933,8 @@ class CudaScanShape:
         return self.group * self.rows
 
 
-def cuda_scan_shape(x2: torch.Tensor, group: int | None = None, rows: int | None = None) -> CudaScanShape | None:
+def cuda_scan_shape(x2: torch.Tensor, group: int | None = None, rows: int | None = None, *,
+                    gated: bool = False) -> CudaScanShape | None:
     """How the CUDA scan would run over bf16 rows `x2` [N, H], or None where it cannot (then Triton scans).
 
     Needs bf16 on CUDA, rows 16-byte aligned with a width divisible by 8, at most 65,536 wide.
@@ -864,6 +944,8 @@ def cuda_scan_shape(x2: torch.Tensor, group: int | None = None, rows: int | None
     per [16384, H] update with the fold), 4,096 (128 x 2, 0.089 ms), 6,144 (128 x 2, 0.123 ms) and
     12,288 (256 x 1, 0.222 ms), each the fastest or within 5% of it. Blocks are left at 0:
     `_cuda_scan_kernel` sets them to as many as run at once on every SM (the kernel's occupancy).
+    A gated scan (`gated_update`) holds a second site's column maxima and the product in registers
+    too, so its rows are split finer: 2 to 4 vectors per thread.
     """
     if (x2.dtype != torch.bfloat16 or not x2.is_cuda or INTERPRET or _cuda_scan["failed"]
             or switched_off("MAXACT_CARD_CUDA_SCAN")):
@@ -873,7 +955,7 @@ def cuda_scan_shape(x2: torch.Tensor, group: int | None = None, rows: int | None
         return None
     n4 = width // 8
     if group is None:
-        group = min(_SCAN_MAX_GROUP, max(32, _pow2_floor(n4 // 4)))
+        group = min(_SCAN_MAX_GROUP, max(32, _pow2_floor(n4 // (2 if gated else 4))))
     if rows is None:
         rows = max(1, _SCAN_ROW_THREADS // group)
     vec = -(-n4 // group)
@@ -890,17 +972,31 @@ def _sms(device: torch.device) -> int:
     return sms
 
 
+@dataclass(frozen=True)
+class Gated:
+    """What a gated scan does besides reading the gate: `sites` scanned (1 or 2) and whether the
+    gate is one of them (then site 0; the product is the other, or the only one)."""
+
+    sites: int
+    scan_gate: bool
+
+
+_PLAIN = Gated(1, True)
+
+
 def _cuda_scan_kernel(device: torch.device, shape: CudaScanShape, massive: bool,
-                      n_rows: int) -> tuple[Any, CudaScanShape] | None:
+                      n_rows: int, gated: Gated | None = None) -> tuple[Any, CudaScanShape] | None:
     """The NVRTC scan kernel of this shape loaded on `device` and the launch's full shape, or None
-    where it cannot be built."""
+    where it cannot be built. `gated`: the variant that writes silu(x) * up as it scans."""
     index = _device_index(device)
+    what = gated or _PLAIN
 
     def build() -> tuple[Any, int]:
-        source = _SCAN_CUDA_SOURCE % {
+        source = _BF16_CUDA_SOURCE + _SCAN_CUDA_SOURCE % {
             "threads": shape.threads, "rows": shape.rows, "vec": shape.vec,
             "massive": int(massive),
             "massive_abs": repr(float(MASSIVE_ABS)), "massive_ratio": repr(float(MASSIVE_RATIO)),
+            "gated": int(gated is not None), "sites": what.sites, "scan_gate": int(what.scan_gate),
         }
         kernel = _compile(index, source, "maxact_scan_bf16")
         if getattr(kernel, "func", None) is None:
@@ -912,24 +1008,40 @@ def _cuda_scan_kernel(device: torch.device, shape: CudaScanShape, massive: bool,
             raise RuntimeError(f"occupancy query returned {status}")
         return kernel, per_sm.value * _sms(device)
 
-    entry = _built(_cuda_scan, (index, shape.group, shape.rows, shape.vec, massive), build)
+    key = (index, shape.group, shape.rows, shape.vec, massive, gated)
+    entry = _built(_cuda_scan, key, build)
     if entry is None:
         return None
     kernel, resident = entry
     return kernel, CudaScanShape(shape.group, shape.rows, shape.vec, max(1, min(-(-n_rows // shape.rows), resident)))
 
 
+class _SiteOut(ctypes.Structure):
+    """The kernel's `SiteOut`: where one site's statistics go."""
+
+    _fields_ = [(name, ctypes.c_void_p) for name in
+                ("channel_max", "sample_max", "counts", "row_f", "row_i", "row_key", "part_f", "part_i")]
+
+
+def _site_out(acc: SiteStats, ws: _Workspace) -> _SiteOut:
+    return _SiteOut(acc.channel_max.data_ptr(), acc.sample_max.data_ptr(), acc.hist.data_ptr(),
+                    ws.scan.row_f.data_ptr(), ws.scan.row_i.data_ptr(), ws.row_key.data_ptr(),
+                    ws.part_f.data_ptr(), ws.part_i.data_ptr())
+
+
 def _launch_cuda_scan(kernel: Any, shape: CudaScanShape, x2: torch.Tensor, tokens_per_row: int, mask: torch.Tensor,
-                      token_index: torch.Tensor, sample_index: torch.Tensor, acc: SiteStats, ws: _Workspace,
-                      stream: int) -> None:
+                      token_index: torch.Tensor, sample_index: torch.Tensor,
+                      sites: list[tuple[SiteStats, _Workspace]], stream: int,
+                      up2: torch.Tensor | None = None, out2: torch.Tensor | None = None) -> None:
     n_rows, width = x2.shape
     ptr = ctypes.c_void_p
+    outs = [_site_out(acc, ws) for acc, ws in sites]
+    outs += [outs[0]] * (2 - len(outs))  # the kernel takes two; a one-site scan never reads the second
     values = (ptr(x2.data_ptr()), ctypes.c_int(x2.stride(0)), ctypes.c_int(n_rows), ctypes.c_int(width),
               ctypes.c_int(tokens_per_row), ptr(mask.data_ptr()), ptr(token_index.data_ptr()),
-              ptr(sample_index.data_ptr()), ptr(acc.channel_max.data_ptr()), ptr(acc.sample_max.data_ptr()),
-              ptr(acc.hist.data_ptr()), ptr(ws.scan.row_f.data_ptr()),
-              ptr(ws.scan.row_i.data_ptr()), ptr(ws.row_key.data_ptr()), ptr(ws.part_f.data_ptr()),
-              ptr(ws.part_i.data_ptr()))
+              ptr(sample_index.data_ptr()), outs[0], outs[1],
+              ptr(0 if up2 is None else up2.data_ptr()), ctypes.c_int(0 if up2 is None else up2.stride(0)),
+              ptr(0 if out2 is None else out2.data_ptr()), ctypes.c_int(0 if out2 is None else out2.stride(0)))
     _cu_launch(kernel.func, shape.blocks, shape.threads, stream, values)
 
 
@@ -989,13 +1101,15 @@ _workspaces: dict[Any, _Workspace] = {}
 _MAX_WORKSPACES = 16
 
 
-def _workspace(device: torch.device, stream: int, n_rows: int, n_parts: int, top_k: int, block_k: int) -> _Workspace:
+def _workspace(device: torch.device, stream: int, n_rows: int, n_parts: int, top_k: int, block_k: int,
+               slot: int = 0) -> _Workspace:
     """Per-row, per-program and staging buffers for one update, kept for the next of the same shape.
 
     Every site of a batch has the same rows, so one set serves a whole forward pass: no allocator
-    calls per update. Updates on one stream run in order, so reuse never races.
+    calls per update. Updates on one stream run in order, so reuse never races. A scan of two sites
+    at once takes slots 0 and 1.
     """
-    key = (device, stream, n_rows, n_parts, top_k)
+    key = (device, stream, n_rows, n_parts, top_k, slot)
     ws = _workspaces.get(key)
     if ws is None:
         if len(_workspaces) >= _MAX_WORKSPACES:
@@ -1037,9 +1151,7 @@ def fused_update(acc: SiteStats, x: torch.Tensor, mask: torch.Tensor, token_inde
     row and rows per block.
     """
     width = x.shape[-1]
-    x2 = x.reshape(-1, width)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = _rows(x)
     n_rows = x2.shape[0]
     device = x2.device
     if isinstance(config, CudaScanShape):
@@ -1051,48 +1163,35 @@ def fused_update(acc: SiteStats, x: torch.Tensor, mask: torch.Tensor, token_inde
     kernel, shape = found if found is not None else (None, None)
     n_parts = shape.blocks * shape.rows if shape is not None else triton.cdiv(n_rows, cfg.block_n)
     is_bf16 = x2.dtype == torch.bfloat16
-    block_k = max(16, triton.next_power_of_2(acc.top_k))
     stream = _stream_of(device)
-    ws = _workspace(device, stream, n_rows, n_parts, acc.top_k, block_k)
-    row_f, row_i, source = ws.scan.row_f, ws.scan.row_i, ws.scan.source
+    ws = _workspace(device, stream, n_rows, n_parts, acc.top_k, _block_k(acc))
     data = x2.view(torch.int16) if is_bf16 else x2
     hist, ticket = _persistent_scratch(device, stream)
     flat_mask, flat_tokens = _flat(mask).view(torch.uint8), _flat(token_index)
-    # Triton launches on the current device: a model sharded over GPUs updates sites on others
-    on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     try:
-        with on_device:
+        with _on(device):
             # the |a| histogram: the CUDA scan adds it into acc.hist itself; the Triton scan counts it
             # into the private histograms, which the fold's first programs sum, unless the CUDA
             # histogram kernel counts it apart after the fold
             counted_apart = False
             if kernel is not None:
                 assert shape is not None
-                _launch_cuda_scan(kernel, shape, x2, x.shape[-2], flat_mask, flat_tokens, sample_index, acc, ws, stream)
+                _launch_cuda_scan(kernel, shape, x2, x.shape[-2], flat_mask, flat_tokens, sample_index, [(acc, ws)],
+                                  stream)
             else:
                 counted_apart = cuda_histogram_ready(x2)
                 _scan_kernel[(n_parts,)](
                     data, x2.stride(0), n_rows, width, x.shape[-2],
                     flat_mask, flat_tokens, sample_index,
                     acc.channel_max.view(torch.int32), acc.sample_max.view(torch.int32), hist, hist.shape[0],
-                    row_f, row_i, ws.row_key, ws.part_f, ws.part_i, n_parts,
+                    ws.scan.row_f, ws.scan.row_i, ws.row_key, ws.part_f, ws.part_i, n_parts,
                     FINE_BIAS=_FINE_BIAS, OVERFLOW=HIST_OVERFLOW, NONFINITE=HIST_NONFINITE,
                     HIST_STRIDE=HIST_STRIDE, HIST_SPARE=HIST_SPARE, MASSIVE_ABS=MASSIVE_ABS,
                     MASSIVE_RATIO=MASSIVE_RATIO, BLOCK_N=cfg.block_n, BLOCK_H=cfg.block_h, MASSIVE=acc.massive,
                     IS_BF16=is_bf16, HIST=not counted_apart, num_warps=cfg.num_warps,
                 )
-            block_b = 512
-            hist_programs = 0 if kernel is not None or counted_apart else triton.cdiv(HIST_STRIDE, block_b)
-            _fold_kernel[(hist_programs + triton.cdiv(n_rows, _BLOCK_R),)](
-                hist, hist.shape[0], hist_programs, acc.hist, ticket,
-                ws.part_f, ws.part_i, n_parts, width,
-                acc.max, acc.min, acc.count, acc.sum, acc.sumsq, acc.nonfinite_tokens, acc.massive_tokens,
-                row_f, row_i, ws.row_key, ws.stage_key, ws.stage_row, _flat(input_ids), n_rows,
-                acc.topk_key, acc.topk_value, acc.topk_channel, acc.topk_token_id, acc.topk_median, acc.top_k,
-                source,
-                N_BINS=HIST_BINS, HIST_STRIDE=HIST_STRIDE, BLOCK_C=16, BLOCK_B=block_b,
-                BLOCK_P=1024, BLOCK_R=_BLOCK_R, BLOCK_K=block_k, num_warps=4,
-            )
+            _fold(acc, ws, hist, ticket, n_parts, width, n_rows, input_ids,
+                  sum_private=kernel is None and not counted_apart)
             if counted_apart:  # after the scan, so a failed scan leaves the histogram untouched
                 cuda_abs_histogram(x2, flat_mask.view(torch.bool), acc.hist)
     except Exception:
@@ -1101,4 +1200,113 @@ def fused_update(acc: SiteStats, x: torch.Tensor, mask: torch.Tensor, token_inde
     return ws.scan
 
 
-__all__ = ["HIST_STRIDE", "INTERPRET", "Scan", "ScanConfig", "available", "fused_update", "scan_config"]
+def gated_update(gate: SiteStats | None, product: SiteStats | None, g: torch.Tensor, up: torch.Tensor,
+                 mask: torch.Tensor, token_index: torch.Tensor, sample_index: torch.Tensor, input_ids: torch.Tensor, *,
+                 shape: CudaScanShape | None = None) -> tuple[torch.Tensor, list[Scan]] | None:
+    """silu(g) * up for a SwiGLU MLP, with the statistics of the gate `g` and of the product folded into
+    `gate` and `product` (either may be None) in the same pass: g and up are read once and the
+    product written once, where apart the product would be read once more and each site scanned
+    once more. Returns the product ([B, T, I], bf16, rounded as eager torch rounds it) and each
+    site's `Scan` (gate first), or None where the CUDA scan cannot run this (then nothing ran).
+
+    g and up are [B, T, I] bf16 on one CUDA device; the accumulators are checked by the caller as for
+    `fused_update`. `shape` forces threads per row and rows per block.
+    """
+    accs = [acc for acc in (gate, product) if acc is not None]
+    if not accs or up.shape != g.shape or up.dtype != g.dtype or up.device != g.device:
+        return None
+    width = g.shape[-1]
+    g2, up2 = _rows(g), _rows(up)
+    if up2.stride(0) % 8 or up2.data_ptr() % 16:
+        return None
+    if shape is None:
+        shape = cuda_scan_shape(g2, gated=True)
+    else:
+        shape = cuda_scan_shape(g2, shape.group, shape.rows)
+    if shape is None:
+        return None
+    n_rows, device = g2.shape[0], g2.device
+    what = Gated(len(accs), gate is not None)
+    found = _cuda_scan_kernel(device, shape, any(acc.massive for acc in accs), n_rows, what)
+    if found is None:
+        return None
+    kernel, shape = found
+    n_parts = shape.blocks * shape.rows
+    stream = _stream_of(device)
+    spaces = [_workspace(device, stream, n_rows, n_parts, acc.top_k, _block_k(acc), slot)
+              for slot, acc in enumerate(accs)]
+    hist, ticket = _persistent_scratch(device, stream)
+    flat_mask, flat_tokens = _flat(mask).view(torch.uint8), _flat(token_index)
+    out = torch.empty_like(g, memory_format=torch.contiguous_format)
+    try:
+        with _on(device):
+            _launch_cuda_scan(kernel, shape, g2, g.shape[-2], flat_mask, flat_tokens, sample_index,
+                              list(zip(accs, spaces)), stream, up2, out.view(-1, width))
+            for acc, ws in zip(accs, spaces):
+                _fold(acc, ws, hist, ticket, n_parts, width, n_rows, input_ids, sum_private=False)
+    except Exception:
+        _forget_scratch()
+        raise
+    return out, [ws.scan for ws in spaces]
+
+
+_silu_mul: dict[str, Any] = {"kernels": {}, "failed": False}
+
+
+def silu_mul(g: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
+    """silu(g) * up in one pass, rounded as eager torch rounds it, for a SwiGLU MLP whose sites are not
+    read (contiguous bf16 of one shape on CUDA); None where this kernel cannot run it."""
+    if (g.dtype != torch.bfloat16 or up.dtype != g.dtype or up.shape != g.shape or not g.is_cuda
+            or up.device != g.device or INTERPRET or switched_off("MAXACT_CARD_CUDA_SCAN")
+            or not g.is_contiguous() or not up.is_contiguous() or g.numel() % 8
+            or g.data_ptr() % 16 or up.data_ptr() % 16):
+        return None
+    index = _device_index(g.device)
+    kernel = _built(_silu_mul, index,
+                    lambda: _compile(index, _BF16_CUDA_SOURCE + _SILU_MUL_CUDA_SOURCE, "maxact_silu_mul_bf16"))
+    if kernel is None or getattr(kernel, "func", None) is None:
+        return None
+    out = torch.empty_like(g)
+    n8 = g.numel() // 8
+    grid = max(1, min(-(-n8 // 256), 8 * _sms(g.device)))
+    values = (ctypes.c_void_p(g.data_ptr()), ctypes.c_void_p(up.data_ptr()), ctypes.c_void_p(out.data_ptr()),
+              ctypes.c_longlong(n8))
+    with _on(g.device):
+        _cu_launch(kernel.func, grid, 256, _stream_of(g.device), values)
+    return out
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """`x` as rows [N, H] with unit stride along them."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def _on(device: torch.device) -> contextlib.AbstractContextManager[object]:
+    """Triton launches on the current device: a model sharded over GPUs updates sites on others."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _block_k(acc: SiteStats) -> int:
+    return max(16, triton.next_power_of_2(acc.top_k))
+
+
+def _fold(acc: SiteStats, ws: _Workspace, hist: torch.Tensor, ticket: torch.Tensor, n_parts: int, width: int,
+          n_rows: int, input_ids: torch.Tensor, *, sum_private: bool) -> None:
+    """The fold of one scan into `acc` (sum_private: the scan counted into the private histograms)."""
+    block_b = 512
+    hist_programs = triton.cdiv(HIST_STRIDE, block_b) if sum_private else 0
+    _fold_kernel[(hist_programs + triton.cdiv(n_rows, _BLOCK_R),)](
+        hist, hist.shape[0], hist_programs, acc.hist, ticket,
+        ws.part_f, ws.part_i, n_parts, width,
+        acc.max, acc.min, acc.count, acc.sum, acc.sumsq, acc.nonfinite_tokens, acc.massive_tokens,
+        ws.scan.row_f, ws.scan.row_i, ws.row_key, ws.stage_key, ws.stage_row, _flat(input_ids), n_rows,
+        acc.topk_key, acc.topk_value, acc.topk_channel, acc.topk_token_id, acc.topk_median, acc.top_k,
+        ws.scan.source,
+        N_BINS=HIST_BINS, HIST_STRIDE=HIST_STRIDE, BLOCK_C=16, BLOCK_B=block_b,
+        BLOCK_P=1024, BLOCK_R=_BLOCK_R, BLOCK_K=_block_k(acc), num_warps=4,
+    )
+
+
+__all__ = ["HIST_STRIDE", "INTERPRET", "Scan", "ScanConfig", "available", "fused_update", "gated_update",
+           "scan_config", "silu_mul"]

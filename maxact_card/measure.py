@@ -14,7 +14,7 @@ import contextlib
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -22,9 +22,10 @@ import torch
 from torch import nn
 
 from maxact_card.errors import RuntimeFailure, UsageError
+from maxact_card import fusion
 from maxact_card.fusion import fused_forward
-from maxact_card.sites import READ_GATE_HALF, READ_INPUT, READ_ROUTER, Site, SiteMap, discover
-from maxact_card.stats import BatchContext, SiteStats
+from maxact_card.sites import READ_GATE_HALF, READ_INPUT, READ_OUTPUT, READ_ROUTER, Site, SiteMap, discover
+from maxact_card.stats import BatchContext, SiteStats, gated_update
 from maxact_card.switches import switched_off
 
 ProgressFn = Callable[[int, int], None]  # (samples done, tokens done)
@@ -203,23 +204,58 @@ class _Hooks:
     reused early; the forward pass goes on meanwhile. `join()` makes the forward's stream wait for
     every queued update: called after each forward pass, before the accumulators are read, rolled
     back or the batch's inputs released.
+
+    The gate and the down_proj input of a SwiGLU MLP are also handed to the MLP (`fusion.read_gated`):
+    where `fused_forward` swapped its forward, the MLP's product is made by `_gated`, which folds
+    the sites whose accumulators are in `stats` into the kernel that makes the product (on the
+    forward's stream: the product is needed next) and updates any other as the hooks would; the
+    sites' own hooks stay quiet for that call.
     """
 
     def __init__(self, model: nn.Module, sites: Sequence[Site], consumers: dict[str, Consumer],
-                 streams: tuple[torch.cuda.Stream, torch.cuda.Stream] | None = None) -> None:
+                 streams: tuple[torch.cuda.Stream, torch.cuda.Stream] | None = None,
+                 stats: Mapping[str, SiteStats] | None = None) -> None:
         self.ctx: BatchContext | None = None
         self.shape: tuple[int, int] = (0, 0)
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.undo: list[Callable[[], None]] = []
         self.unreadable: dict[str, str] = {}
         self.main: torch.cuda.Stream | None = streams[0] if streams is not None else None
         self.side: torch.cuda.Stream | None = streams[1] if streams is not None else None
+        self.stats = stats or {}
+        gated: dict[str, dict[str, tuple[Site, Consumer]]] = {}
         for site in sites:
             module = model.get_submodule(site.module)
             acc = consumers[site.name]
+            mlp, role = _gated_role(site)
+            if mlp is not None:
+                gated.setdefault(mlp, {})[role] = (site, acc)
             if site.read == READ_INPUT:
                 self.handles.append(module.register_forward_pre_hook(self._pre_hook(site, acc)))
             else:
                 self.handles.append(module.register_forward_hook(self._hook(site, acc, module)))
+        for path, reads in gated.items():
+            self.undo.append(fusion.read_gated(model.get_submodule(path), self._gated(reads)))
+
+    def _gated(self, reads: dict[str, tuple[Site, Consumer]]) -> fusion.GatedReader:
+        gate, product = reads.get("gate"), reads.get("product")
+        fast = {role: self.stats.get(site.name) for role, (site, _) in reads.items()}
+
+        def read(g: torch.Tensor, up: torch.Tensor, plain: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 ) -> torch.Tensor:
+            out = None
+            if self.ctx is not None and g.dim() == 3 and tuple(g.shape[:2]) == self.shape:
+                out = gated_update(fast.get("gate"), fast.get("product"), g, up, self.ctx)
+            folded = out is not None
+            if out is None:
+                out = plain(g, up)
+            if gate is not None and not (folded and fast.get("gate") is not None):
+                self._consume(gate[0], gate[1], g)
+            if product is not None and not (folded and fast.get("product") is not None):
+                self._consume(product[0], product[1], out)
+            return out
+
+        return read
 
     def _consume(self, site: Site, acc: Consumer, t: torch.Tensor | None) -> None:
         if t is None or self.ctx is None:
@@ -245,7 +281,8 @@ class _Hooks:
 
     def _pre_hook(self, site: Site, acc: Consumer):  # type: ignore[no-untyped-def]
         def hook(module: nn.Module, args: tuple[object, ...]) -> None:
-            self._consume(site, acc, _first_tensor(args))
+            if not fusion.quiet(module):
+                self._consume(site, acc, _first_tensor(args))
 
         return hook
 
@@ -266,13 +303,26 @@ class _Hooks:
             return gate_hook
 
         def hook(module: nn.Module, args: object, output: object) -> None:
-            self._consume(site, acc, _first_tensor(output))
+            if not fusion.quiet(module):
+                self._consume(site, acc, _first_tensor(output))
 
         return hook
 
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
+        for undo in self.undo:
+            undo()
+
+
+def _gated_role(site: Site) -> tuple[str | None, str]:
+    """The MLP whose gate (the gate_proj output) or product (the down_proj input) `site` reads, and which."""
+    parent, _, leaf = site.module.rpartition(".")
+    if site.read == READ_OUTPUT and leaf == "gate_proj":
+        return parent, "gate"
+    if site.read == READ_INPUT and leaf == "down_proj":
+        return parent, "product"
+    return None, ""
 
 
 def _site_width(model: nn.Module, site: Site) -> int | None:
@@ -463,7 +513,7 @@ def run_measurement(measurement: Measurement, model: nn.Module, *, batches: list
     report = run_hooked(
         model, measurement.token_ids, batches=batches, sites=hooked,
         consumers={s.name: stats[s.name].update for s in hooked}, device=device, pad_token_id=pad_token_id,
-        progress=progress, after_forward=after, control=control,
+        progress=progress, after_forward=after, control=control, stats={s.name: stats[s.name] for s in hooked},
     )
     measurement.wall_time_s += report.wall_time_s
     return report
@@ -500,6 +550,7 @@ def run_hooked(
     progress: ProgressFn | None = None,
     after_forward: Callable[[object, BatchContext], None] | None = None,
     control: LoopControl | None = None,
+    stats: Mapping[str, SiteStats] | None = None,
 ) -> LoopReport:
     """Run every batch through the base model with `consumers` hooked on `sites`.
 
@@ -507,7 +558,8 @@ def run_hooked(
     and retried, and every later batch is kept under half the size that failed; statistics do not
     depend on the batching, so the result is the same. A single sample that does not fit fails the
     run. Returns the wall time (device work included), the sites whose module gave no usable
-    tensor and how many splits were needed.
+    tensor and how many splits were needed. `stats`: the accumulators of the sites whose consumer is
+    their `update`, which a SwiGLU MLP's kernel may update itself (`_Hooks`).
     """
     control = control or LoopControl()
     runner = base_model(model)
@@ -521,7 +573,7 @@ def run_hooked(
         offsets.append(total)
         total += len(t)
     streams = _streams(input_device)
-    hooks = _Hooks(model, sites, consumers, streams)
+    hooks = _Hooks(model, sites, consumers, streams, stats)
     report = LoopReport(0.0, hooks.unreadable)
     start = time.perf_counter()
     done_samples = done_tokens = 0

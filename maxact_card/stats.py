@@ -204,6 +204,41 @@ def _kernel_module(x: torch.Tensor) -> Any:
     return module if module.available(x) else None
 
 
+def gated_update(gate: SiteStats | None, product: SiteStats | None, g: torch.Tensor, up: torch.Tensor,
+                 ctx: BatchContext) -> torch.Tensor | None:
+    """silu(g) * up of a SwiGLU MLP with the gate's and the product's statistics folded into `gate` and
+    `product` (either may be None) in one pass over g and up (`kernels.gated_update`). Returns the
+    product, or None where that cannot run (off CUDA, not bf16, a kernel that failed): then nothing
+    was updated, and the caller computes the product and updates each site as usual."""
+    accs = [acc for acc in (gate, product) if acc is not None]
+    if not accs or not g.is_cuda or any(acc.max.device != g.device for acc in accs):
+        return None
+    kernels = _kernel_module(g)
+    if kernels is None:
+        return None
+    if ctx.mask.device != g.device:
+        ctx = ctx.on(g.device)
+    if not all(acc._fusable(g, ctx) for acc in accs):
+        return None
+    try:
+        done = kernels.gated_update(gate, product, g, up, ctx.mask, ctx.token_index, ctx.sample_index,
+                                    ctx.input_ids)
+    except torch.OutOfMemoryError:
+        raise  # the batch loop rolls the batch back, splits it and retries
+    except Exception as exc:  # noqa: BLE001 - see _KERNELS; the fields touched are maxima, as in update
+        kernels._forget_scratch()
+        _KERNELS["on"], _KERNELS["error"] = False, repr(exc)
+        return None
+    if done is None:
+        return None
+    out, scans = done
+    read = [(acc, x) for acc, x in ((gate, g), (product, out)) if acc is not None]
+    for (acc, x), scan in zip(read, scans):
+        if acc.massive:
+            acc._fused_medians(x, scan.source)
+    return out
+
+
 def _row_medians(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """The (lower) median |a| of the given token rows of x [..., H], float32."""
     return x.reshape(-1, x.shape[-1]).index_select(0, rows).abs().median(dim=-1).values.float()
@@ -291,6 +326,8 @@ class SiteStats:
         if kernels is not None and self._fusable(x, ctx):
             try:
                 scan = kernels.fused_update(self, x, ctx.mask, ctx.token_index, ctx.sample_index, ctx.input_ids)
+            except torch.OutOfMemoryError:
+                raise  # the batch loop rolls the batch back, splits it and retries
             except Exception as exc:  # noqa: BLE001 - see _KERNELS
                 # Only the scan may have run: its fields are maxima, which the reference path
                 # below can apply a second time without changing them.
