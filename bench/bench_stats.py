@@ -3,12 +3,18 @@
     python bench/bench_stats.py --device cuda
     python bench/bench_stats.py --device cuda --sweep     # also time other block shapes of the scan
     python bench/bench_stats.py --device cuda --check     # fused vs reference, field by field, first
+    python bench/bench_stats.py --device cuda --gated --widths 6144,12288   # a SwiGLU MLP's two sites
 
 Prints milliseconds per call (on CUDA, device time of its kernels) for each piece of `SiteStats.update` and `QuantAccumulator.update`
 on [tokens, width] bf16 tensors, so the expensive pieces show before and after a change; then a
 summary: `SiteStats.update` through the fused Triton kernels (kernels.py) against the reference
 path (compiled dense_scan + bincount), a same-size matmul and one read of the tensor (amax), with
 massive sites on and off. On CPU the kernel rows are skipped.
+
+--gated treats each width as a SwiGLU MLP's intermediate size and times its product with the
+statistics of its two sites (the gate and the down_proj input): eager silu * up then a scan of each
+(what the hooks do), against the gated kernel that makes the product and takes both sites in one
+pass (`kernels.gated_update`), and the product alone, eager and as one kernel.
 """
 
 from __future__ import annotations
@@ -222,6 +228,8 @@ def main() -> None:
                         help="time the CUDA scan at 32 to 512 threads per row and 1 to 8 rows per block")
     parser.add_argument("--check", action="store_true", help="compare fused and reference updates first")
     parser.add_argument("--summary-only", action="store_true", help="skip the per-piece table")
+    parser.add_argument("--gated", action="store_true",
+                        help="a SwiGLU MLP's product and its two sites: apart against one gated pass (CUDA)")
     parser.add_argument("--host-profile", action="store_true",
                         help="cProfile of the host side of fused updates on a few rows (where the host time goes)")
     args = parser.parse_args()
@@ -237,13 +245,71 @@ def main() -> None:
                                  torch.zeros(b, t, dtype=torch.long, device=device))
         if args.check and device.type == "cuda":
             failed |= not check(x, ctx, width, device)
-        if not args.summary_only:
+        if not args.summary_only and not args.gated:
             pieces_table(x, w, mask, ctx, width, b, t, device)
         if args.host_profile and device.type == "cuda":
             host_profile(x, ctx, width, device)
+        if args.gated and device.type == "cuda":
+            failed |= not gated_table(x, ctx, width, device, args.cuda_sweep)
+            continue
         summary(x, w, ctx, width, device, args.sweep, args.cuda_sweep)
     if failed:
         raise SystemExit(1)
+
+
+def gated_table(g: torch.Tensor, ctx: stats.BatchContext, width: int, device: torch.device, sweep: bool) -> bool:
+    """Times a SwiGLU MLP's product with its two sites, apart and in one pass; False if they disagree."""
+    from maxact_card import kernels
+
+    up = torch.randn_like(g)
+    silu = torch.nn.functional.silu
+
+    def fresh() -> stats.SiteStats:
+        return stats.SiteStats(width, 64, device)
+
+    a_gate, a_prod, b_gate, b_prod = fresh(), fresh(), fresh(), fresh()
+
+    def apart() -> None:
+        out = silu(g) * up
+        kernels.fused_update(a_gate, g, ctx.mask, ctx.token_index, ctx.sample_index, ctx.input_ids)
+        kernels.fused_update(a_prod, out, ctx.mask, ctx.token_index, ctx.sample_index, ctx.input_ids)
+
+    def one_pass(shape: Any = None) -> None:
+        kernels.gated_update(b_gate, b_prod, g, up, ctx.mask, ctx.token_index, ctx.sample_index, ctx.input_ids,
+                             shape=shape)
+
+    apart()
+    one_pass()
+    done = kernels.gated_update(fresh(), fresh(), g, up, ctx.mask, ctx.token_index, ctx.sample_index, ctx.input_ids)
+    same = done is not None and torch.equal(done[0], silu(g) * up)
+    for name in ("max", "min", "channel_max", "count", "hist", "topk_key"):
+        same &= torch.equal(getattr(a_gate, name), getattr(b_gate, name))
+        same &= torch.equal(getattr(a_prod, name), getattr(b_prod, name))
+    rows: dict[str, Any] = {
+        "eager silu(g) * up": lambda: silu(g) * up,
+        "silu_mul kernel": lambda: kernels.silu_mul(g, up),
+        "eager product, then scan+fold of gate and of product": apart,
+        "gated kernel: product and both sites": one_pass,
+    }
+    if sweep:
+        default = kernels.cuda_scan_shape(g.reshape(-1, width), gated=True)
+        for group in (128, 256, 512, 1024):
+            for per_block in (1, 2):
+                if group * 8 * 16 < width or group * 8 > 2 * width or group * per_block > 1024:
+                    continue
+                shape = kernels.CudaScanShape(group, per_block, 0, 0)
+                mark = " (default)" if default and (default.group, default.rows) == (group, per_block) else ""
+                rows[f"  gated, {group} threads x {per_block} rows{mark}"] = lambda shape=shape: one_pass(shape)
+    read_ms = bench(lambda: g.amax(), device)
+    print(f"\n[{g.shape[0] * g.shape[1]}, {width}] bf16, SwiGLU product and its two sites "
+          f"(one read of g: {read_ms:.3f} ms; product and statistics agree: {same})")
+    times = {name: bench(fn, device) for name, fn in rows.items()}
+    for name, ms in times.items():
+        print(f"  {name:<58} {ms:8.3f} ms  {ms / read_ms:5.2f} reads")
+    old, new = times["eager product, then scan+fold of gate and of product"], times["gated kernel: product and both sites"]
+    print(f"  one pass / apart: {new / old:.3f}x; one pass above the product kernel: "
+          f"{new - times['silu_mul kernel']:.3f} ms")
+    return same
 
 
 def pieces_table(x: torch.Tensor, w: torch.Tensor, mask: torch.Tensor, ctx: stats.BatchContext, width: int,

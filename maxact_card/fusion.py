@@ -125,12 +125,31 @@ _QUIET: set[nn.Module] = set()
 _GATED_FORMS: dict[Callable[..., Any], bool] = {}
 
 
-def _is_attr_call(node: ast.AST, owner: str, attr: str, arg: str) -> bool:
-    """Whether `node` is `owner.attr(arg)`, positional and nothing else."""
-    return (isinstance(node, ast.Call) and not node.keywords and len(node.args) == 1
-            and isinstance(node.args[0], ast.Name) and node.args[0].id == arg
+def _is_call(node: ast.AST | None, owner: str, attr: str) -> ast.AST | None:
+    """The single positional argument of `node` if it is `owner.attr(arg)` and nothing else, else None."""
+    if (isinstance(node, ast.Call) and not node.keywords and len(node.args) == 1
             and isinstance(node.func, ast.Attribute) and node.func.attr == attr
-            and isinstance(node.func.value, ast.Name) and node.func.value.id == owner)
+            and isinstance(node.func.value, ast.Name) and node.func.value.id == owner):
+        return node.args[0]
+    return None
+
+
+def _is_name(node: ast.AST | None, name: str) -> bool:
+    return isinstance(node, ast.Name) and node.id == name
+
+
+def _returned(fn: ast.FunctionDef) -> ast.AST | None:
+    """What `fn` returns if its body (after any docstring) is `return E` or `v = E; return v`."""
+    body = fn.body
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        body = body[1:]
+    if len(body) == 1 and isinstance(body[0], ast.Return):
+        return body[0].value
+    if (len(body) == 2 and isinstance(body[0], ast.Assign) and len(body[0].targets) == 1
+            and isinstance(body[0].targets[0], ast.Name) and isinstance(body[1], ast.Return)
+            and _is_name(body[1].value, body[0].targets[0].id)):
+        return body[0].value
+    return None
 
 
 def is_swiglu_forward(fn: Callable[..., Any]) -> bool:
@@ -139,37 +158,21 @@ def is_swiglu_forward(fn: Callable[..., Any]) -> bool:
     cached = _GATED_FORMS.get(fn)
     if cached is not None:
         return cached
-    found = False
     try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+        tree: ast.Module | None = ast.parse(textwrap.dedent(inspect.getsource(fn)))
     except (OSError, TypeError, SyntaxError):
         tree = None
     node = tree.body[0] if tree is not None and tree.body else None
+    found = False
     if isinstance(node, ast.FunctionDef):
         a = node.args
-        body = node.body[1:] if node.body and isinstance(node.body[0], ast.Expr) \
-            and isinstance(node.body[0].value, ast.Constant) else node.body
-        if (len(a.args) == 2 and not (a.vararg or a.kwarg or a.kwonlyargs or a.posonlyargs or a.defaults)):
+        if len(a.args) == 2 and not (a.vararg or a.kwarg or a.kwonlyargs or a.posonlyargs or a.defaults):
             me, x = a.args[0].arg, a.args[1].arg
-            value = None
-            if len(body) == 1 and isinstance(body[0], ast.Return):
-                value = body[0].value
-            elif (len(body) == 2 and isinstance(body[0], ast.Assign) and len(body[0].targets) == 1
-                  and isinstance(body[0].targets[0], ast.Name) and isinstance(body[1], ast.Return)
-                  and isinstance(body[1].value, ast.Name) and body[1].value.id == body[0].targets[0].id):
-                value = body[0].value
-            if (isinstance(value, ast.Call) and not value.keywords and len(value.args) == 1
-                    and isinstance(value.func, ast.Attribute) and value.func.attr == "down_proj"
-                    and isinstance(value.func.value, ast.Name) and value.func.value.id == me):
-                prod = value.args[0]
-                if isinstance(prod, ast.BinOp) and isinstance(prod.op, ast.Mult):
-                    for act, up in ((prod.left, prod.right), (prod.right, prod.left)):
-                        if (isinstance(act, ast.Call) and not act.keywords and len(act.args) == 1
-                                and isinstance(act.func, ast.Attribute) and act.func.attr == "act_fn"
-                                and isinstance(act.func.value, ast.Name) and act.func.value.id == me
-                                and _is_attr_call(act.args[0], me, "gate_proj", x)
-                                and _is_attr_call(up, me, "up_proj", x)):
-                            found = True
+            prod = _is_call(_returned(node), me, "down_proj")
+            if isinstance(prod, ast.BinOp) and isinstance(prod.op, ast.Mult):
+                found = any(_is_name(_is_call(_is_call(act, me, "act_fn"), me, "gate_proj"), x)
+                            and _is_name(_is_call(up, me, "up_proj"), x)
+                            for act, up in ((prod.left, prod.right), (prod.right, prod.left)))
     _GATED_FORMS[fn] = found
     return found
 

@@ -21,8 +21,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from maxact_card.errors import RuntimeFailure, UsageError
 from maxact_card import fusion
+from maxact_card.errors import RuntimeFailure, UsageError
 from maxact_card.fusion import fused_forward
 from maxact_card.sites import READ_GATE_HALF, READ_INPUT, READ_OUTPUT, READ_ROUTER, Site, SiteMap, discover
 from maxact_card.stats import BatchContext, SiteStats, gated_update

@@ -224,3 +224,119 @@ def test_on_cuda_the_fused_forward_of_a_model_stays_within_bf16_rounding() -> No
             fast = runner(input_ids=ids, use_cache=False).last_hidden_state.float()
     assert _compiled_not_fallen_back()
     assert float((fast - eager).norm() / eager.norm()) < 1e-2
+
+
+# --- SwiGLU MLPs --------------------------------------------------------------------------------------
+class _Form(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = nn.Linear(4, 8), nn.Linear(4, 8), nn.Linear(8, 4)
+        self.act_fn = nn.SiLU()
+
+
+class _Commuted(_Form):
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        """A docstring, then the product the other way round."""
+        return self.down_proj(self.up_proj(x) * self.act_fn(self.gate_proj(x)))
+
+
+class _Named(_Form):
+    def forward(self, hidden):  # type: ignore[no-untyped-def]
+        out = self.down_proj(self.act_fn(self.gate_proj(hidden)) * self.up_proj(hidden))
+        return out
+
+
+class _Scaled(_Form):
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x) * 2)
+
+
+class _Swapped(_Form):  # the activation on the up projection: another MLP
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        return self.down_proj(self.act_fn(self.up_proj(x)) * self.gate_proj(x))
+
+
+class _Extra(_Form):
+    def forward(self, x, scale=1.0):  # type: ignore[no-untyped-def]
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class _Gelu(_Named):
+    def __init__(self) -> None:
+        super().__init__()
+        self.act_fn = nn.GELU()
+
+
+@pytest.mark.parametrize(("cls", "taken"), [(_Commuted, True), (_Named, True), (_Scaled, False), (_Swapped, False),
+                                            (_Extra, False), (_Gelu, False)])
+def test_only_the_exact_swiglu_form_is_swapped(cls: type, taken: bool) -> None:
+    model = nn.Sequential(cls())
+    assert fusion.gated_mlps(model) == ([model[0]] if taken else [])
+    x = torch.randn(3, 4)
+    with torch.inference_mode():
+        want = model(x)
+        with fusion.fused_forward(model, enabled=True, backend="eager") as fused:
+            assert ("forward" in vars(model[0])) == taken and fused.mlps == int(taken)
+            got = model(x)
+    assert "forward" not in vars(model[0])  # put back
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize(("arch", "mlps"), [("llama", "LlamaMLP"), ("qwen3", "Qwen3MLP"), ("mistral", "MistralMLP"),
+                                            ("qwen2", "Qwen2MLP"), ("olmo2", "Olmo2MLP"), ("gemma3_text", None),
+                                            ("qwen3_moe", None), ("phi3", None), ("gpt2", None)])
+def test_the_families_gated_mlps(arch: str, mlps: str | None) -> None:
+    """Gemma's MLPs use a tanh GELU, Phi-3's fuse gate and up, GPT-2's are not gated, Qwen3-MoE's experts
+    are fused tensors: none is taken."""
+    model = factory.build_model(arch)
+    found = {type(m).__name__ for m in fusion.gated_mlps(model)}
+    assert found == ({mlps} if mlps else set())
+
+
+def test_gated_sites_are_read_once_through_the_mlp(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the MLP swapped, the gate and down_proj-input sites reach their consumers through the MLP's
+    reader, once per batch, with the tensors the hooks would have given; their hooks stay quiet."""
+    from maxact_card import measure as measure_mod
+    from maxact_card.sites import discover
+
+    model = _bf16("qwen3")
+    ids = _ids(batch=4, length=9, seed=2).tolist()
+    ids = [row[: 5 + i] for i, row in enumerate(ids)]
+    batches = [[0, 1], [2, 3]]
+    sites = [s for s in discover(model).sites if s.component in ("gate", "down_proj_input", "mlp")]
+    assert len(sites) == 3 * factory.config("qwen3").num_hidden_layers  # type: ignore[attr-defined]
+
+    def run() -> dict[str, list[torch.Tensor]]:
+        seen: dict[str, list[torch.Tensor]] = {s.name: [] for s in sites}
+        consumers = {s.name: (lambda x, ctx, n=s.name: seen[n].append(x.clone())) for s in sites}
+        measure_mod.run_hooked(model, ids, batches=batches, sites=sites, consumers=consumers, device=CPU)
+        return seen
+
+    calls: list[tuple[object, object]] = []
+    real = measure_mod.gated_update
+
+    def counting(gate, product, g, up, ctx):  # type: ignore[no-untyped-def]
+        calls.append((gate, product))
+        return real(gate, product, g, up, ctx)
+
+    monkeypatch.setattr(measure_mod, "gated_update", counting)
+    plain = run()
+    assert calls == []  # not swapped: the hooks read every site
+    with fusion.fused_forward(model, enabled=True, backend="eager") as fused:
+        assert fused.mlps == 2
+        through = run()
+    # one reader call per MLP and batch; no SiteStats behind these consumers, so nothing to fold
+    assert calls == [(None, None)] * 4
+    assert plain.keys() == through.keys()
+    for name, tensors in plain.items():
+        assert len(tensors) == len(through[name]) == len(batches), name
+        assert all(torch.equal(a, b) for a, b in zip(tensors, through[name])), name
+    assert not fusion._READERS and not fusion._QUIET  # every reader unregistered
+
+
+def test_gated_switch_keeps_the_mlps(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MAXACT_CARD_GATED", "0")
+    model = _bf16("llama")
+    assert fusion.gated_mlps(model) == []
+    with fusion.fused_forward(model, enabled=True, backend="eager") as fused:
+        assert fused.mlps == 0 and fused.norms > 0

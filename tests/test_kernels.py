@@ -373,3 +373,118 @@ def test_cuda_update_equals_the_reference_path(massive: bool, width: int, cuda_s
         assert kernels._cuda_hist["kernels"] and not kernels._cuda_hist["failed"]
     _assert_same_stats(got, want, rel=1e-5)
     assert int(got.topk_channel[0]) == 3  # the largest token (the last batch's), at the first of its tied channels
+
+
+# --- a SwiGLU MLP's product and its two sites in one pass (CUDA) ------------------------------------------
+def _same_bits(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Equal bf16 values, NaN where NaN (its payload aside)."""
+    nan = want.isnan()
+    return bool(torch.equal(got.isnan(), nan)) and bool(torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16)))
+
+
+def _gate_and_up(b: int, t: int, width: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.randn(b, t, width, generator=gen) * torch.rand(width, generator=gen) * 6
+    up = torch.randn(b, t, width, generator=gen) * 2
+    g[0, 1, 7] = 900.0  # a large gate: silu is the identity there
+    g[0, 1, 8] = -900.0  # exp(900) overflows: silu is -0
+    up[0, 2, 3] = 3000.0  # a large product
+    g[1, 0, 4], g[1, 0, 5], g[1, 0, 6] = float("nan"), float("inf"), float("-inf")
+    g[0, 3] = -0.0
+    return g.to(torch.bfloat16).cuda(), up.to(torch.bfloat16).cuda()
+
+
+@pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_silu_mul_rounds_as_eager_torch() -> None:
+    from maxact_card import kernels
+
+    gen = torch.Generator().manual_seed(5)
+    g, up = _gate_and_up(3, 333, 1024, gen)
+    g.view(-1)[:65536] = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).cuda()
+    got = kernels.silu_mul(g, up)  # every bf16 pattern as a gate, among others
+    assert got is not None and got.shape == g.shape and got.dtype == torch.bfloat16
+    assert _same_bits(got, torch.nn.functional.silu(g) * up)
+    assert kernels.silu_mul(g.float(), up.float()) is None  # bf16 only
+    assert kernels.silu_mul(g[..., :1000], up[..., :1000]) is None  # not contiguous
+
+
+@pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("sites", ["both", "gate", "product"])
+@pytest.mark.parametrize("width", [12288, 6144, 1000])
+def test_cuda_gated_update_equals_the_product_then_two_updates(sites: str, width: int) -> None:
+    """One pass over gate and up gives eager's product and the same statistics as scanning the gate
+    and the product apart (the reference path), padding rows included in the product only."""
+    from maxact_card import kernels
+
+    kernels._cuda_scan["kernels"].clear()
+    gen = torch.Generator().manual_seed(7)
+    take_gate, take_product = sites in ("both", "gate"), sites in ("both", "product")
+    total = 4 + 8 + 2
+    made = {"want": [], "got": []}
+    for kind in ("want", "got"):
+        made[kind] = [SiteStats(width, total, "cuda", top_k=16) if take else None
+                      for take in (take_gate, take_product)]
+    first = offset = 0
+    stats.use_kernels(None)
+    for b, t in ((4, 512), (8, 256), (2, 700)):
+        g, up = _gate_and_up(b, t, width, gen)
+        mask = torch.ones(b, t, dtype=torch.bool)
+        mask[-1, t // 2:] = False
+        g[-1, t - 1] = 1e30  # padding: never counted, but its product is still made
+        mask = mask.cuda()
+        base = _context(mask.cpu(), offset)
+        ctx = BatchContext(mask, base.token_index.cuda(), torch.arange(first, first + b).cuda(), base.input_ids.cuda())
+        want_out = torch.nn.functional.silu(g) * up
+        stats.use_kernels(False)
+        try:
+            for acc, x in zip(made["want"], (g, want_out)):
+                if acc is not None:
+                    acc.update(x, ctx)
+        finally:
+            stats.use_kernels(None)
+        out = stats.gated_update(made["got"][0], made["got"][1], g, up, ctx)
+        assert out is not None, stats._KERNELS["error"]
+        assert _same_bits(out, want_out)
+        first += b
+        offset += b * t
+    assert stats._KERNELS["error"] is None and not kernels._cuda_scan["failed"]
+    for got, want in zip(made["got"], made["want"]):
+        if want is not None:
+            assert got is not None
+            _assert_same_stats(got, want, rel=1e-5)
+    if take_gate:
+        assert float(made["got"][0].max) == 900.0 and int(made["got"][0].nonfinite_tokens) == 3
+
+
+@pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_measurement_through_the_gated_kernel_equals_the_hooks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bf16 Llama measured with its MLPs swapped (gate and down_proj input folded into the product's
+    kernel) and with them kept (MAXACT_CARD_GATED=0): every statistic of every site the same."""
+    from maxact_card.measure import measure
+    from tests import factory
+
+    model = factory.build_model("llama").to("cuda", torch.bfloat16)
+    gen = torch.Generator().manual_seed(4)
+    ids = [torch.randint(3, factory.VOCAB, (n,), generator=gen).tolist() for n in (40, 17, 64, 33, 9, 50)]
+    plan = [[0, 1, 2], [3, 4, 5]]
+    from maxact_card import measure as measure_mod
+
+    folded: list[bool] = []
+    real = measure_mod.gated_update
+
+    def counting(gate, product, g, up, ctx):  # type: ignore[no-untyped-def]
+        out = real(gate, product, g, up, ctx)
+        folded.append(out is not None and gate is not None and product is not None)
+        return out
+
+    monkeypatch.setattr(measure_mod, "gated_update", counting)
+    runs = {}
+    for gated in ("1", "0"):
+        monkeypatch.setenv("MAXACT_CARD_GATED", gated)
+        runs[gated] = measure(model, ids, batches=plan, device=torch.device("cuda")).stats
+    # both sites of every MLP (2 layers) in each of the 2 batches went through the kernel
+    assert folded == [True] * 4, stats._KERNELS["error"]
+    for name, acc in runs["0"].items():
+        other = runs["1"][name]
+        for field in SiteStats.MERGE_OPS:
+            a, b = getattr(other, field), getattr(acc, field)
+            assert torch.equal(a, b) if field not in ("sum", "sumsq") else torch.allclose(a, b, rtol=1e-5), (name, field)
