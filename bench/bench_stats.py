@@ -257,6 +257,11 @@ def main() -> None:
         raise SystemExit(1)
 
 
+def _product(done: Any) -> torch.Tensor:
+    assert done is not None
+    return done[0]
+
+
 def gated_table(g: torch.Tensor, ctx: stats.BatchContext, width: int, device: torch.device, sweep: bool) -> bool:
     """Times a SwiGLU MLP's product with its two sites, apart and in one pass; False if they disagree."""
     from maxact_card import kernels
@@ -290,6 +295,13 @@ def gated_table(g: torch.Tensor, ctx: stats.BatchContext, width: int, device: to
         "silu_mul kernel": lambda: kernels.silu_mul(g, up),
         "eager product, then scan+fold of gate and of product": apart,
         "gated kernel: product and both sites": one_pass,
+        "gated kernel with the gate, then scan+fold of product": lambda: kernels.fused_update(
+            b_prod, _product(kernels.gated_update(b_gate, None, g, up, ctx.mask, ctx.token_index, ctx.sample_index,
+                                                  ctx.input_ids)), ctx.mask, ctx.token_index, ctx.sample_index,
+            ctx.input_ids),
+        "scan+fold of gate, then gated kernel with the product": lambda: (
+            kernels.fused_update(b_gate, g, ctx.mask, ctx.token_index, ctx.sample_index, ctx.input_ids),
+            kernels.gated_update(None, b_prod, g, up, ctx.mask, ctx.token_index, ctx.sample_index, ctx.input_ids)),
     }
     if sweep:
         default = kernels.cuda_scan_shape(g.reshape(-1, width), gated=True)

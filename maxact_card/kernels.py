@@ -655,18 +655,20 @@ struct SiteOut {
     float* row_f; int* row_i; long long* row_key; double* part_f; int* part_i;
 };
 
-// this thread's vectors of row r (zeros past the last row, and for padding, which the statistics
-// never read; a gated scan loads padding rows too, since their product is written)
-#define LOAD_ROW(dst, r)                                                                     \
+// this thread's vectors of row r of src (zeros past the last row, and where `live` is false)
+#define LOAD_VECS(dst, src, stride, r, live_row)                                             \
     do {                                                                                     \
-        const bool live = (r) < n_rows && (GATED || mask[(r) < n_rows ? (r) : 0]);           \
-        const uint4* r4 = reinterpret_cast<const uint4*>(x + (long long)(r) * row_stride);   \
+        const bool live = (r) < n_rows && (live_row);                                        \
+        const uint4* r4 = reinterpret_cast<const uint4*>(src + (long long)(r) * (stride));   \
         _Pragma("unroll")                                                                    \
         for (int j = 0; j < VEC; ++j) {                                                      \
             const int c = j * GROUP + t;                                                     \
             dst[j] = live && c < n4 ? __ldcs(r4 + c) : make_uint4(0u, 0u, 0u, 0u);          \
         }                                                                                    \
     } while (0)
+// x's row r: padding is never read by the statistics, so it is not loaded, except by a gated
+// scan, which writes the product of padding rows too
+#define LOAD_ROW(dst, r) LOAD_VECS(dst, x, row_stride, r, GATED || mask[(r) < n_rows ? (r) : 0])
 // the words site s reads: the product's, or x's
 #if GATED
 #define SRC(s, j) ((SCAN_GATE && (s) == 0) ? v[j] : pv[j])
@@ -704,6 +706,10 @@ extern "C" __global__ void __launch_bounds__(THREADS) maxact_scan_bf16(
     // the next rows of the block are loaded while these are worked on
     uint4 v[VEC], next[VEC];
     LOAD_ROW(next, blockIdx.x * ROWS + g);
+#if GATED
+    uint4 uv[VEC], unext[VEC];  // up's rows, loaded ahead like x's
+    LOAD_VECS(unext, up, up_stride, blockIdx.x * ROWS + g, true);
+#endif
     for (int base = blockIdx.x * ROWS; base < n_rows; base += step) {
         const int row = base + g;
         const bool counted = row < n_rows && mask[row];
@@ -711,14 +717,16 @@ extern "C" __global__ void __launch_bounds__(THREADS) maxact_scan_bf16(
         for (int j = 0; j < VEC; ++j) v[j] = next[j];
         LOAD_ROW(next, row + step);
 #if GATED
+        #pragma unroll
+        for (int j = 0; j < VEC; ++j) uv[j] = unext[j];
+        LOAD_VECS(unext, up, up_stride, row + step, true);
         uint4 pv[VEC];
         if (row < n_rows) {
-            const uint4* u4 = reinterpret_cast<const uint4*>(up + (long long)row * up_stride);
             uint4* o4 = reinterpret_cast<uint4*>(out + (long long)row * out_stride);
             #pragma unroll
             for (int j = 0; j < VEC; ++j) {
                 const int c = j * GROUP + t;
-                if (c < n4) { pv[j] = silu_mul8(v[j], __ldcs(u4 + c)); o4[c] = pv[j]; }
+                if (c < n4) { pv[j] = silu_mul8(v[j], uv[j]); o4[c] = pv[j]; }
             }
         }
 #endif
