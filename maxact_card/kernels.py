@@ -628,11 +628,8 @@ _SCAN_CUDA_SOURCE = r"""
 #define MASSIVE %(massive)d
 #define MASSIVE_ABS %(massive_abs)sf
 #define MASSIVE_RATIO %(massive_ratio)s
-// GATED 0: scan x, site 0. GATED 1: x is a SwiGLU gate; write silu(x) * up to out and scan the sites
-// SITES says: 1, the gate (SCAN_GATE) or the product; 2, the gate (site 0) and the product (site 1)
+// GATED: x is a SwiGLU MLP's gate; the kernel also writes silu(x) * up to out, for every row
 #define GATED %(gated)d
-#define SITES %(sites)d
-#define SCAN_GATE %(scan_gate)d
 #define TABLE ((NBINS + 3) / 4 * 4)
 #define FULL 0xFFFFFFFFu
 
@@ -648,14 +645,7 @@ __device__ __forceinline__ int nonfinite2(unsigned w) {
     return ((w & 0x7FFFu) >= 0x7F80u) + ((w & 0x7FFF0000u) >= 0x7F800000u);
 }
 
-// where one site's statistics go: the accumulator's fields it adds into, and its per-row and
-// per-part outputs for the fold
-struct SiteOut {
-    unsigned* channel_max; unsigned* sample_max; unsigned long long* counts;
-    float* row_f; int* row_i; long long* row_key; double* part_f; int* part_i;
-};
-
-// this thread's vectors of row r of src (zeros past the last row, and where `live` is false)
+// this thread's vectors of row r of src (zeros past the last row, and where `live_row` is false)
 #define LOAD_VECS(dst, src, stride, r, live_row)                                             \
     do {                                                                                     \
         const bool live = (r) < n_rows && (live_row);                                        \
@@ -666,15 +656,9 @@ struct SiteOut {
             dst[j] = live && c < n4 ? __ldcs(r4 + c) : make_uint4(0u, 0u, 0u, 0u);          \
         }                                                                                    \
     } while (0)
-// x's row r: padding is never read by the statistics, so it is not loaded, except by a gated
-// scan, which writes the product of padding rows too
+// x's row r: the statistics never read padding, so it is not loaded, except by a gated scan,
+// which writes the product of padding rows too
 #define LOAD_ROW(dst, r) LOAD_VECS(dst, x, row_stride, r, GATED || mask[(r) < n_rows ? (r) : 0])
-// the words site s reads: the product's, or x's
-#if GATED
-#define SRC(s, j) ((SCAN_GATE && (s) == 0) ? v[j] : pv[j])
-#else
-#define SRC(s, j) v[j]
-#endif
 
 // A block takes ROWS rows at a time, one per group of GROUP threads: rows [blockIdx.x * ROWS + g,
 // n_rows) step gridDim.x * ROWS for group g. Rows are 16-byte aligned, their width divisible by 8.
@@ -682,26 +666,24 @@ struct SiteOut {
 extern "C" __global__ void __launch_bounds__(THREADS) maxact_scan_bf16(
         const unsigned short* __restrict__ x, int row_stride, int n_rows, int width, int tokens_per_row,
         const unsigned char* __restrict__ mask, const long long* __restrict__ token,
-        const long long* __restrict__ sample, const SiteOut o0, const SiteOut o1,
+        const long long* __restrict__ sample, unsigned* __restrict__ channel_max, unsigned* __restrict__ sample_max,
+        unsigned long long* __restrict__ counts, float* __restrict__ row_f, int* __restrict__ row_i,
+        long long* __restrict__ row_key, double* __restrict__ part_f, int* __restrict__ part_i,
         const unsigned short* __restrict__ up, int up_stride, unsigned short* __restrict__ out, int out_stride) {
-    __shared__ __align__(16) unsigned h[SITES][TABLE];
+    __shared__ __align__(16) unsigned h[TABLE];
     __shared__ float w_hi[THREADS / 32], w_lo[THREADS / 32], w_s[THREADS / 32], w_sq[THREADS / 32];
     __shared__ int w_bad[THREADS / 32], w_first[THREADS / 32], w_below[THREADS / 32];
     const float inf = __int_as_float(0x7F800000);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = tid / GROUP, t = tid %% GROUP, w0 = g * GROUP_WARPS;
     const int n4 = width >> 3, n_parts = gridDim.x * ROWS, step = gridDim.x * ROWS;
-    for (int i = tid; i < SITES * TABLE / 4; i += THREADS) reinterpret_cast<uint4*>(h)[i] = make_uint4(0u, 0u, 0u, 0u);
-    unsigned cmax[SITES][VEC * 4];  // magnitudes, two bf16 per register
-    double p_sum[SITES], p_sq[SITES];
-    float p_hi[SITES], p_lo[SITES];
-    int p_valid[SITES], p_bad[SITES], p_massive[SITES];
+    for (int i = tid; i < TABLE / 4; i += THREADS) reinterpret_cast<uint4*>(h)[i] = make_uint4(0u, 0u, 0u, 0u);
+    unsigned cmax[VEC * 4];  // magnitudes, two bf16 per register
     #pragma unroll
-    for (int s = 0; s < SITES; ++s) {
-        #pragma unroll
-        for (int j = 0; j < VEC * 4; ++j) cmax[s][j] = 0u;
-        p_sum[s] = 0.0; p_sq[s] = 0.0; p_hi[s] = -inf; p_lo[s] = inf; p_valid[s] = p_bad[s] = p_massive[s] = 0;
-    }
+    for (int j = 0; j < VEC * 4; ++j) cmax[j] = 0u;
+    double p_sum = 0.0, p_sq = 0.0;
+    float p_hi = -inf, p_lo = inf;
+    int p_valid = 0, p_bad = 0, p_massive = 0;
     __syncthreads();
     // the next rows of the block are loaded while these are worked on
     uint4 v[VEC], next[VEC];
@@ -720,13 +702,12 @@ extern "C" __global__ void __launch_bounds__(THREADS) maxact_scan_bf16(
         #pragma unroll
         for (int j = 0; j < VEC; ++j) uv[j] = unext[j];
         LOAD_VECS(unext, up, up_stride, row + step, true);
-        uint4 pv[VEC];
         if (row < n_rows) {
             uint4* o4 = reinterpret_cast<uint4*>(out + (long long)row * out_stride);
             #pragma unroll
             for (int j = 0; j < VEC; ++j) {
                 const int c = j * GROUP + t;
-                if (c < n4) { pv[j] = silu_mul8(v[j], uv[j]); o4[c] = pv[j]; }
+                if (c < n4) o4[c] = silu_mul8(v[j], uv[j]);
             }
         }
 #endif
@@ -735,27 +716,19 @@ extern "C" __global__ void __launch_bounds__(THREADS) maxact_scan_bf16(
         for (int q = 0; q < ROWS; ++q) any |= base + q < n_rows && mask[base + q < n_rows ? base + q : 0];
         if (!any) {  // padding only: nothing counted
             if (t == 0 && row < n_rows) {
-                #pragma unroll
-                for (int s = 0; s < SITES; ++s) {
-                    const SiteOut& o = s == 0 ? o0 : o1;
-                    for (int q = 0; q < 4; ++q) o.row_f[q * n_rows + row] = 0.f;
-                    for (int q = 0; q < 3; ++q) o.row_i[q * n_rows + row] = 0;
-                    o.row_key[row] = -1;
-                }
+                for (int q = 0; q < 4; ++q) row_f[q * n_rows + row] = 0.f;
+                for (int q = 0; q < 3; ++q) row_i[q * n_rows + row] = 0;
+                row_key[row] = -1;
             }
             continue;
         }
-        #pragma unroll
-        for (int s = 0; s < SITES; ++s) {
-        const SiteOut& o = s == 0 ? o0 : o1;
         // the extremes start at the largest finite bf16, so a thread with no values marks nothing bad
         unsigned hi2 = 0xFF7FFF7Fu, lo2 = 0x7F7F7F7Fu;
         float s_even = 0.f, s_odd = 0.f, sq_even = 0.f, sq_odd = 0.f;
         #pragma unroll
         for (int j = 0; j < VEC; ++j) {
             if (counted && j * GROUP + t < n4) {
-                const uint4 vv = SRC(s, j);
-                const unsigned w[4] = {vv.x, vv.y, vv.z, vv.w};
+                const unsigned w[4] = {v[j].x, v[j].y, v[j].z, v[j].w};
                 #pragma unroll
                 for (int k = 0; k < 4; ++k) {
                     hi2 = bf2_max_nan(hi2, w[k]);
@@ -763,29 +736,29 @@ extern "C" __global__ void __launch_bounds__(THREADS) maxact_scan_bf16(
                     const float f0 = lo_of(w[k]), f1 = hi_of(w[k]);
                     s_even += f0; s_odd += f1;
                     sq_even = fmaf(f0, f0, sq_even); sq_odd = fmaf(f1, f1, sq_odd);
-                    count(h[s], (w[k] << 1) & 0xFFFCu);
-                    count(h[s], (w[k] >> 15) & 0xFFFCu);
+                    count(h, (w[k] << 1) & 0xFFFCu);
+                    count(h, (w[k] >> 15) & 0xFFFCu);
                 }
             }
         }
         unsigned bad = nonfinite2(hi2) + nonfinite2(lo2) != 0;
         const float t_hi = fmaxf(lo_of(hi2), hi_of(hi2)), t_lo = fminf(lo_of(lo2), hi_of(lo2));
-        float hi = t_hi, lo = t_lo, sm = s_even + s_odd, sq = sq_even + sq_odd;
+        float hi = t_hi, lo = t_lo, s = s_even + s_odd, sq = sq_even + sq_odd;
         // every lane of a butterfly ends with the same value, so the order of addition is fixed
         #pragma unroll
-        for (int d = 16; d > 0; d >>= 1) {
-            hi = fmaxf(hi, __shfl_xor_sync(FULL, hi, d));
-            lo = fminf(lo, __shfl_xor_sync(FULL, lo, d));
-            sm += __shfl_xor_sync(FULL, sm, d);
-            sq += __shfl_xor_sync(FULL, sq, d);
+        for (int o = 16; o > 0; o >>= 1) {
+            hi = fmaxf(hi, __shfl_xor_sync(FULL, hi, o));
+            lo = fminf(lo, __shfl_xor_sync(FULL, lo, o));
+            s += __shfl_xor_sync(FULL, s, o);
+            sq += __shfl_xor_sync(FULL, sq, o);
         }
         bad = __any_sync(FULL, bad);
-        if (lane == 0) { w_hi[warp] = hi; w_lo[warp] = lo; w_s[warp] = sm; w_sq[warp] = sq; w_bad[warp] = bad; }
+        if (lane == 0) { w_hi[warp] = hi; w_lo[warp] = lo; w_s[warp] = s; w_sq[warp] = sq; w_bad[warp] = bad; }
         __syncthreads();
-        hi = w_hi[w0]; lo = w_lo[w0]; sm = w_s[w0]; sq = w_sq[w0]; bad = w_bad[w0];
+        hi = w_hi[w0]; lo = w_lo[w0]; s = w_s[w0]; sq = w_sq[w0]; bad = w_bad[w0];
         #pragma unroll
         for (int q = 1; q < GROUP_WARPS; ++q) {
-            hi = fmaxf(hi, w_hi[w0 + q]); lo = fminf(lo, w_lo[w0 + q]); sm += w_s[w0 + q]; sq += w_sq[w0 + q];
+            hi = fmaxf(hi, w_hi[w0 + q]); lo = fminf(lo, w_lo[w0 + q]); s += w_s[w0 + q]; sq += w_sq[w0 + q];
             bad |= w_bad[w0 + q];
         }
         const bool valid = counted && !bad;
@@ -797,10 +770,9 @@ extern "C" __global__ void __launch_bounds__(THREADS) maxact_scan_bf16(
             #pragma unroll
             for (int j = 0; j < VEC; ++j) {
                 if (j * GROUP + t < n4) {
-                    const uint4 vv = SRC(s, j);
-                    const unsigned w[4] = {vv.x, vv.y, vv.z, vv.w};
+                    const unsigned w[4] = {v[j].x, v[j].y, v[j].z, v[j].w};
                     #pragma unroll
-                    for (int k = 0; k < 4; ++k) cmax[s][j * 4 + k] = bf2_max(cmax[s][j * 4 + k], w[k] & 0x7FFF7FFFu);
+                    for (int k = 0; k < 4; ++k) cmax[j * 4 + k] = bf2_max(cmax[j * 4 + k], w[k] & 0x7FFF7FFFu);
                 }
             }
 #if MASSIVE
@@ -811,8 +783,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) maxact_scan_bf16(
             #pragma unroll
             for (int j = 0; j < VEC; ++j) {
                 if (j * GROUP + t < n4) {
-                    const uint4 vv = SRC(s, j);
-                    const unsigned w[4] = {vv.x, vv.y, vv.z, vv.w};
+                    const unsigned w[4] = {v[j].x, v[j].y, v[j].z, v[j].w};
                     #pragma unroll
                     for (int k = 0; k < 4; ++k) below += below16(w[k] & 0x7FFF7FFFu, t2);
                 }
@@ -825,13 +796,12 @@ extern "C" __global__ void __launch_bounds__(THREADS) maxact_scan_bf16(
             #pragma unroll
             for (int j = 0; j < VEC; ++j) {
                 if (j * GROUP + t < n4) {
-                    const uint4 vv = SRC(s, j);
-                    const unsigned w[4] = {vv.x, vv.y, vv.z, vv.w};
+                    const unsigned w[4] = {v[j].x, v[j].y, v[j].z, v[j].w};
                     #pragma unroll
                     for (int k = 0; k < 4; ++k) n += nonfinite2(w[k]);
                 }
             }
-            if (n) { atomicSub(&h[s][OVERFLOW], (unsigned)n); atomicAdd(&h[s][NONFINITE], (unsigned)n); }
+            if (n) { atomicSub(&h[OVERFLOW], (unsigned)n); atomicAdd(&h[NONFINITE], (unsigned)n); }
         }
         // only a thread whose own extreme is the row's holds the row's first channel of it
         if (counted && (positive ? t_hi : t_lo) == ext) {
@@ -839,8 +809,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) maxact_scan_bf16(
             for (int j = 0; j < VEC; ++j) {
                 const int c = j * GROUP + t;
                 if (c < n4) {
-                    const uint4 vv = SRC(s, j);
-                    const unsigned w[4] = {vv.x, vv.y, vv.z, vv.w};
+                    const unsigned w[4] = {v[j].x, v[j].y, v[j].z, v[j].w};
                     #pragma unroll
                     for (int k = 0; k < 8; ++k) {
                         const unsigned word = w[k >> 1];
@@ -850,9 +819,9 @@ extern "C" __global__ void __launch_bounds__(THREADS) maxact_scan_bf16(
             }
         }
         #pragma unroll
-        for (int d = 16; d > 0; d >>= 1) {
-            first = min(first, __shfl_xor_sync(FULL, first, d));
-            below += __shfl_xor_sync(FULL, below, d);
+        for (int o = 16; o > 0; o >>= 1) {
+            first = min(first, __shfl_xor_sync(FULL, first, o));
+            below += __shfl_xor_sync(FULL, below, o);
         }
         if (lane == 0) { w_first[warp] = first; w_below[warp] = below; }
         __syncthreads();
@@ -860,65 +829,58 @@ extern "C" __global__ void __launch_bounds__(THREADS) maxact_scan_bf16(
             for (int q = 1; q < GROUP_WARPS; ++q) { first = min(first, w_first[w0 + q]); below += w_below[w0 + q]; }
             long long key = -1;
             if (counted) {
-                o.row_f[row] = hi; o.row_f[n_rows + row] = lo; o.row_f[2 * n_rows + row] = sm;
-                o.row_f[3 * n_rows + row] = sq;
-                o.row_i[row] = valid; o.row_i[n_rows + row] = below; o.row_i[2 * n_rows + row] = first;
+                row_f[row] = hi; row_f[n_rows + row] = lo; row_f[2 * n_rows + row] = s; row_f[3 * n_rows + row] = sq;
+                row_i[row] = valid; row_i[n_rows + row] = below; row_i[2 * n_rows + row] = first;
             } else {
-                for (int q = 0; q < 4; ++q) o.row_f[q * n_rows + row] = 0.f;
-                for (int q = 0; q < 3; ++q) o.row_i[q * n_rows + row] = 0;
+                for (int q = 0; q < 4; ++q) row_f[q * n_rows + row] = 0.f;
+                for (int q = 0; q < 3; ++q) row_i[q * n_rows + row] = 0;
             }
             if (valid) {
                 key = ((long long)__float_as_uint(tabs) << 32) | (0xFFFFFFFFLL - token[row]);
-                atomicMax(o.sample_max + sample[row / tokens_per_row], __float_as_uint(tabs));
-                p_sum[s] += (double)sm; p_sq[s] += (double)sq;
-                p_hi[s] = fmaxf(p_hi[s], hi); p_lo[s] = fminf(p_lo[s], lo);
-                p_valid[s] += 1;
-                p_massive[s] += (tabs > MASSIVE_ABS) && (below >= (width - 1) / 2 + 1);
+                atomicMax(sample_max + sample[row / tokens_per_row], __float_as_uint(tabs));
+                p_sum += (double)s; p_sq += (double)sq;
+                p_hi = fmaxf(p_hi, hi); p_lo = fminf(p_lo, lo);
+                p_valid += 1;
+                p_massive += (tabs > MASSIVE_ABS) && (below >= (width - 1) / 2 + 1);
             } else if (counted) {
-                p_bad[s] += 1;
+                p_bad += 1;
             }
-            o.row_key[row] = key;
+            row_key[row] = key;
         }
-        }  // sites
     }
     __syncthreads();
-    #pragma unroll
-    for (int s = 0; s < SITES; ++s) {
-        const SiteOut& o = s == 0 ? o0 : o1;
-        // the table into the int64 histogram: one add per non-empty counter
-        for (int i = tid; i < TABLE / 4; i += THREADS) {
-            const uint4 c4 = reinterpret_cast<const uint4*>(h[s])[i];
-            if (c4.x | c4.y | c4.z | c4.w) {
-                const unsigned c[4] = {c4.x, c4.y, c4.z, c4.w};
-                #pragma unroll
-                for (int q = 0; q < 4; ++q) {
-                    if (c[q]) atomicAdd(o.counts + 4 * i + q, (unsigned long long)c[q]);
-                }
+    // the table into the int64 histogram: one add per non-empty counter
+    for (int i = tid; i < TABLE / 4; i += THREADS) {
+        const uint4 c4 = reinterpret_cast<const uint4*>(h)[i];
+        if (c4.x | c4.y | c4.z | c4.w) {
+            const unsigned c[4] = {c4.x, c4.y, c4.z, c4.w};
+            #pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                if (c[q]) atomicAdd(counts + 4 * i + q, (unsigned long long)c[q]);
             }
-        }
-        // the column maxima, skipping the atomic where the stored value is already as large
-        #pragma unroll
-        for (int j = 0; j < VEC; ++j) {
-            const int c = j * GROUP + t;
-            if (c < n4) {
-                #pragma unroll
-                for (int k = 0; k < 4; ++k) {
-                    const int col = c * 8 + 2 * k;
-                    const unsigned even = cmax[s][j * 4 + k] << 16, odd = cmax[s][j * 4 + k] & 0xFFFF0000u;
-                    if (even > o.channel_max[col]) atomicMax(o.channel_max + col, even);
-                    if (odd > o.channel_max[col + 1]) atomicMax(o.channel_max + col + 1, odd);
-                }
-            }
-        }
-        if (t == 0) {
-            const int b = blockIdx.x * ROWS + g;
-            o.part_f[b] = p_sum[s]; o.part_f[n_parts + b] = p_sq[s]; o.part_f[2 * n_parts + b] = (double)p_hi[s];
-            o.part_f[3 * n_parts + b] = (double)p_lo[s];
-            o.part_i[b] = p_valid[s]; o.part_i[n_parts + b] = p_bad[s]; o.part_i[2 * n_parts + b] = p_massive[s];
         }
     }
+    // the column maxima, skipping the atomic where the stored value is already as large
+    #pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+        const int c = j * GROUP + t;
+        if (c < n4) {
+            #pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                const int col = c * 8 + 2 * k;
+                const unsigned even = cmax[j * 4 + k] << 16, odd = cmax[j * 4 + k] & 0xFFFF0000u;
+                if (even > channel_max[col]) atomicMax(channel_max + col, even);
+                if (odd > channel_max[col + 1]) atomicMax(channel_max + col + 1, odd);
+            }
+        }
+    }
+    if (t == 0) {
+        const int b = blockIdx.x * ROWS + g;
+        part_f[b] = p_sum; part_f[n_parts + b] = p_sq; part_f[2 * n_parts + b] = (double)p_hi;
+        part_f[3 * n_parts + b] = (double)p_lo;
+        part_i[b] = p_valid; part_i[n_parts + b] = p_bad; part_i[2 * n_parts + b] = p_massive;
+    }
 }
-
 """
 _SCAN_MAX_GROUP = 512
 _SCAN_ROW_THREADS = 256
@@ -952,8 +914,8 @@ def cuda_scan_shape(x2: torch.Tensor, group: int | None = None, rows: int | None
     per [16384, H] update with the fold), 4,096 (128 x 2, 0.089 ms), 6,144 (128 x 2, 0.123 ms) and
     12,288 (256 x 1, 0.222 ms), each the fastest or within 5% of it. Blocks are left at 0:
     `_cuda_scan_kernel` sets them to as many as run at once on every SM (the kernel's occupancy).
-    A gated scan (`gated_update`) holds a second site's column maxima and the product in registers
-    too, so its rows are split finer: 2 to 4 vectors per thread.
+    A gated scan (`gated_update`) holds up's rows in registers too, so its rows are split finer: 2 to
+    4 vectors per thread.
     """
     if (x2.dtype != torch.bfloat16 or not x2.is_cuda or INTERPRET or _cuda_scan["failed"]
             or switched_off("MAXACT_CARD_CUDA_SCAN")):
@@ -980,31 +942,18 @@ def _sms(device: torch.device) -> int:
     return sms
 
 
-@dataclass(frozen=True)
-class Gated:
-    """What a gated scan does besides reading the gate: `sites` scanned (1 or 2) and whether the
-    gate is one of them (then site 0; the product is the other, or the only one)."""
-
-    sites: int
-    scan_gate: bool
-
-
-_PLAIN = Gated(1, True)
-
-
 def _cuda_scan_kernel(device: torch.device, shape: CudaScanShape, massive: bool,
-                      n_rows: int, gated: Gated | None = None) -> tuple[Any, CudaScanShape] | None:
+                      n_rows: int, gated: bool = False) -> tuple[Any, CudaScanShape] | None:
     """The NVRTC scan kernel of this shape loaded on `device` and the launch's full shape, or None
     where it cannot be built. `gated`: the variant that writes silu(x) * up as it scans."""
     index = _device_index(device)
-    what = gated or _PLAIN
 
     def build() -> tuple[Any, int]:
         source = _BF16_CUDA_SOURCE + _SCAN_CUDA_SOURCE % {
             "threads": shape.threads, "rows": shape.rows, "vec": shape.vec,
             "massive": int(massive),
             "massive_abs": repr(float(MASSIVE_ABS)), "massive_ratio": repr(float(MASSIVE_RATIO)),
-            "gated": int(gated is not None), "sites": what.sites, "scan_gate": int(what.scan_gate),
+            "gated": int(gated),
         }
         kernel = _compile(index, source, "maxact_scan_bf16")
         if getattr(kernel, "func", None) is None:
@@ -1024,30 +973,17 @@ def _cuda_scan_kernel(device: torch.device, shape: CudaScanShape, massive: bool,
     return kernel, CudaScanShape(shape.group, shape.rows, shape.vec, max(1, min(-(-n_rows // shape.rows), resident)))
 
 
-class _SiteOut(ctypes.Structure):
-    """The kernel's `SiteOut`: where one site's statistics go."""
-
-    _fields_ = [(name, ctypes.c_void_p) for name in
-                ("channel_max", "sample_max", "counts", "row_f", "row_i", "row_key", "part_f", "part_i")]
-
-
-def _site_out(acc: SiteStats, ws: _Workspace) -> _SiteOut:
-    return _SiteOut(acc.channel_max.data_ptr(), acc.sample_max.data_ptr(), acc.hist.data_ptr(),
-                    ws.scan.row_f.data_ptr(), ws.scan.row_i.data_ptr(), ws.row_key.data_ptr(),
-                    ws.part_f.data_ptr(), ws.part_i.data_ptr())
-
-
 def _launch_cuda_scan(kernel: Any, shape: CudaScanShape, x2: torch.Tensor, tokens_per_row: int, mask: torch.Tensor,
-                      token_index: torch.Tensor, sample_index: torch.Tensor,
-                      sites: list[tuple[SiteStats, _Workspace]], stream: int,
-                      up2: torch.Tensor | None = None, out2: torch.Tensor | None = None) -> None:
+                      token_index: torch.Tensor, sample_index: torch.Tensor, acc: SiteStats, ws: _Workspace,
+                      stream: int, up2: torch.Tensor | None = None, out2: torch.Tensor | None = None) -> None:
     n_rows, width = x2.shape
     ptr = ctypes.c_void_p
-    outs = [_site_out(acc, ws) for acc, ws in sites]
-    outs += [outs[0]] * (2 - len(outs))  # the kernel takes two; a one-site scan never reads the second
     values = (ptr(x2.data_ptr()), ctypes.c_int(x2.stride(0)), ctypes.c_int(n_rows), ctypes.c_int(width),
               ctypes.c_int(tokens_per_row), ptr(mask.data_ptr()), ptr(token_index.data_ptr()),
-              ptr(sample_index.data_ptr()), outs[0], outs[1],
+              ptr(sample_index.data_ptr()), ptr(acc.channel_max.data_ptr()), ptr(acc.sample_max.data_ptr()),
+              ptr(acc.hist.data_ptr()), ptr(ws.scan.row_f.data_ptr()),
+              ptr(ws.scan.row_i.data_ptr()), ptr(ws.row_key.data_ptr()), ptr(ws.part_f.data_ptr()),
+              ptr(ws.part_i.data_ptr()),
               ptr(0 if up2 is None else up2.data_ptr()), ctypes.c_int(0 if up2 is None else up2.stride(0)),
               ptr(0 if out2 is None else out2.data_ptr()), ctypes.c_int(0 if out2 is None else out2.stride(0)))
     _cu_launch(kernel.func, shape.blocks, shape.threads, stream, values)
@@ -1109,15 +1045,13 @@ _workspaces: dict[Any, _Workspace] = {}
 _MAX_WORKSPACES = 16
 
 
-def _workspace(device: torch.device, stream: int, n_rows: int, n_parts: int, top_k: int, block_k: int,
-               slot: int = 0) -> _Workspace:
+def _workspace(device: torch.device, stream: int, n_rows: int, n_parts: int, top_k: int, block_k: int) -> _Workspace:
     """Per-row, per-program and staging buffers for one update, kept for the next of the same shape.
 
     Every site of a batch has the same rows, so one set serves a whole forward pass: no allocator
-    calls per update. Updates on one stream run in order, so reuse never races. A scan of two sites
-    at once takes slots 0 and 1.
+    calls per update. Updates on one stream run in order, so reuse never races.
     """
-    key = (device, stream, n_rows, n_parts, top_k, slot)
+    key = (device, stream, n_rows, n_parts, top_k)
     ws = _workspaces.get(key)
     if ws is None:
         if len(_workspaces) >= _MAX_WORKSPACES:
@@ -1184,8 +1118,7 @@ def fused_update(acc: SiteStats, x: torch.Tensor, mask: torch.Tensor, token_inde
             counted_apart = False
             if kernel is not None:
                 assert shape is not None
-                _launch_cuda_scan(kernel, shape, x2, x.shape[-2], flat_mask, flat_tokens, sample_index, [(acc, ws)],
-                                  stream)
+                _launch_cuda_scan(kernel, shape, x2, x.shape[-2], flat_mask, flat_tokens, sample_index, acc, ws, stream)
             else:
                 counted_apart = cuda_histogram_ready(x2)
                 _scan_kernel[(n_parts,)](
@@ -1208,54 +1141,46 @@ def fused_update(acc: SiteStats, x: torch.Tensor, mask: torch.Tensor, token_inde
     return ws.scan
 
 
-def gated_update(gate: SiteStats | None, product: SiteStats | None, g: torch.Tensor, up: torch.Tensor,
-                 mask: torch.Tensor, token_index: torch.Tensor, sample_index: torch.Tensor, input_ids: torch.Tensor, *,
-                 shape: CudaScanShape | None = None) -> tuple[torch.Tensor, list[Scan]] | None:
-    """silu(g) * up for a SwiGLU MLP, with the statistics of the gate `g` and of the product folded into
-    `gate` and `product` (either may be None) in the same pass: g and up are read once and the
-    product written once, where apart the product would be read once more and each site scanned
-    once more. Returns the product ([B, T, I], bf16, rounded as eager torch rounds it) and each
-    site's `Scan` (gate first), or None where the CUDA scan cannot run this (then nothing ran).
+def gated_update(acc: SiteStats, g: torch.Tensor, up: torch.Tensor, mask: torch.Tensor, token_index: torch.Tensor,
+                 sample_index: torch.Tensor, input_ids: torch.Tensor, *,
+                 shape: CudaScanShape | None = None) -> tuple[torch.Tensor, Scan] | None:
+    """silu(g) * up for a SwiGLU MLP, with the statistics of its gate `g` folded into `acc` in the same
+    pass: the gate is read once where apart the product kernel and the scan would each read it.
+    Returns the product ([B, T, I] bf16, rounded as eager torch rounds it) and the `Scan`, or None
+    where the CUDA scan cannot run this (then nothing ran).
 
-    g and up are [B, T, I] bf16 on one CUDA device; the accumulators are checked by the caller as for
+    g and up are [B, T, I] bf16 on one CUDA device; `acc` is checked by the caller as for
     `fused_update`. `shape` forces threads per row and rows per block.
     """
-    accs = [acc for acc in (gate, product) if acc is not None]
-    if not accs or up.shape != g.shape or up.dtype != g.dtype or up.device != g.device:
+    if up.shape != g.shape or up.dtype != g.dtype or up.device != g.device:
         return None
     width = g.shape[-1]
     g2, up2 = _rows(g), _rows(up)
     if up2.stride(0) % 8 or up2.data_ptr() % 16:
         return None
-    if shape is None:
-        shape = cuda_scan_shape(g2, gated=True)
-    else:
-        shape = cuda_scan_shape(g2, shape.group, shape.rows)
+    shape = cuda_scan_shape(g2, gated=True) if shape is None else cuda_scan_shape(g2, shape.group, shape.rows)
     if shape is None:
         return None
     n_rows, device = g2.shape[0], g2.device
-    what = Gated(len(accs), gate is not None)
-    found = _cuda_scan_kernel(device, shape, any(acc.massive for acc in accs), n_rows, what)
+    found = _cuda_scan_kernel(device, shape, acc.massive, n_rows, gated=True)
     if found is None:
         return None
     kernel, shape = found
     n_parts = shape.blocks * shape.rows
     stream = _stream_of(device)
-    spaces = [_workspace(device, stream, n_rows, n_parts, acc.top_k, _block_k(acc), slot)
-              for slot, acc in enumerate(accs)]
+    ws = _workspace(device, stream, n_rows, n_parts, acc.top_k, _block_k(acc))
     hist, ticket = _persistent_scratch(device, stream)
     flat_mask, flat_tokens = _flat(mask).view(torch.uint8), _flat(token_index)
-    out = torch.empty_like(g, memory_format=torch.contiguous_format)
+    out = torch.empty(g.shape, dtype=g.dtype, device=device)
     try:
         with _on(device):
-            _launch_cuda_scan(kernel, shape, g2, g.shape[-2], flat_mask, flat_tokens, sample_index,
-                              list(zip(accs, spaces)), stream, up2, out.view(-1, width))
-            for acc, ws in zip(accs, spaces):
-                _fold(acc, ws, hist, ticket, n_parts, width, n_rows, input_ids, sum_private=False)
+            _launch_cuda_scan(kernel, shape, g2, g.shape[-2], flat_mask, flat_tokens, sample_index, acc, ws, stream,
+                              up2, out.view(-1, width))
+            _fold(acc, ws, hist, ticket, n_parts, width, n_rows, input_ids, sum_private=False)
     except Exception:
         _forget_scratch()
         raise
-    return out, [ws.scan for ws in spaces]
+    return out, ws.scan
 
 
 _silu_mul: dict[str, Any] = {"kernels": {}, "failed": False}

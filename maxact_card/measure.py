@@ -207,9 +207,9 @@ class _Hooks:
 
     The gate and the down_proj input of a SwiGLU MLP are also handed to the MLP (`fusion.read_gated`):
     where `fused_forward` swapped its forward, the MLP's product is made by `_gated`, which folds
-    the sites whose accumulators are in `stats` into the kernel that makes the product (on the
-    forward's stream: the product is needed next) and updates any other as the hooks would; the
-    sites' own hooks stay quiet for that call.
+    the gate's statistics, when its accumulator is in `stats`, into the kernel that makes the
+    product (on the forward's stream: the product is needed next), and hands the product to its
+    site as the hook would; the sites' own hooks stay quiet for that call.
     """
 
     def __init__(self, model: nn.Module, sites: Sequence[Site], consumers: dict[str, Consumer],
@@ -239,19 +239,18 @@ class _Hooks:
 
     def _gated(self, reads: dict[str, tuple[Site, Consumer]]) -> fusion.GatedReader:
         gate, product = reads.get("gate"), reads.get("product")
-        fast = {role: self.stats.get(site.name) for role, (site, _) in reads.items()}
+        fast = self.stats.get(gate[0].name) if gate is not None else None
 
         def read(g: torch.Tensor, up: torch.Tensor, plain: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                  ) -> torch.Tensor:
             out = None
-            if self.ctx is not None and g.dim() == 3 and tuple(g.shape[:2]) == self.shape:
-                out = gated_update(fast.get("gate"), fast.get("product"), g, up, self.ctx)
-            folded = out is not None
+            if fast is not None and self.ctx is not None and g.dim() == 3 and tuple(g.shape[:2]) == self.shape:
+                out = gated_update(fast, g, up, self.ctx)
             if out is None:
                 out = plain(g, up)
-            if gate is not None and not (folded and fast.get("gate") is not None):
-                self._consume(gate[0], gate[1], g)
-            if product is not None and not (folded and fast.get("product") is not None):
+                if gate is not None:
+                    self._consume(gate[0], gate[1], g)
+            if product is not None:
                 self._consume(product[0], product[1], out)
             return out
 

@@ -204,25 +204,22 @@ def _kernel_module(x: torch.Tensor) -> Any:
     return module if module.available(x) else None
 
 
-def gated_update(gate: SiteStats | None, product: SiteStats | None, g: torch.Tensor, up: torch.Tensor,
-                 ctx: BatchContext) -> torch.Tensor | None:
-    """silu(g) * up of a SwiGLU MLP with the gate's and the product's statistics folded into `gate` and
-    `product` (either may be None) in one pass over g and up (`kernels.gated_update`). Returns the
-    product, or None where that cannot run (off CUDA, not bf16, a kernel that failed): then nothing
-    was updated, and the caller computes the product and updates each site as usual."""
-    accs = [acc for acc in (gate, product) if acc is not None]
-    if not accs or not g.is_cuda or any(acc.max.device != g.device for acc in accs):
+def gated_update(acc: SiteStats, g: torch.Tensor, up: torch.Tensor, ctx: BatchContext) -> torch.Tensor | None:
+    """silu(g) * up of a SwiGLU MLP with the gate's statistics folded into `acc` in the same pass over
+    g (`kernels.gated_update`). Returns the product, or None where that cannot run (off CUDA, not
+    bf16, a kernel that failed): then nothing was updated, and the caller computes the product and
+    updates `acc` as usual."""
+    if not g.is_cuda or acc.max.device != g.device:
         return None
     kernels = _kernel_module(g)
     if kernels is None:
         return None
     if ctx.mask.device != g.device:
         ctx = ctx.on(g.device)
-    if not all(acc._fusable(g, ctx) for acc in accs):
+    if not acc._fusable(g, ctx):
         return None
     try:
-        done = kernels.gated_update(gate, product, g, up, ctx.mask, ctx.token_index, ctx.sample_index,
-                                    ctx.input_ids)
+        done = kernels.gated_update(acc, g, up, ctx.mask, ctx.token_index, ctx.sample_index, ctx.input_ids)
     except torch.OutOfMemoryError:
         raise  # the batch loop rolls the batch back, splits it and retries
     except Exception as exc:  # noqa: BLE001 - see _KERNELS; the fields touched are maxima, as in update
@@ -231,11 +228,9 @@ def gated_update(gate: SiteStats | None, product: SiteStats | None, g: torch.Ten
         return None
     if done is None:
         return None
-    out, scans = done
-    read = [(acc, x) for acc, x in ((gate, g), (product, out)) if acc is not None]
-    for (acc, x), scan in zip(read, scans):
-        if acc.massive:
-            acc._fused_medians(x, scan.source)
+    out, scan = done
+    if acc.massive:
+        acc._fused_medians(g, scan.source)
     return out
 
 

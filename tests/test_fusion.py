@@ -12,6 +12,7 @@ from torch import nn
 
 from maxact_card import fusion
 from maxact_card.measure import base_model, measure
+from maxact_card.stats import SiteStats
 from tests import factory
 
 CPU = torch.device("cpu")
@@ -312,12 +313,12 @@ def test_gated_sites_are_read_once_through_the_mlp(monkeypatch: pytest.MonkeyPat
         measure_mod.run_hooked(model, ids, batches=batches, sites=sites, consumers=consumers, device=CPU)
         return seen
 
-    calls: list[tuple[object, object]] = []
+    calls: list[object] = []
     real = measure_mod.gated_update
 
-    def counting(gate, product, g, up, ctx):  # type: ignore[no-untyped-def]
-        calls.append((gate, product))
-        return real(gate, product, g, up, ctx)
+    def counting(acc, g, up, ctx):  # type: ignore[no-untyped-def]
+        calls.append(acc)
+        return real(acc, g, up, ctx)
 
     monkeypatch.setattr(measure_mod, "gated_update", counting)
     plain = run()
@@ -325,13 +326,26 @@ def test_gated_sites_are_read_once_through_the_mlp(monkeypatch: pytest.MonkeyPat
     with fusion.fused_forward(model, enabled=True, backend="eager") as fused:
         assert fused.mlps == 2
         through = run()
-    # one reader call per MLP and batch; no SiteStats behind these consumers, so nothing to fold
-    assert calls == [(None, None)] * 4
+    # no SiteStats behind these consumers: nothing to fold into the product's kernel, so the reader
+    # makes the product and hands both tensors on
+    assert calls == []
     assert plain.keys() == through.keys()
     for name, tensors in plain.items():
         assert len(tensors) == len(through[name]) == len(batches), name
         assert all(torch.equal(a, b) for a, b in zip(tensors, through[name])), name
     assert not fusion._READERS and not fusion._QUIET  # every reader unregistered
+    # with the accumulators behind them, the reader offers the gate's to the kernel (which only runs
+    # on CUDA: here the reader falls back to the consumers), once per MLP and batch
+    hidden = factory.config("qwen3").hidden_size  # type: ignore[attr-defined]
+    accs = {s.name: SiteStats(measure_mod._site_width(model, s) or hidden, len(ids), CPU) for s in sites}
+    with fusion.fused_forward(model, enabled=True, backend="eager"):
+        measure_mod.run_hooked(model, ids, batches=batches, sites=sites,
+                               consumers={n: a.update for n, a in accs.items()}, device=CPU, stats=accs)
+    gates = [accs[s.name] for s in sites if s.component == "gate"]
+    assert calls == [gates[0], gates[1]] * len(batches)
+    tokens = sum(map(len, ids))
+    for s in sites:
+        assert int(accs[s.name].count) == tokens * accs[s.name].width, s.name  # each read once
 
 
 def test_gated_switch_keeps_the_mlps(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -408,23 +408,18 @@ def test_cuda_silu_mul_rounds_as_eager_torch() -> None:
 
 
 @pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("sites", ["both", "gate", "product"])
+@pytest.mark.parametrize("massive", [False, True])
 @pytest.mark.parametrize("width", [12288, 6144, 1000])
-def test_cuda_gated_update_equals_the_product_then_two_updates(sites: str, width: int) -> None:
-    """One pass over gate and up gives eager's product and the same statistics as scanning the gate
-    and the product apart (the reference path), padding rows included in the product only."""
+def test_cuda_gated_update_equals_the_product_then_an_update(massive: bool, width: int) -> None:
+    """One pass over gate and up gives eager's product and the gate's statistics as scanning the gate
+    apart (the reference path) gives them; padding rows get their product too."""
     from maxact_card import kernels
 
     kernels._cuda_scan["kernels"].clear()
     gen = torch.Generator().manual_seed(7)
-    take_gate, take_product = sites in ("both", "gate"), sites in ("both", "product")
     total = 4 + 8 + 2
-    made = {"want": [], "got": []}
-    for kind in ("want", "got"):
-        made[kind] = [SiteStats(width, total, "cuda", top_k=16) if take else None
-                      for take in (take_gate, take_product)]
+    want, got = (SiteStats(width, total, "cuda", top_k=16, massive=massive) for _ in range(2))
     first = offset = 0
-    stats.use_kernels(None)
     for b, t in ((4, 512), (8, 256), (2, 700)):
         g, up = _gate_and_up(b, t, width, gen)
         mask = torch.ones(b, t, dtype=torch.bool)
@@ -433,31 +428,24 @@ def test_cuda_gated_update_equals_the_product_then_two_updates(sites: str, width
         mask = mask.cuda()
         base = _context(mask.cpu(), offset)
         ctx = BatchContext(mask, base.token_index.cuda(), torch.arange(first, first + b).cuda(), base.input_ids.cuda())
-        want_out = torch.nn.functional.silu(g) * up
         stats.use_kernels(False)
         try:
-            for acc, x in zip(made["want"], (g, want_out)):
-                if acc is not None:
-                    acc.update(x, ctx)
+            want.update(g, ctx)
         finally:
             stats.use_kernels(None)
-        out = stats.gated_update(made["got"][0], made["got"][1], g, up, ctx)
+        out = stats.gated_update(got, g, up, ctx)
         assert out is not None, stats._KERNELS["error"]
-        assert _same_bits(out, want_out)
+        assert _same_bits(out, torch.nn.functional.silu(g) * up)
         first += b
         offset += b * t
     assert stats._KERNELS["error"] is None and not kernels._cuda_scan["failed"]
-    for got, want in zip(made["got"], made["want"]):
-        if want is not None:
-            assert got is not None
-            _assert_same_stats(got, want, rel=1e-5)
-    if take_gate:
-        assert float(made["got"][0].max) == 900.0 and int(made["got"][0].nonfinite_tokens) == 3
+    _assert_same_stats(got, want, rel=1e-5)
+    assert float(got.max) == 900.0 and int(got.nonfinite_tokens) == 3
 
 
 @pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_measurement_through_the_gated_kernel_equals_the_hooks(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A bf16 Llama measured with its MLPs swapped (gate and down_proj input folded into the product's
+    """A bf16 Llama measured with its MLPs swapped (the gate's statistics folded into the product's
     kernel) and with them kept (MAXACT_CARD_GATED=0): every statistic of every site the same."""
     from maxact_card.measure import measure
     from tests import factory
@@ -471,9 +459,9 @@ def test_cuda_measurement_through_the_gated_kernel_equals_the_hooks(monkeypatch:
     folded: list[bool] = []
     real = measure_mod.gated_update
 
-    def counting(gate, product, g, up, ctx):  # type: ignore[no-untyped-def]
-        out = real(gate, product, g, up, ctx)
-        folded.append(out is not None and gate is not None and product is not None)
+    def counting(acc, g, up, ctx):  # type: ignore[no-untyped-def]
+        out = real(acc, g, up, ctx)
+        folded.append(out is not None)
         return out
 
     monkeypatch.setattr(measure_mod, "gated_update", counting)
@@ -481,7 +469,7 @@ def test_cuda_measurement_through_the_gated_kernel_equals_the_hooks(monkeypatch:
     for gated in ("1", "0"):
         monkeypatch.setenv("MAXACT_CARD_GATED", gated)
         runs[gated] = measure(model, ids, batches=plan, device=torch.device("cuda")).stats
-    # both sites of every MLP (2 layers) in each of the 2 batches went through the kernel
+    # the gate of every MLP (2 layers) in each of the 2 batches went through the kernel
     assert folded == [True] * 4, stats._KERNELS["error"]
     for name, acc in runs["0"].items():
         other = runs["1"][name]
