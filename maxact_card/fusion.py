@@ -1,4 +1,5 @@
-"""The forward's elementwise pieces compiled for the length of a run: RMSNorms and rotary embeddings.
+"""The forward's elementwise pieces fused for the length of a run: RMSNorms and rotary embeddings
+compiled, and SwiGLU MLP products as one kernel.
 
 In eager transformers an RMSNorm is about seven kernels over the whole activation (a cast to
 float32, the square, the mean, the reciprocal square root, the scaling, the cast back, the weight)
@@ -23,6 +24,13 @@ swapped instead, so that a sharded model computes what it computes on one GPU. H
 on a norm keep running, since only the forward is swapped, never the module's call. A rotary function is swapped in the modelling file that defines the model's classes, for the
 duration of the block, and put back after. A piece that fails to compile costs speed, never the
 run: it falls back to its eager code. MAXACT_CARD_FUSE=0 keeps everything eager.
+
+A SwiGLU MLP (`down_proj(act_fn(gate_proj(x)) * up_proj(x))` with a SiLU, found by reading its
+forward's source) gets a forward that calls the same modules and makes silu(gate) * up with one
+CUDA kernel that rounds as eager does (bit-identical, checked on every bf16 gate pattern), in
+place of eager's SiLU and product kernels. A measurement that reads the MLP's gate has that kernel
+fold the gate's statistics in as it reads the gate (see `read_gated`). MAXACT_CARD_GATED=0 keeps
+the MLPs' own forwards.
 """
 
 from __future__ import annotations

@@ -574,6 +574,11 @@ def _launch_cuda_hist(x2: torch.Tensor, mask: torch.Tensor, counts: torch.Tensor
 # hold them. The first channel of a row's extreme is looked for only by the threads whose own
 # extreme it is. At the end each block adds its non-empty counters straight into the int64
 # histogram, so the fold has no private histograms to sum for this scan.
+# The gated variant scans a SwiGLU MLP's gate and writes silu(gate) * up as it goes (up's rows are
+# loaded ahead like the gate's), so the gate is read once for both: on an H100, [16384, 12288] bf16,
+# 0.56 ms against 0.44 ms for the product alone and 0.22 ms for the scan alone. Folding the
+# product's statistics into the same pass as well was tried: with a second site's column maxima in
+# registers it ran slower than the gated kernel and a scan of the product (0.87 against 0.78 ms).
 # bf16 pairs in 32-bit words, for the scan and the gated product (no % formatting here)
 _BF16_CUDA_SOURCE = r"""
 __device__ __forceinline__ unsigned bf2_max_nan(unsigned a, unsigned b) {
