@@ -68,7 +68,7 @@ class Fused:
     rotary: int = 0
     pieces: tuple[tuple[Callable[..., Any], Backend], ...] = ()
     mlps: int = 0
-    mlp_classes: tuple[type, ...] = ()
+    mlp_classes: tuple[type[nn.Module], ...] = ()
     ran_eager: set[type] = field(default_factory=set, compare=False)  # MLP classes whose product ran eager
 
     def record(self) -> dict[str, list[str]]:
@@ -210,7 +210,12 @@ def read_gated(mlp: nn.Module, reader: GatedReader) -> Callable[[], None]:
     """Have `reader(gate, up, product)` make `mlp`'s product while its forward is swapped (it returns
     the product; `product(gate, up)` is the plain one); returns what undoes it."""
     _READERS[mlp] = reader
-    return lambda: _READERS.pop(mlp, None) if _READERS.get(mlp) is reader else None
+
+    def undo() -> None:
+        if _READERS.get(mlp) is reader:
+            del _READERS[mlp]
+
+    return undo
 
 
 def quiet(module: nn.Module) -> bool:
@@ -234,7 +239,7 @@ def _gated_forward(self: nn.Module, x: torch.Tensor, *, ran_eager: set[type]) ->
     """A SwiGLU MLP's forward: its modules called as its own forward calls them, the product as one
     kernel, or made by the reader a measurement registered."""
     reader = _READERS.get(self)
-    gate_proj, up_proj, down_proj = self.gate_proj, self.up_proj, self.down_proj
+    gate_proj, up_proj, down_proj = (self.get_submodule(n) for n in ("gate_proj", "up_proj", "down_proj"))
     cls = type(self)
     if reader is None:
         return down_proj(_product(gate_proj(x), up_proj(x), cls, ran_eager))
