@@ -226,9 +226,13 @@ def quiet(module: nn.Module) -> bool:
 def _product(g: torch.Tensor, up: torch.Tensor, cls: type, ran_eager: set[type]) -> torch.Tensor:
     """silu(g) * up: one kernel on CUDA bf16, else eager torch's two (and `cls` noted in `ran_eager`)."""
     if g.is_cuda:
-        from maxact_card import kernels  # on CUDA only: CPU-only runs never import Triton
-
-        out = kernels.silu_mul(g, up)
+        out = None
+        try:
+            from maxact_card import kernels  # on CUDA only: CPU-only runs never import Triton
+        except Exception:  # noqa: BLE001 - no Triton, or a broken one: eager torch makes the product
+            pass
+        else:
+            out = kernels.silu_mul(g, up)
         if out is not None:
             return out
     ran_eager.add(cls)
