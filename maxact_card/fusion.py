@@ -223,16 +223,18 @@ def quiet(module: nn.Module) -> bool:
     return module in _QUIET
 
 
+def _silu_mul_kernel(g: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
+    try:
+        from maxact_card import kernels  # on CUDA only: CPU-only runs never import Triton
+    except Exception:  # noqa: BLE001 - no Triton, or a broken one: eager torch makes the product
+        return None
+    return kernels.silu_mul(g, up)
+
+
 def _product(g: torch.Tensor, up: torch.Tensor, cls: type, ran_eager: set[type]) -> torch.Tensor:
     """silu(g) * up: one kernel on CUDA bf16, else eager torch's two (and `cls` noted in `ran_eager`)."""
     if g.is_cuda:
-        out = None
-        try:
-            from maxact_card import kernels  # on CUDA only: CPU-only runs never import Triton
-        except Exception:  # noqa: BLE001 - no Triton, or a broken one: eager torch makes the product
-            pass
-        else:
-            out = kernels.silu_mul(g, up)
+        out = _silu_mul_kernel(g, up)
         if out is not None:
             return out
     ran_eager.add(cls)
