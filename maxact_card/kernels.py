@@ -1036,6 +1036,12 @@ class Scan:
     source: torch.Tensor
 
 
+class HistogramCounted(RuntimeError):
+    """A fused update failed after the CUDA scan had added the batch's histogram into the accumulator:
+    whoever redoes the update must not count the histogram again (its other fields the scan touched
+    are maxima, which a second pass leaves as they are)."""
+
+
 @dataclass(frozen=True)
 class _Workspace:
     scan: Scan
@@ -1113,6 +1119,7 @@ def fused_update(acc: SiteStats, x: torch.Tensor, mask: torch.Tensor, token_inde
     stream = _stream_of(device)
     ws = _workspace(device, stream, n_rows, n_parts, acc.top_k, _block_k(acc))
     data = x2.view(torch.int16) if is_bf16 else x2
+    scanned = False  # the CUDA scan ran: acc.hist holds this batch
     hist, ticket = _persistent_scratch(device, stream)
     flat_mask, flat_tokens = _flat(mask).view(torch.uint8), _flat(token_index)
     try:
@@ -1124,6 +1131,7 @@ def fused_update(acc: SiteStats, x: torch.Tensor, mask: torch.Tensor, token_inde
             if kernel is not None:
                 assert shape is not None
                 _launch_cuda_scan(kernel, shape, x2, x.shape[-2], flat_mask, flat_tokens, sample_index, acc, ws, stream)
+                scanned = True
             else:
                 counted_apart = cuda_histogram_ready(x2)
                 _scan_kernel[(n_parts,)](
@@ -1140,8 +1148,9 @@ def fused_update(acc: SiteStats, x: torch.Tensor, mask: torch.Tensor, token_inde
                   sum_private=kernel is None and not counted_apart)
             if counted_apart:  # after the scan, so a failed scan leaves the histogram untouched
                 cuda_abs_histogram(x2, flat_mask.view(torch.bool), acc.hist)
-    except Exception:
+    except Exception as exc:
         _forget_scratch()
+        _after_scan(exc, scanned)
         raise
     return ws.scan
 
@@ -1177,15 +1186,25 @@ def gated_update(acc: SiteStats, g: torch.Tensor, up: torch.Tensor, mask: torch.
     hist, ticket = _persistent_scratch(device, stream)
     flat_mask, flat_tokens = _flat(mask).view(torch.uint8), _flat(token_index)
     out = torch.empty(g.shape, dtype=g.dtype, device=device)
+    scanned = False
     try:
         with _on(device):
             _launch_cuda_scan(kernel, shape, g2, g.shape[-2], flat_mask, flat_tokens, sample_index, acc, ws, stream,
                               up2, out.view(-1, width))
+            scanned = True
             _fold(acc, ws, hist, ticket, n_parts, width, n_rows, input_ids, sum_private=False)
-    except Exception:
+    except Exception as exc:
         _forget_scratch()
+        _after_scan(exc, scanned)
         raise
     return out, ws.scan
+
+
+def _after_scan(exc: Exception, scanned: bool) -> None:
+    """Raise HistogramCounted for a failure after the CUDA scan (out of memory aside: the batch loop
+    rolls the whole batch back)."""
+    if scanned and not isinstance(exc, torch.OutOfMemoryError):
+        raise HistogramCounted(f"the update failed after its scan: {exc!r}") from exc
 
 
 _silu_mul: dict[str, Any] = {"kernels": {}, "failed": False}
@@ -1246,5 +1265,5 @@ def _fold(acc: SiteStats, ws: _Workspace, hist: torch.Tensor, ticket: torch.Tens
     )
 
 
-__all__ = ["HIST_STRIDE", "INTERPRET", "Scan", "ScanConfig", "available", "fused_update", "gated_update",
+__all__ = ["HIST_STRIDE", "INTERPRET", "HistogramCounted", "Scan", "ScanConfig", "available", "fused_update", "gated_update",
            "scan_config", "silu_mul"]

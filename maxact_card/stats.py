@@ -207,8 +207,9 @@ def _kernel_module(x: torch.Tensor) -> Any:
 def gated_update(acc: SiteStats, g: torch.Tensor, up: torch.Tensor, ctx: BatchContext) -> torch.Tensor | None:
     """silu(g) * up of a SwiGLU MLP with the gate's statistics folded into `acc` in the same pass over
     g (`kernels.gated_update`). Returns the product, or None where that cannot run (off CUDA, not
-    bf16, a kernel that failed): then nothing was updated, and the caller computes the product and
-    updates `acc` as usual."""
+    bf16, a kernel that failed before the scan): then nothing was updated, and the caller computes
+    the product and updates `acc` as usual. A failure after the scan is finished here, by the
+    reference path, the histogram (which the scan counted) left out."""
     if not g.is_cuda or acc.max.device != g.device:
         return None
     kernels = _kernel_module(g)
@@ -222,10 +223,14 @@ def gated_update(acc: SiteStats, g: torch.Tensor, up: torch.Tensor, ctx: BatchCo
         done = kernels.gated_update(acc, g, up, ctx.mask, ctx.token_index, ctx.sample_index, ctx.input_ids)
     except torch.OutOfMemoryError:
         raise  # the batch loop rolls the batch back, splits it and retries
-    except Exception as exc:  # noqa: BLE001 - see _KERNELS; the fields touched are maxima, as in update
+    except Exception as exc:  # noqa: BLE001 - see _KERNELS and SiteStats.update
         kernels._forget_scratch()
         _KERNELS["on"], _KERNELS["error"] = False, repr(exc)
-        return None
+        if not isinstance(exc, kernels.HistogramCounted):
+            return None
+        # the product was made and the histogram counted: the rest of the update by the reference path
+        acc._reference_update(g, ctx, count_hist=False)
+        return torch.nn.functional.silu(g) * up
     if done is None:
         return None
     out, scan = done
@@ -325,13 +330,19 @@ class SiteStats:
                 raise  # the batch loop rolls the batch back, splits it and retries
             except Exception as exc:  # noqa: BLE001 - see _KERNELS
                 # Only the scan may have run: its fields are maxima, which the reference path
-                # below can apply a second time without changing them.
+                # can apply a second time without changing them, and the histogram, which it
+                # must then not count again.
                 kernels._forget_scratch()
                 _KERNELS["on"], _KERNELS["error"] = False, repr(exc)
-            else:
-                if self.massive:
-                    self._fused_medians(x, scan.source)
+                self._reference_update(x, ctx, count_hist=not isinstance(exc, kernels.HistogramCounted))
                 return
+            if self.massive:
+                self._fused_medians(x, scan.source)
+            return
+        self._reference_update(x, ctx)
+
+    def _reference_update(self, x: torch.Tensor, ctx: BatchContext, *, count_hist: bool = True) -> None:
+        """`update` by the reference path (compiled or eager torch); x and ctx on this device."""
         mask = ctx.mask
         tok_max, tok_min, tok_abs, tok_signed, tok_channel, valid, tok_sum, tok_sq, channel_max, keys, below = _scan(
             x, mask, self.massive
@@ -347,7 +358,8 @@ class SiteStats:
         self.sum += torch.where(valid, tok_sum, 0.0).sum(dtype=torch.float64)
         self.sumsq += torch.where(valid, tok_sq, 0.0).sum(dtype=torch.float64)
         self.count += valid.sum() * x.shape[-1]
-        self.hist += count_keys(keys)
+        if count_hist:
+            self.hist += count_keys(keys)
         if below is not None:
             hit = valid & (tok_abs > MASSIVE_ABS) & (below >= (x.shape[-1] - 1) // 2 + 1)
             self.massive_tokens += hit.sum()

@@ -476,3 +476,55 @@ def test_cuda_measurement_through_the_gated_kernel_equals_the_hooks(monkeypatch:
         for field in SiteStats.MERGE_OPS:
             a, b = getattr(other, field), getattr(acc, field)
             assert torch.equal(a, b) if field not in ("sum", "sumsq") else torch.allclose(a, b, rtol=1e-5), (name, field)
+
+
+# --- a fold that fails: the reference path finishes the update, counting nothing twice ------------------
+def _fold_fails_then_reference(x: torch.Tensor, mask: torch.Tensor, monkeypatch: pytest.MonkeyPatch,
+                               kernels: ModuleType) -> None:
+    failed: list[int] = []
+
+    def failing_fold(*args: Any, **kwargs: Any) -> None:
+        failed.append(1)
+        raise RuntimeError("the fold would not compile")
+
+    batches = [(x, mask, 0)]
+    want = _run(batches, fused=False, top_k=8, massive=True)
+    monkeypatch.setattr(kernels, "_fold", failing_fold)
+    got = _run(batches, fused=True, top_k=8, massive=True)  # restores the kernels' switch after
+    assert failed == [1]
+    _assert_same_stats(got, want, rel=1e-6)  # the histogram counted once
+
+
+def test_a_failed_fold_after_the_triton_scan_counts_once(kernels: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    x, mask = _planted(torch.bfloat16, 96)
+    _fold_fails_then_reference(x, mask, monkeypatch, kernels)
+
+
+@pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_failed_fold_after_the_cuda_scan_counts_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA scan adds the histogram itself: when the fold then fails, the reference path that
+    finishes the update (here and in the gated update) must not add it again."""
+    from maxact_card import kernels
+
+    gen = torch.Generator().manual_seed(9)
+    x = (torch.randn(4, 300, 4096, generator=gen) * 3).bfloat16().cuda()
+    mask = torch.ones(4, 300, dtype=torch.bool, device="cuda")
+    mask[3, 100:] = False
+    _fold_fails_then_reference(x, mask, monkeypatch, kernels)
+
+    g, up = _gate_and_up(2, 256, 6144, gen)
+    mask = torch.ones(2, 256, dtype=torch.bool, device="cuda")
+    base = _context(mask.cpu())
+    ctx = BatchContext(mask, base.token_index.cuda(), torch.arange(2).cuda(), base.input_ids.cuda())
+    want, got = (SiteStats(6144, 2, "cuda", top_k=8) for _ in range(2))
+    stats.use_kernels(False)
+    want.update(g, ctx)
+    stats.use_kernels(None)
+    try:
+        out = stats.gated_update(got, g, up, ctx)
+        error = stats._KERNELS["error"]
+    finally:
+        stats.use_kernels(None)
+    assert out is not None and _same_bits(out, torch.nn.functional.silu(g) * up)
+    assert "HistogramCounted" in str(error) and "would not compile" in str(error)
+    _assert_same_stats(got, want, rel=1e-6)
