@@ -75,7 +75,7 @@ class Fused:
         """The swapped functions by name (modelling file and qualified name): `compiled`, those that
         ran compiled or have not run yet; `eager`, those that did not compile, or whose kernel would
         not run, and ran their eager code; `fused`, the SwiGLU MLP forwards whose product ran as one
-        kernel (with their sites' statistics where those were read)."""
+        kernel (with the gate's statistics where the gate was read)."""
         names: dict[str, set[str]] = {"compiled": set(), "eager": set(), "fused": set()}
         for key in self.pieces:
             fn = key[0]
@@ -125,8 +125,9 @@ def rotary_files(model: nn.Module) -> list[types.ModuleType]:
 # silu(gate) * up as one kernel (three passes over memory, where eager torch makes five: the SiLU
 # reads and writes, the product reads two and writes). What it computes is eager torch's, rounded
 # where eager rounds (`kernels.silu_mul`). Where a measurement reads the MLP's gate or its
-# down_proj input, the reader it registers (`read_gated`) takes the product instead, and can fold
-# both sites' statistics into the same pass: the sites' own hooks then stay quiet for that call.
+# down_proj input, the reader it registers (`read_gated`) makes the product instead, folding the
+# gate's statistics into the same pass, and hands both sites their tensors: the sites' own hooks
+# then stay quiet for that call.
 GatedReader = Callable[[torch.Tensor, torch.Tensor, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]], torch.Tensor]
 _READERS: dict[nn.Module, GatedReader] = {}
 _QUIET: set[nn.Module] = set()

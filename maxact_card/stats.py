@@ -204,6 +204,18 @@ def _kernel_module(x: torch.Tensor) -> Any:
     return module if module.available(x) else None
 
 
+def _kernels_failed(kernels: Any, exc: Exception) -> bool:
+    """Turn the kernels off after `exc` and say whether the failed update had counted its histogram.
+
+    Only the scan may have run: its fields are maxima, which the reference path that finishes the
+    update can apply a second time without changing them, and the histogram (the CUDA scan adds it
+    itself: `kernels.HistogramCounted`), which it must then not count again.
+    """
+    kernels._forget_scratch()
+    _KERNELS["on"], _KERNELS["error"] = False, repr(exc)
+    return isinstance(exc, kernels.HistogramCounted)
+
+
 def gated_update(acc: SiteStats, g: torch.Tensor, up: torch.Tensor, ctx: BatchContext) -> torch.Tensor | None:
     """silu(g) * up of a SwiGLU MLP with the gate's statistics folded into `acc` in the same pass over
     g (`kernels.gated_update`). Returns the product, or None where that cannot run (off CUDA, not
@@ -223,10 +235,8 @@ def gated_update(acc: SiteStats, g: torch.Tensor, up: torch.Tensor, ctx: BatchCo
         done = kernels.gated_update(acc, g, up, ctx.mask, ctx.token_index, ctx.sample_index, ctx.input_ids)
     except torch.OutOfMemoryError:
         raise  # the batch loop rolls the batch back, splits it and retries
-    except Exception as exc:  # noqa: BLE001 - see _KERNELS and SiteStats.update
-        kernels._forget_scratch()
-        _KERNELS["on"], _KERNELS["error"] = False, repr(exc)
-        if not isinstance(exc, kernels.HistogramCounted):
+    except Exception as exc:  # noqa: BLE001 - see _KERNELS
+        if not _kernels_failed(kernels, exc):
             return None
         # the product was made and the histogram counted: the rest of the update by the reference path
         acc._reference_update(g, ctx, count_hist=False)
@@ -329,12 +339,7 @@ class SiteStats:
             except torch.OutOfMemoryError:
                 raise  # the batch loop rolls the batch back, splits it and retries
             except Exception as exc:  # noqa: BLE001 - see _KERNELS
-                # Only the scan may have run: its fields are maxima, which the reference path
-                # can apply a second time without changing them, and the histogram, which it
-                # must then not count again.
-                kernels._forget_scratch()
-                _KERNELS["on"], _KERNELS["error"] = False, repr(exc)
-                self._reference_update(x, ctx, count_hist=not isinstance(exc, kernels.HistogramCounted))
+                self._reference_update(x, ctx, count_hist=not _kernels_failed(kernels, exc))
                 return
             if self.massive:
                 self._fused_medians(x, scan.source)
