@@ -313,6 +313,9 @@ class SiteStats:
         i64 = torch.zeros(3 + HIST_BINS + 3 * top_k, dtype=torch.int64)
         i64[3 + HIST_BINS : 3 + HIST_BINS + top_k] = -1
         f32, i64, f64 = (t.to(dev) for t in (f32, i64, torch.zeros(2, dtype=torch.float64)))
+        # every path that changes a field writes into these views, so the three buffers always hold
+        # the whole state: a snapshot before each batch is three copies (`storages`)
+        self._storages = (f32, i64, f64)
         self.max, self.min = f32[0], f32[1]
         self.channel_max = f32[2 : 2 + width]
         self.sample_max = f32[2 + width : 2 + width + num_samples]
@@ -413,11 +416,13 @@ class SiteStats:
 
     def _select_topk(self, key: torch.Tensor, value: torch.Tensor, channel: torch.Tensor,
                      token: torch.Tensor, median: torch.Tensor) -> None:
-        self.topk_key, idx = key.topk(self.top_k)
-        self.topk_value = value[idx]
-        self.topk_channel = channel[idx]
-        self.topk_token_id = token[idx]
-        self.topk_median = median[idx]
+        """The top-K of the candidates, written into the fields (which the candidates must not be views of)."""
+        top, idx = key.topk(self.top_k)
+        self.topk_key.copy_(top)
+        torch.index_select(value, 0, idx, out=self.topk_value)
+        torch.index_select(channel, 0, idx, out=self.topk_channel)
+        torch.index_select(token, 0, idx, out=self.topk_token_id)
+        torch.index_select(median, 0, idx, out=self.topk_median)
 
     # -- monoid --------------------------------------------------------------------------------------
     def merge(self, other: SiteStats) -> SiteStats:
@@ -435,7 +440,7 @@ class SiteStats:
                 state[name] = a + b
         for name in ("max", "min", "channel_max", "count", "sum", "sumsq", "hist", "nonfinite_tokens",
                      "massive_tokens", "sample_max"):
-            setattr(out, name, state[name])
+            getattr(out, name).copy_(state[name])
         out._select_topk(
             torch.cat([self.topk_key, other.topk_key.to(self.max.device)]),
             torch.cat([self.topk_value, other.topk_value.to(self.max.device)]),
@@ -446,11 +451,18 @@ class SiteStats:
         return out
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Every field, for checkpoints and collectives."""
+        """Every field, for checkpoints and collectives (the live tensors, not copies)."""
         return {name: getattr(self, name) for name in self.MERGE_OPS}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Replace every field (tensors are moved to this accumulator's device and the field's dtype, contiguous)."""
+        """Copy every field in (moved to this accumulator's device and the field's dtype); shapes must match."""
         for name in self.MERGE_OPS:
-            current = getattr(self, name)
-            setattr(self, name, state[name].to(device=current.device, dtype=current.dtype).contiguous())
+            current, value = getattr(self, name), state[name]
+            if value.shape != current.shape:
+                raise ValueError(f"field {name!r} has shape {tuple(value.shape)}, expected {tuple(current.shape)}")
+            current.copy_(value)
+
+    def storages(self) -> tuple[torch.Tensor, ...]:
+        """The buffers every field is a view of: copying them copies the whole state, and copying
+        them back restores it (the batch loop's snapshot)."""
+        return self._storages

@@ -223,6 +223,39 @@ def test_quant_accumulators_roll_back_to_their_snapshot() -> None:
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+
+def test_site_stats_roll_back_in_place_to_their_snapshot() -> None:
+    """The snapshot copies a SiteStats' three storages; a batch that replaced top-K entries (a planted
+    larger token) is undone in place, and every field stays a view of the storages throughout."""
+    from maxact_card.measure import Accumulators
+    from maxact_card.stats import BatchContext, SiteStats
+
+    def ctx(offset: int) -> BatchContext:
+        return BatchContext(torch.ones(2, 5, dtype=torch.bool), torch.arange(10).view(2, 5) + offset,
+                            torch.arange(2), torch.arange(10).view(2, 5))
+
+    def views_of_storages(acc: SiteStats) -> bool:
+        bases = {t.untyped_storage().data_ptr() for t in acc.storages()}
+        return all(v.untyped_storage().data_ptr() in bases for v in acc.state_dict().values())
+
+    acc = SiteStats(8, 4, CPU, top_k=3, massive=True)
+    group = Accumulators({"site": acc})
+    acc.update(torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(0)), ctx(0))
+    before = {k: v.clone() for k, v in acc.state_dict().items()}
+    saved = group.snapshot()
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(1))
+    x[1, 3, 6] = 500.0
+    acc.update(x, ctx(10))
+    assert float(acc.topk_value[0]) == 500.0 and int(acc.topk_channel[0]) == 6 and views_of_storages(acc)
+    group.restore(saved)
+    after = acc.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert views_of_storages(acc) and views_of_storages(acc.merge(acc))
+    acc.load_state_dict({k: v.clone() for k, v in before.items()})
+    assert views_of_storages(acc)
+    with pytest.raises(ValueError, match="field 'hist' has shape"):
+        acc.load_state_dict({**before, "hist": before["hist"][:-1]})
+
 # --- resume -------------------------------------------------------------------------------------
 
 
