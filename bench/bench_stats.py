@@ -139,6 +139,18 @@ def summary(x: torch.Tensor, w: torch.Tensor, ctx: stats.BatchContext, width: in
         t_host = host_time(lambda host=host, small=small, small_ctx=small_ctx: _update(host, small, small_ctx, True),
                            device)
         print(f"{'  host time per update, [1x8] rows' + tag:44s} {t_host:8.3f} ms   (the GPU work is negligible)")
+        if massive:
+            # the same, with the top-K medians left to torch (as when their kernel cannot be built)
+            from maxact_card import kernels
+
+            kernels._row_median["failed"] = True
+            try:
+                t_torch = host_time(lambda host=host, small=small, small_ctx=small_ctx:
+                                    _update(host, small, small_ctx, True), device)
+            finally:
+                kernels._row_median["failed"] = False
+            print(f"{'  ... with the top-K medians by torch' + tag:44s} {t_torch:8.3f} ms   "
+                  f"(median kernel: {t_host / t_torch:.2f}x the host time)")
     stats.use_kernels(None)
     if kernels_ok:
         for name, fn in _fused_rows(x, ctx, width, device, sweep, cuda_sweep).items():

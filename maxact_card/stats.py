@@ -245,7 +245,7 @@ def gated_update(acc: SiteStats, g: torch.Tensor, up: torch.Tensor, ctx: BatchCo
         return None
     out, scan = done
     if acc.massive:
-        acc._fused_medians(g, scan.source)
+        acc._fused_medians(g, scan.source, kernels)
     return out
 
 
@@ -345,7 +345,7 @@ class SiteStats:
                 self._reference_update(x, ctx, count_hist=not _kernels_failed(kernels, exc))
                 return
             if self.massive:
-                self._fused_medians(x, scan.source)
+                self._fused_medians(x, scan.source, kernels)
             return
         self._reference_update(x, ctx)
 
@@ -387,8 +387,11 @@ class SiteStats:
             return False
         return ctx.mask.dtype == torch.bool and ctx.sample_index.dtype == torch.int64
 
-    def _fused_medians(self, x: torch.Tensor, source: torch.Tensor) -> None:
-        """The median |a| of the top-K entries the fused update took from `x` (source: their rows, or -1)."""
+    def _fused_medians(self, x: torch.Tensor, source: torch.Tensor, kernels: Any) -> None:
+        """The median |a| of the top-K entries the fused update took from `x` (source: their rows, or -1):
+        one CUDA launch for bf16 (`kernels.row_medians`), else torch."""
+        if kernels.row_medians(x.reshape(-1, x.shape[-1]), source, self.topk_median):
+            return
         median = _row_medians(x, source.clamp(min=0))
         torch.where(source >= 0, median, self.topk_median, out=self.topk_median)
 

@@ -408,6 +408,34 @@ def test_cuda_silu_mul_rounds_as_eager_torch() -> None:
 
 
 @pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("width", [4096, 2047, 1, 2])
+def test_cuda_row_medians_equal_torch(width: int) -> None:
+    """The radix-select median kernel gives torch's lower median |a| of each chosen row, bit for bit:
+    ties, -0 and +0, inf, subnormals, a row of one value, a NaN (NaN out), a strided view; rows of -1
+    entries are left alone."""
+    from maxact_card import kernels
+
+    gen = torch.Generator().manual_seed(11)
+    base = torch.randn(40, width + 8, generator=gen).to(torch.bfloat16)
+    base[1] = 0.0
+    base[2] = -base[2]
+    base[3, : width // 2 + 1] = float("inf")
+    base[4, 0] = float("nan")
+    base[5] = torch.tensor(3.0).to(torch.bfloat16)
+    base[6] = torch.randint(-3, 4, (width + 8,), generator=gen).to(torch.bfloat16) * 1e-40  # subnormals, ties
+    base[7, :: 2] = -0.0
+    x2 = base.cuda()[:, 3 : 3 + width]  # a row stride that is not the width
+    source = torch.tensor([0, 1, -1, 2, 3, 4, 5, 6, 7, 39, -1, 20], dtype=torch.int64, device="cuda")
+    median = torch.full((source.numel(),), -7.0, device="cuda")
+    assert kernels.row_medians(x2, source, median)
+    want = x2.index_select(0, source.clamp(min=0)).abs().median(dim=-1).values.float()
+    want = torch.where(source >= 0, want, -7.0)
+    assert torch.equal(median.isnan(), want.isnan()) and bool(median.isnan()[5])
+    assert torch.equal(median.nan_to_num(0.0).view(torch.int32), want.nan_to_num(0.0).view(torch.int32))
+    assert not kernels.row_medians(x2.float(), source, median)  # bf16 only
+
+
+@pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("massive", [False, True])
 @pytest.mark.parametrize("width", [12288, 6144, 1000])
 def test_cuda_gated_update_equals_the_product_then_an_update(massive: bool, width: int) -> None:
