@@ -271,7 +271,15 @@ if triton is not None:
             best, best_at = tl.max(keys, axis=0, return_indices=True)
         return picked, picked_row
 
-    @triton.jit(do_not_specialize=["hist_copies", "hist_programs", "n_parts", "width", "n_rows", "top_k"])
+    # Nothing is specialised on an argument's value or alignment (the fields of a SiteStats are views
+    # at any offset), so one compiled kernel serves every call with the same constants: `_fold`
+    # launches it again without Triton's binding of 30 arguments (see there).
+    @triton.jit(do_not_specialize=["hist_copies", "hist_programs", "n_parts", "width", "n_rows", "top_k"],
+                do_not_specialize_on_alignment=[
+                    "hist_ptr", "counts_ptr", "ticket_ptr", "part_f_ptr", "part_i_ptr", "max_ptr", "min_ptr",
+                    "count_ptr", "sum_ptr", "sumsq_ptr", "nonfinite_ptr", "massive_ptr", "row_f_ptr", "row_i_ptr",
+                    "row_key_ptr", "stage_key_ptr", "stage_row_ptr", "ids_ptr", "topk_key_ptr", "topk_value_ptr",
+                    "topk_channel_ptr", "topk_token_ptr", "topk_median_ptr", "source_ptr"])
     def _fold_kernel(  # type: ignore[no-untyped-def]
         hist_ptr, hist_copies, hist_programs, counts_ptr, ticket_ptr,
         part_f_ptr, part_i_ptr, n_parts, width,
@@ -1001,9 +1009,17 @@ _BLOCK_R = 1024  # rows per top-K selection program of the fold
 _scratch: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
+_RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # CUDA builds of torch
+
+
 def _stream_of(device: torch.device) -> int:
-    """The handle of `device`'s current stream (0 off CUDA): scratch is kept per stream."""
-    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    """The handle of `device`'s current stream (0 off CUDA): scratch is kept per stream. Read raw, as
+    Triton's launcher reads it: `torch.cuda.current_stream` builds a Stream object, 9 us per call."""
+    if device.type != "cuda":
+        return 0
+    if _RAW_STREAM is not None:
+        return int(_RAW_STREAM(_device_index(device)))
+    return torch.cuda.current_stream(device).cuda_stream
 
 
 def _persistent_scratch(device: torch.device, stream: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1144,7 +1160,7 @@ def fused_update(acc: SiteStats, x: torch.Tensor, mask: torch.Tensor, token_inde
                     MASSIVE_RATIO=MASSIVE_RATIO, BLOCK_N=cfg.block_n, BLOCK_H=cfg.block_h, MASSIVE=acc.massive,
                     IS_BF16=is_bf16, HIST=not counted_apart, num_warps=cfg.num_warps,
                 )
-            _fold(acc, ws, hist, ticket, n_parts, width, n_rows, input_ids,
+            _fold(acc, ws, hist, ticket, n_parts, width, n_rows, input_ids, stream,
                   sum_private=kernel is None and not counted_apart)
             if counted_apart:  # after the scan, so a failed scan leaves the histogram untouched
                 cuda_abs_histogram(x2, flat_mask.view(torch.bool), acc.hist)
@@ -1192,7 +1208,7 @@ def gated_update(acc: SiteStats, g: torch.Tensor, up: torch.Tensor, mask: torch.
             _launch_cuda_scan(kernel, shape, g2, g.shape[-2], flat_mask, flat_tokens, sample_index, acc, ws, stream,
                               up2, out.view(-1, width))
             scanned = True
-            _fold(acc, ws, hist, ticket, n_parts, width, n_rows, input_ids, sum_private=False)
+            _fold(acc, ws, hist, ticket, n_parts, width, n_rows, input_ids, stream, sum_private=False)
     except Exception as exc:
         _forget_scratch()
         _after_scan(exc, scanned)
@@ -1320,29 +1336,56 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def _on(device: torch.device) -> contextlib.AbstractContextManager[object]:
-    """Triton launches on the current device: a model sharded over GPUs updates sites on others."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    """Triton launches on the current device: a model sharded over GPUs updates sites on others.
+    Nothing to switch (the common case) costs no context manager of torch's."""
+    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
 
 
 def _block_k(acc: SiteStats) -> int:
     return max(16, triton.next_power_of_2(acc.top_k))
 
 
+# The fold's compiled kernel per device and BLOCK_K, for launches after the first. JITFunction's own
+# launch binds and specialises each of the 30 arguments anew: about 70 us of host time per update on
+# the H100's host, against about 15 for the compiled kernel's launcher (`bench/bench_stats.py
+# --host-profile`), and a model has hundreds of updates per batch. That launcher (CompiledKernel's
+# `[grid](*args, stream=)`) is the same in the Triton versions this is enabled for.
+_fold_compiled: dict[tuple[int, int], Any] = {}
+_FOLD_RELAUNCH = triton is not None and (3, 6) <= tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 10)
+
+
 def _fold(acc: SiteStats, ws: _Workspace, hist: torch.Tensor, ticket: torch.Tensor, n_parts: int, width: int,
-          n_rows: int, input_ids: torch.Tensor, *, sum_private: bool) -> None:
-    """The fold of one scan into `acc` (sum_private: the scan counted into the private histograms)."""
-    block_b = 512
+          n_rows: int, input_ids: torch.Tensor, stream: int, *, sum_private: bool) -> None:
+    """The fold of one scan into `acc` on `stream`, the device's current one (sum_private: the scan
+    counted into the private histograms)."""
+    block_b, block_k = 512, _block_k(acc)
     hist_programs = triton.cdiv(HIST_STRIDE, block_b) if sum_private else 0
-    _fold_kernel[(hist_programs + triton.cdiv(n_rows, _BLOCK_R),)](
+    grid = (hist_programs + triton.cdiv(n_rows, _BLOCK_R),)
+    args = (
         hist, hist.shape[0], hist_programs, acc.hist, ticket,
         ws.part_f, ws.part_i, n_parts, width,
         acc.max, acc.min, acc.count, acc.sum, acc.sumsq, acc.nonfinite_tokens, acc.massive_tokens,
         ws.scan.row_f, ws.scan.row_i, ws.row_key, ws.stage_key, ws.stage_row, _flat(input_ids), n_rows,
         acc.topk_key, acc.topk_value, acc.topk_channel, acc.topk_token_id, acc.topk_median, acc.top_k,
         ws.scan.source,
-        N_BINS=HIST_BINS, HIST_STRIDE=HIST_STRIDE, BLOCK_C=16, BLOCK_B=block_b,
-        BLOCK_P=1024, BLOCK_R=_BLOCK_R, BLOCK_K=_block_k(acc), num_warps=4,
     )
+    device = hist.device
+    relaunch = device.type == "cuda" and _FOLD_RELAUNCH and not INTERPRET and n_rows < 2**31
+    key = (_device_index(device), block_k) if relaunch else None
+    compiled = _fold_compiled.get(key) if key is not None else None
+    if compiled is not None:
+        # the constants in the kernel's order, as the first launch bound them
+        compiled[grid](*args, HIST_BINS, HIST_STRIDE, 16, block_b, 1024, _BLOCK_R, block_k, stream=stream)
+        return
+    launched = _fold_kernel[grid](
+        *args,
+        N_BINS=HIST_BINS, HIST_STRIDE=HIST_STRIDE, BLOCK_C=16, BLOCK_B=block_b,
+        BLOCK_P=1024, BLOCK_R=_BLOCK_R, BLOCK_K=block_k, num_warps=4,
+    )
+    if key is not None and callable(getattr(launched, "__getitem__", None)) and hasattr(launched, "function"):
+        _fold_compiled[key] = launched
 
 
 __all__ = ["HIST_STRIDE", "INTERPRET", "HistogramCounted", "Scan", "ScanConfig", "available", "fused_update", "gated_update",

@@ -236,6 +236,8 @@ class _Hooks:
         self.unreadable: dict[str, str] = {}
         self.main: torch.cuda.Stream | None = streams[0] if streams is not None else None
         self.side: torch.cuda.Stream | None = streams[1] if streams is not None else None
+        # one event, recorded again for each update (a wait takes the event as it is when queued)
+        self._ready = torch.cuda.Event() if streams is not None else None
         self.stats = stats or {}
         gated: dict[str, dict[str, tuple[Site, Consumer]]] = {}
         for site in sites:
@@ -283,7 +285,9 @@ class _Hooks:
         if side is None or self.main is None or t.device != side.device:
             acc(t, self.ctx)
             return
-        side.wait_stream(self.main)
+        assert self._ready is not None
+        self._ready.record(self.main)
+        side.wait_event(self._ready)
         t.record_stream(side)
         with torch.cuda.stream(side):
             acc(t, self.ctx)
