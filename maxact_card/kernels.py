@@ -1352,7 +1352,7 @@ def _block_k(acc: SiteStats) -> int:
 # the H100's host, against about 15 for the compiled kernel's launcher (`bench/bench_stats.py
 # --host-profile`), and a model has hundreds of updates per batch. That launcher (CompiledKernel's
 # `[grid](*args, stream=)`) is the same in the Triton versions this is enabled for.
-_fold_compiled: dict[tuple[int, int], Any] = {}
+_fold_compiled: dict[tuple[int, int] | None, Any] = {}
 _FOLD_RELAUNCH = triton is not None and (3, 6) <= tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 10)
 
 
@@ -1372,13 +1372,19 @@ def _fold(acc: SiteStats, ws: _Workspace, hist: torch.Tensor, ticket: torch.Tens
         ws.scan.source,
     )
     device = hist.device
-    relaunch = device.type == "cuda" and _FOLD_RELAUNCH and not INTERPRET and n_rows < 2**31
+    relaunch = (device.type == "cuda" and _FOLD_RELAUNCH and not INTERPRET and n_rows < 2**31
+                and None not in _fold_compiled)
     key = (_device_index(device), block_k) if relaunch else None
     compiled = _fold_compiled.get(key) if key is not None else None
     if compiled is not None:
-        # the constants in the kernel's order, as the first launch bound them
-        compiled[grid](*args, HIST_BINS, HIST_STRIDE, 16, block_b, 1024, _BLOCK_R, block_k, stream=stream)
-        return
+        try:
+            # the constants in the kernel's order, as the first launch bound them
+            compiled[(grid[0], 1, 1)](*args, HIST_BINS, HIST_STRIDE, 16, block_b, 1024, _BLOCK_R, block_k,
+                                      stream=stream)
+            return
+        except (TypeError, ValueError, IndexError):  # the arguments were refused before any launch
+            _fold_compiled.clear()
+            _fold_compiled[None] = None  # marks the relaunch off for the process
     launched = _fold_kernel[grid](
         *args,
         N_BINS=HIST_BINS, HIST_STRIDE=HIST_STRIDE, BLOCK_C=16, BLOCK_B=block_b,

@@ -369,6 +369,8 @@ def test_cuda_update_equals_the_reference_path(massive: bool, width: int, cuda_s
 
     assert stats._KERNELS["error"] is None and kernels.available(batches[0][0])
     assert bool(kernels._cuda_scan["kernels"]) == cuda_scan and not kernels._cuda_scan["failed"]
+    # every fold after the first was launched by the compiled kernel's own launcher
+    assert kernels._FOLD_RELAUNCH and None not in kernels._fold_compiled and kernels._fold_compiled
     if not cuda_scan:
         assert kernels._cuda_hist["kernels"] and not kernels._cuda_hist["failed"]
     _assert_same_stats(got, want, rel=1e-5)
@@ -417,14 +419,15 @@ def test_cuda_row_medians_equal_torch(width: int) -> None:
 
     gen = torch.Generator().manual_seed(11)
     base = torch.randn(40, width + 8, generator=gen).to(torch.bfloat16)
-    base[1] = 0.0
-    base[2] = -base[2]
-    base[3, : width // 2 + 1] = float("inf")
-    base[4, 0] = float("nan")
-    base[5] = torch.tensor(3.0).to(torch.bfloat16)
-    base[6] = torch.randint(-3, 4, (width + 8,), generator=gen).to(torch.bfloat16) * 1e-40  # subnormals, ties
-    base[7, :: 2] = -0.0
-    x2 = base.cuda()[:, 3 : 3 + width]  # a row stride that is not the width
+    rows = base[:, 3 : 3 + width]  # a row stride that is not the width
+    rows[1] = 0.0
+    rows[2] = -rows[2]
+    rows[3, : width // 2 + 1] = float("inf")
+    rows[4, -1] = float("nan")
+    rows[5] = torch.tensor(3.0).to(torch.bfloat16)
+    rows[6] = torch.randint(-3, 4, (width,), generator=gen).to(torch.bfloat16) * 1e-40  # subnormals, ties
+    rows[7, :: 2] = -0.0
+    x2 = base.cuda()[:, 3 : 3 + width]
     source = torch.tensor([0, 1, -1, 2, 3, 4, 5, 6, 7, 39, -1, 20], dtype=torch.int64, device="cuda")
     median = torch.full((source.numel(),), -7.0, device="cuda")
     assert kernels.row_medians(x2, source, median)
