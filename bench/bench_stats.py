@@ -139,10 +139,22 @@ def summary(x: torch.Tensor, w: torch.Tensor, ctx: stats.BatchContext, width: in
         t_host = host_time(lambda host=host, small=small, small_ctx=small_ctx: _update(host, small, small_ctx, True),
                            device)
         print(f"{'  host time per update, [1x8] rows' + tag:44s} {t_host:8.3f} ms   (the GPU work is negligible)")
+        # the same, with every fold launched through Triton's JITFunction (as before its relaunch)
+        from maxact_card import kernels
+
+        kept = dict(kernels._fold_compiled)
+        kernels._fold_compiled.clear()
+        kernels._fold_compiled[None] = None  # the relaunch off
+        try:
+            t_jit = host_time(lambda host=host, small=small, small_ctx=small_ctx: _update(host, small, small_ctx, True),
+                              device)
+        finally:
+            kernels._fold_compiled.clear()
+            kernels._fold_compiled.update(kept)
+        print(f"{'  ... with each fold launched by Triton' + tag:44s} {t_jit:8.3f} ms   "
+              f"(the fold's relaunch: {t_host / t_jit:.2f}x the host time)")
         if massive:
             # the same, with the top-K medians left to torch (as when their kernel cannot be built)
-            from maxact_card import kernels
-
             kernels._row_median["failed"] = True
             try:
                 t_torch = host_time(lambda host=host, small=small, small_ctx=small_ctx:

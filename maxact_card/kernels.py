@@ -1226,9 +1226,9 @@ def _after_scan(exc: Exception, scanned: bool) -> None:
 _silu_mul: dict[str, Any] = {"kernels": {}, "failed": False}
 
 # The median |a| of each new top-K token of a massive site (Sun et al.'s ratio is read there). In torch
-# that is an index_select, abs, median, clamp and where per update, about 0.13 ms of host time (0.31
-# against 0.18 ms per massive update, `bench/bench_stats.py --summary-only`); with a residual and an
-# embedding site per layer, this one launch takes their place. A radix select over the
+# that is an index_select, abs, median, clamp and where per update, 0.13 to 0.25 ms of host time
+# (`bench/bench_stats.py --summary-only`); with a residual and an embedding site per layer, this one
+# launch takes their place. A radix select over the
 # 15 magnitude bits of a bf16 (their order is the order of |a|): a 256-bin count of the high 8 bits
 # finds the bin that holds the lower median's rank, then a 128-bin count of the low 7 bits within it.
 _MEDIAN_CUDA_SOURCE = r"""
@@ -1351,9 +1351,9 @@ def _block_k(acc: SiteStats) -> int:
 # The fold's compiled kernel per device and BLOCK_K, for launches after the first. JITFunction's own
 # launch binds and specialises each of the 30 arguments anew: about 70 us of host time per update on
 # the H100 machine's host, against about 41 through the compiled kernel's launcher, and a model has
-# hundreds of updates per batch (an update's whole host time went from 0.19 to 0.12 ms:
-# `bench/bench_stats.py --summary-only`). That launcher (CompiledKernel's `[grid](*args, stream=)`)
-# is the same in Triton 3.6 and 3.9, the versions around which this is enabled.
+# hundreds of updates per batch (an update's whole host time: 0.134 against 0.174 ms at width
+# 2,048, `bench/bench_stats.py --summary-only`). That launcher (CompiledKernel's `[grid](*args,
+# stream=)`) is the same in Triton 3.6 and 3.9, the versions around which this is enabled.
 _fold_compiled: dict[tuple[int, int] | None, Any] = {}
 _FOLD_RELAUNCH = triton is not None and (3, 6) <= tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 10)
 
