@@ -1280,6 +1280,14 @@ extern "C" __global__ void __launch_bounds__(256) maxact_row_median_bf16(
 _row_median: dict[str, Any] = {"kernels": {}, "failed": False}
 
 
+def _driver_function(table: dict[str, Any], device: torch.device, source: str, name: str) -> Any:
+    """The driver handle of NVRTC kernel `name` from `source`, loaded on `device` once (`_built`), or
+    None where it cannot be built or torch gives no handle to launch it with."""
+    index = _device_index(device)
+    kernel = _built(table, index, lambda: _compile(index, source, name))
+    return getattr(kernel, "func", None)
+
+
 def row_medians(x2: torch.Tensor, source: torch.Tensor, median: torch.Tensor) -> bool:
     """For each entry i with source[i] >= 0, the lower median |a| of row source[i] of bf16 rows `x2`
     [N, H] into float32 `median[i]` (what `x2[source[i]].abs().median()` gives, NaN included); the
@@ -1292,15 +1300,14 @@ def row_medians(x2: torch.Tensor, source: torch.Tensor, median: torch.Tensor) ->
         return False
     if source.numel() == 0:
         return True
-    index = _device_index(x2.device)
-    kernel = _built(_row_median, index, lambda: _compile(index, _MEDIAN_CUDA_SOURCE, "maxact_row_median_bf16"))
-    if kernel is None or getattr(kernel, "func", None) is None:
+    func = _driver_function(_row_median, x2.device, _MEDIAN_CUDA_SOURCE, "maxact_row_median_bf16")
+    if func is None:
         return False
     values = (ctypes.c_void_p(x2.data_ptr()), ctypes.c_longlong(x2.stride(0)), ctypes.c_int(x2.shape[-1]),
               ctypes.c_void_p(source.data_ptr()), ctypes.c_void_p(median.data_ptr()))
     try:
         with _on(x2.device):
-            _cu_launch(kernel.func, source.numel(), 256, _stream_of(x2.device), values)
+            _cu_launch(func, source.numel(), 256, _stream_of(x2.device), values)
     except RuntimeError:  # a launch the driver refused did nothing: torch takes this and later updates
         _row_median["failed"] = True
         return False
@@ -1315,10 +1322,8 @@ def silu_mul(g: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
             or not g.is_contiguous() or not up.is_contiguous() or g.numel() % 8
             or g.data_ptr() % 16 or up.data_ptr() % 16):
         return None
-    index = _device_index(g.device)
-    kernel = _built(_silu_mul, index,
-                    lambda: _compile(index, _BF16_CUDA_SOURCE + _SILU_MUL_CUDA_SOURCE, "maxact_silu_mul_bf16"))
-    if kernel is None or getattr(kernel, "func", None) is None:
+    func = _driver_function(_silu_mul, g.device, _BF16_CUDA_SOURCE + _SILU_MUL_CUDA_SOURCE, "maxact_silu_mul_bf16")
+    if func is None:
         return None
     out = torch.empty_like(g)
     n8 = g.numel() // 8
@@ -1326,7 +1331,7 @@ def silu_mul(g: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
     values = (ctypes.c_void_p(g.data_ptr()), ctypes.c_void_p(up.data_ptr()), ctypes.c_void_p(out.data_ptr()),
               ctypes.c_longlong(n8))
     with _on(g.device):
-        _cu_launch(kernel.func, grid, 256, _stream_of(g.device), values)
+        _cu_launch(func, grid, 256, _stream_of(g.device), values)
     return out
 
 
@@ -1354,8 +1359,9 @@ def _block_k(acc: SiteStats) -> int:
 # hundreds of updates per batch (an update's whole host time: 0.134 against 0.174 ms at width
 # 2,048, `bench/bench_stats.py --summary-only`). That launcher (CompiledKernel's `[grid](*args,
 # stream=)`) is the same in Triton 3.6 and 3.9, the versions around which this is enabled.
-_fold_compiled: dict[tuple[int, int] | None, Any] = {}
 _FOLD_RELAUNCH = triton is not None and (3, 6) <= tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 10)
+# keyed by (device index, BLOCK_K); "failed" turns the relaunch off for the process, as for the CUDA kernels
+_fold_compiled: dict[str, Any] = {"kernels": {}, "failed": not _FOLD_RELAUNCH}
 
 
 def _fold(acc: SiteStats, ws: _Workspace, hist: torch.Tensor, ticket: torch.Tensor, n_parts: int, width: int,
@@ -1374,10 +1380,9 @@ def _fold(acc: SiteStats, ws: _Workspace, hist: torch.Tensor, ticket: torch.Tens
         ws.scan.source,
     )
     device = hist.device
-    relaunch = (device.type == "cuda" and _FOLD_RELAUNCH and not INTERPRET and n_rows < 2**31
-                and None not in _fold_compiled)
+    relaunch = device.type == "cuda" and not _fold_compiled["failed"] and not INTERPRET and n_rows < 2**31
     key = (_device_index(device), block_k) if relaunch else None
-    compiled = _fold_compiled.get(key) if key is not None else None
+    compiled = _fold_compiled["kernels"].get(key) if key is not None else None
     if compiled is not None:
         try:
             # the constants in the kernel's order, as the first launch bound them
@@ -1385,15 +1390,15 @@ def _fold(acc: SiteStats, ws: _Workspace, hist: torch.Tensor, ticket: torch.Tens
                                       stream=stream)
             return
         except (TypeError, ValueError, IndexError):  # the arguments were refused before any launch
-            _fold_compiled.clear()
-            _fold_compiled[None] = None  # marks the relaunch off for the process
+            _fold_compiled["kernels"].clear()
+            _fold_compiled["failed"] = True
     launched = _fold_kernel[grid](
         *args,
         N_BINS=HIST_BINS, HIST_STRIDE=HIST_STRIDE, BLOCK_C=16, BLOCK_B=block_b,
         BLOCK_P=1024, BLOCK_R=_BLOCK_R, BLOCK_K=block_k, num_warps=4,
     )
     if key is not None and callable(getattr(launched, "__getitem__", None)) and hasattr(launched, "function"):
-        _fold_compiled[key] = launched
+        _fold_compiled["kernels"][key] = launched
 
 
 __all__ = ["HIST_STRIDE", "INTERPRET", "HistogramCounted", "Scan", "ScanConfig", "available", "fused_update", "gated_update",
