@@ -122,6 +122,30 @@ def quant_pass(model: torch.nn.Module, token_ids: list[list[int]], plan: list[li
     return run
 
 
+def floor_pass(model: torch.nn.Module, token_ids: list[list[int]], plan: list[list[int]], device: torch.device,
+               read: bool):  # type: ignore[no-untyped-def]
+    """A pass with the measurement's hooks, streams and fused forward whose consumers do no statistics:
+    each either does nothing (read=False: the cost of the hooks and the side stream alone) or reads its
+    tensor once with one reduction (read=True: what any statistics must at least pay in memory traffic).
+    A SwiGLU gate is left out of both: the measurement reads it in the kernel that makes the product, which
+    the bare forward makes too. The loop's wall time, as `time_hooked` compares it."""
+    from maxact_card.measure import run_hooked
+    from maxact_card.sites import discover
+
+    sites = [s for s in discover(model).sites if s.component != "gate"]
+
+    def consume(x: torch.Tensor, ctx) -> None:  # type: ignore[no-untyped-def]
+        if read:
+            torch.amax(x)
+
+    def run() -> float:
+        report = run_hooked(model, token_ids, batches=plan, sites=sites, consumers={s.name: consume for s in sites},
+                            device=device)
+        return report.wall_time_s
+
+    return run
+
+
 # Dense bf16 tensor-core peaks, TFLOP/s (vendor data sheets, SXM parts).
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}
 
@@ -240,6 +264,8 @@ def main() -> None:
     parser.add_argument("--quant", action="store_true", help="also time the INT8/FP8 held-out pass")
     parser.add_argument("--variants", action="store_true",
                         help="also time the bare forward with the attention mask alone, and with eager norms and rotary alone")
+    parser.add_argument("--floor", action="store_true",
+                        help="also time hooks that do nothing and hooks that read each tensor once, against the same bare forward")
     parser.add_argument("--profile", action="store_true",
                         help="also profile one bare and one hooked pass: device time per kernel, and the difference")
     args = parser.parse_args()
@@ -310,6 +336,27 @@ def main() -> None:
                   f"{'eager' if fused is False else 'compiled (on CUDA)'} norms and rotary: {m:.3f}s ({tokens / m:,.0f} tok/s, {mfu(m)}), "
                   f"{m / b:.3f}x the measurement's bare forward")
     setup_costs(model, token_ids, device)
+    if args.floor:
+        os.environ["MAXACT_CARD_COMPILE"] = "1"
+
+        def every_statistic() -> float:
+            loop: list[float] = []
+            time_hooked(model, token_ids, plan, device, loop=loop)
+            return loop[0]
+
+        passes = {"hooks alone": floor_pass(model, token_ids, plan, device, read=False),
+                  "hooks reading each tensor once": floor_pass(model, token_ids, plan, device, read=True),
+                  "every statistic": every_statistic}
+        for run in passes.values():
+            run()  # warm-up
+        bare, times = [], {name: [] for name in passes}
+        for _ in range(args.repeats):  # interleaved, so drift hits every pass alike
+            bare.append(time_bare(runner, token_ids, plan, device, use_mask))
+            for name, run in passes.items():
+                times[name].append(run())
+        b = statistics.median(bare)
+        print(f"floor: bare {b:.3f}s; " + "; ".join(
+            f"{name} {statistics.median(t):.3f}s ({statistics.median(t) / b:.3f}x)" for name, t in times.items()))
     if args.profile and device.type == "cuda":
         os.environ["MAXACT_CARD_COMPILE"] = "1"
         profile(lambda: time_bare(runner, token_ids, plan, device, use_mask), lambda: time_hooked(model, token_ids, plan, device))
