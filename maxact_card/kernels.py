@@ -645,6 +645,9 @@ _SCAN_CUDA_SOURCE = r"""
 #define GATED %(gated)d
 #define TABLE ((NBINS + 3) / 4 * 4)
 #define FULL 0xFFFFFFFFu
+// FOLD: the last block to finish folds the update into the accumulator (top_k <= 16)
+#define FOLD %(fold)d
+#define WARPS (THREADS / 32)
 
 // count a value into its histogram key, given its magnitude bits >> 1 as a byte offset (times 4): the
 // key's clamp is one instruction on Hopper (VIADDMNMX.RELU). An inf or a NaN counts as overflow here;
@@ -657,6 +660,44 @@ __device__ __forceinline__ void count(unsigned* h, unsigned off) {
 __device__ __forceinline__ int nonfinite2(unsigned w) {
     return ((w & 0x7FFFu) >= 0x7F80u) + ((w & 0x7FFF0000u) >= 0x7F800000u);
 }
+
+#if FOLD
+// one compare-exchange of a warp-wide bitonic network on (key, row) pairs, keys unique but for -1
+__device__ __forceinline__ void exchange(long long& k, int& r, int j, bool take_max) {
+    const long long pk = __shfl_xor_sync(FULL, k, j);
+    const int pr = __shfl_xor_sync(FULL, r, j);
+    if (take_max ? pk > k : pk < k) { k = pk; r = pr; }
+}
+// merge the 32 pairs of the lanes (one each) into the warp's list: its 16 largest keys, lane i holding
+// the i-th (-1 where fewer): the pairs sorted largest first, their 16 largest reversed into lanes
+// 16..31 beside the list (a bitonic sequence), then merged
+__device__ __forceinline__ void merge_into(long long& lk, int& lr, long long k, int r, int lane) {
+    #pragma unroll
+    for (int kk = 2; kk <= 32; kk <<= 1) {
+        #pragma unroll
+        for (int j = kk >> 1; j > 0; j >>= 1) exchange(k, r, j, !(lane & j) == !(lane & kk));
+    }
+    const long long ck = __shfl_sync(FULL, k, 31 - lane);
+    const int cr = __shfl_sync(FULL, r, 31 - lane);
+    if (lane >= 16) { lk = ck; lr = cr; }
+    #pragma unroll
+    for (int j = 16; j > 0; j >>= 1) exchange(lk, lr, j, !(lane & j));
+    if (lane >= 16) lk = -1;
+}
+// merge pairs [0, n) of (keys, rows) into the warp's list, 32 at a time by the warps in turn from
+// `first`, skipping any 32 of which none beats the list's 16th key. GLOBAL: the pairs are in global
+// memory, written by other blocks (read through L2); else in shared memory.
+template <bool GLOBAL>
+__device__ __forceinline__ void merge_all(long long& lk, int& lr, const long long* keys, const int* rows, int n,
+                                          int first, int step, int lane) {
+    for (int c0 = first; c0 < n; c0 += step) {
+        const int i = c0 + lane;
+        const long long k = i >= n ? -1LL : GLOBAL ? __ldcg(keys + i) : keys[i];
+        const int r = i >= n ? 0 : GLOBAL ? __ldcg(rows + i) : rows[i];
+        if (__any_sync(FULL, k > __shfl_sync(FULL, lk, 15))) merge_into(lk, lr, k, r, lane);
+    }
+}
+#endif
 
 // this thread's vectors of row r of src (zeros past the last row, and where `live_row` is false)
 #define LOAD_VECS(dst, src, stride, r, live_row)                                             \
@@ -682,7 +723,13 @@ extern "C" __global__ void __launch_bounds__(THREADS) maxact_scan_bf16(
         const long long* __restrict__ sample, unsigned* __restrict__ channel_max, unsigned* __restrict__ sample_max,
         unsigned long long* __restrict__ counts, float* __restrict__ row_f, int* __restrict__ row_i,
         long long* __restrict__ row_key, double* __restrict__ part_f, int* __restrict__ part_i,
-        const unsigned short* __restrict__ up, int up_stride, unsigned short* __restrict__ out, int out_stride) {
+        const unsigned short* __restrict__ up, int up_stride, unsigned short* __restrict__ out, int out_stride,
+        unsigned* __restrict__ counters, long long* __restrict__ stage_key, int* __restrict__ stage_row,
+        const long long* __restrict__ ids, float* __restrict__ acc_max, float* __restrict__ acc_min,
+        long long* __restrict__ acc_count, double* __restrict__ acc_sum, double* __restrict__ acc_sumsq,
+        long long* __restrict__ acc_nonfinite, long long* __restrict__ acc_massive, long long* __restrict__ topk_key,
+        float* __restrict__ topk_value, long long* __restrict__ topk_channel, long long* __restrict__ topk_token,
+        float* __restrict__ topk_median, long long* __restrict__ source, int top_k) {
     __shared__ __align__(16) unsigned h[TABLE];
     __shared__ float w_hi[THREADS / 32], w_lo[THREADS / 32], w_s[THREADS / 32], w_sq[THREADS / 32];
     __shared__ int w_bad[THREADS / 32], w_first[THREADS / 32], w_below[THREADS / 32];
@@ -697,6 +744,10 @@ extern "C" __global__ void __launch_bounds__(THREADS) maxact_scan_bf16(
     double p_sum = 0.0, p_sq = 0.0;
     float p_hi = -inf, p_lo = inf;
     int p_valid = 0, p_bad = 0, p_massive = 0;
+#if FOLD
+    // a row is staged for the top-K when its key beats the stored K-th (only the last block writes it)
+    const long long stored_kth = topk_key[top_k - 1];
+#endif
     __syncthreads();
     // the next rows of the block are loaded while these are worked on
     uint4 v[VEC], next[VEC];
@@ -859,6 +910,12 @@ extern "C" __global__ void __launch_bounds__(THREADS) maxact_scan_bf16(
                 p_bad += 1;
             }
             row_key[row] = key;
+#if FOLD
+            if (key > stored_kth) {
+                const unsigned at = atomicAdd(counters + 1, 1u);
+                stage_key[at] = key; stage_row[at] = row;
+            }
+#endif
         }
     }
     __syncthreads();
@@ -893,6 +950,86 @@ extern "C" __global__ void __launch_bounds__(THREADS) maxact_scan_bf16(
         part_f[3 * n_parts + b] = (double)p_lo;
         part_i[b] = p_valid; part_i[n_parts + b] = p_bad; part_i[2 * n_parts + b] = p_massive;
     }
+#if FOLD
+    // The fold: the last block to take a ticket adds the partials, in a fixed order, and merges the
+    // staged rows into the stored top-K (the Triton fold's work, without a launch of its own). The
+    // other blocks' rows, partials and staged keys are read through L2 (__ldcg), after the fences.
+    __shared__ unsigned last;
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) last = atomicAdd(counters, 1u) == gridDim.x - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    double f_s = 0.0, f_sq = 0.0;
+    float f_hi = -inf, f_lo = inf;
+    long long f_valid = 0, f_bad = 0, f_massive = 0;
+    for (int p = tid; p < n_parts; p += THREADS) {
+        f_s += __ldcg(part_f + p); f_sq += __ldcg(part_f + n_parts + p);
+        f_hi = fmaxf(f_hi, (float)__ldcg(part_f + 2 * n_parts + p));
+        f_lo = fminf(f_lo, (float)__ldcg(part_f + 3 * n_parts + p));
+        f_valid += __ldcg(part_i + p); f_bad += __ldcg(part_i + n_parts + p); f_massive += __ldcg(part_i + 2 * n_parts + p);
+    }
+    #pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        f_s += __shfl_xor_sync(FULL, f_s, o); f_sq += __shfl_xor_sync(FULL, f_sq, o);
+        f_hi = fmaxf(f_hi, __shfl_xor_sync(FULL, f_hi, o)); f_lo = fminf(f_lo, __shfl_xor_sync(FULL, f_lo, o));
+        f_valid += __shfl_xor_sync(FULL, f_valid, o); f_bad += __shfl_xor_sync(FULL, f_bad, o);
+        f_massive += __shfl_xor_sync(FULL, f_massive, o);
+    }
+    // the histogram's table is free now: the warps' sums, then their top-K lists, go there
+    double* m_f = reinterpret_cast<double*>(h);                      // [2][WARPS]
+    long long* m_i = reinterpret_cast<long long*>(m_f + 2 * WARPS);  // [3][WARPS]
+    long long* m_key = m_i + 3 * WARPS;                              // [WARPS][16]
+    int* m_row = reinterpret_cast<int*>(m_key + 16 * WARPS);         // [WARPS][16]
+    if (lane == 0) {
+        m_f[warp] = f_s; m_f[WARPS + warp] = f_sq; w_hi[warp] = f_hi; w_lo[warp] = f_lo;
+        m_i[warp] = f_valid; m_i[WARPS + warp] = f_bad; m_i[2 * WARPS + warp] = f_massive;
+    }
+    // each warp's 16 largest staged keys
+    const int n_staged = (int)__ldcg(counters + 1);
+    long long lk = -1;
+    int lr = 0;
+    merge_all<true>(lk, lr, stage_key, stage_row, n_staged, warp * 32, THREADS, lane);
+    if (lane < 16) { m_key[warp * 16 + lane] = lk; m_row[warp * 16 + lane] = lr; }
+    __syncthreads();
+    if (warp != 0) return;
+    if (lane == 0) {
+        for (int q = 1; q < WARPS; ++q) {
+            f_s += m_f[q]; f_sq += m_f[WARPS + q]; f_hi = fmaxf(f_hi, w_hi[q]); f_lo = fminf(f_lo, w_lo[q]);
+            f_valid += m_i[q]; f_bad += m_i[WARPS + q]; f_massive += m_i[2 * WARPS + q];
+        }
+        *acc_sum += f_s; *acc_sumsq += f_sq; *acc_max = fmaxf(*acc_max, f_hi); *acc_min = fminf(*acc_min, f_lo);
+        *acc_count += f_valid * width; *acc_nonfinite += f_bad; *acc_massive += f_massive;
+        counters[0] = 0u; counters[1] = 0u;  // for the next update
+    }
+    merge_all<false>(lk, lr, m_key + 16, m_row + 16, 16 * (WARPS - 1), 0, 32, lane);
+    // the union of the stored top-K (lanes 0..15: slot = lane) and the new list (lanes 16..31: the
+    // list's entry lane - 16), each entry ranked as the Triton fold ranks it
+    const bool is_old = lane < 16, in_k = is_old && lane < top_k;
+    const long long new_key = __shfl_sync(FULL, lk, lane & 15);
+    const int new_row = __shfl_sync(FULL, lr, lane & 15);
+    const long long old_key = in_k ? topk_key[lane] : -1LL;
+    const float old_value = in_k ? topk_value[lane] : 0.f, old_median = in_k ? topk_median[lane] : 0.f;
+    const long long old_channel = in_k ? topk_channel[lane] : 0LL, old_token = in_k ? topk_token[lane] : 0LL;
+    const long long mine = is_old ? old_key : new_key;
+    int rank = is_old ? lane : 0;
+    #pragma unroll
+    for (int q = 0; q < 16; ++q) {
+        const long long o = __shfl_sync(FULL, old_key, q), n = __shfl_sync(FULL, lk, q);
+        rank += is_old ? (n >= 0 && n > mine) : (n > mine) + (q < top_k && o >= mine);
+    }
+    __syncwarp();  // every lane has read the stored top-K before any lane writes it
+    if (in_k && rank < top_k) {
+        topk_key[rank] = old_key; topk_value[rank] = old_value; topk_channel[rank] = old_channel;
+        topk_token[rank] = old_token; topk_median[rank] = old_median; source[rank] = -1;
+    } else if (!is_old && new_key >= 0 && rank < top_k) {
+        const float t_max = __ldcg(row_f + new_row), t_min = __ldcg(row_f + n_rows + new_row);
+        topk_key[rank] = new_key; topk_value[rank] = t_max >= -t_min ? t_max : t_min;
+        topk_channel[rank] = __ldcg(row_i + 2 * n_rows + new_row); topk_token[rank] = ids[new_row];
+        topk_median[rank] = 0.f; source[rank] = new_row;
+    }
+#endif
 }
 """
 _SCAN_MAX_GROUP = 512
@@ -947,6 +1084,15 @@ def cuda_scan_shape(x2: torch.Tensor, group: int | None = None, rows: int | None
     return CudaScanShape(group, rows, vec, 0)
 
 
+_SCAN_FOLD_K = 16  # the largest top-K a folding CUDA scan merges (one warp's list)
+
+
+def scan_folds(acc: SiteStats) -> bool:
+    """Whether a CUDA scan of `acc`'s site folds the update itself (its last block does the Triton
+    fold's work, saving that kernel's launch: top_k <= 16, unless MAXACT_CARD_SCAN_FOLD=0)."""
+    return acc.top_k <= _SCAN_FOLD_K and not switched_off("MAXACT_CARD_SCAN_FOLD")
+
+
 def _sms(device: torch.device) -> int:
     index = _device_index(device)
     sms = _sm_count.get(index)
@@ -956,9 +1102,10 @@ def _sms(device: torch.device) -> int:
 
 
 def _cuda_scan_kernel(device: torch.device, shape: CudaScanShape, massive: bool,
-                      n_rows: int, gated: bool = False) -> tuple[Any, CudaScanShape] | None:
+                      n_rows: int, gated: bool = False, fold: bool = False) -> tuple[Any, CudaScanShape] | None:
     """The NVRTC scan kernel of this shape loaded on `device` and the launch's full shape, or None
-    where it cannot be built. `gated`: the variant that writes silu(x) * up as it scans."""
+    where it cannot be built. `gated`: the variant that writes silu(x) * up as it scans; `fold`: the
+    variant whose last block folds the update into the accumulator (`scan_folds`)."""
     index = _device_index(device)
 
     def build() -> tuple[Any, int]:
@@ -966,7 +1113,7 @@ def _cuda_scan_kernel(device: torch.device, shape: CudaScanShape, massive: bool,
             "threads": shape.threads, "rows": shape.rows, "vec": shape.vec,
             "massive": int(massive),
             "massive_abs": repr(float(MASSIVE_ABS)), "massive_ratio": repr(float(MASSIVE_RATIO)),
-            "gated": int(gated),
+            "gated": int(gated), "fold": int(fold),
         }
         kernel = _compile(index, source, "maxact_scan_bf16")
         if getattr(kernel, "func", None) is None:
@@ -978,7 +1125,7 @@ def _cuda_scan_kernel(device: torch.device, shape: CudaScanShape, massive: bool,
             raise RuntimeError(f"occupancy query returned {status}")
         return kernel, per_sm.value * _sms(device)
 
-    key = (index, shape.group, shape.rows, shape.vec, massive, gated)
+    key = (index, shape.group, shape.rows, shape.vec, massive, gated, fold)
     entry = _built(_cuda_scan, key, build)
     if entry is None:
         return None
@@ -988,7 +1135,10 @@ def _cuda_scan_kernel(device: torch.device, shape: CudaScanShape, massive: bool,
 
 def _launch_cuda_scan(kernel: Any, shape: CudaScanShape, x2: torch.Tensor, tokens_per_row: int, mask: torch.Tensor,
                       token_index: torch.Tensor, sample_index: torch.Tensor, acc: SiteStats, ws: _Workspace,
-                      stream: int, up2: torch.Tensor | None = None, out2: torch.Tensor | None = None) -> None:
+                      stream: int, up2: torch.Tensor | None = None, out2: torch.Tensor | None = None,
+                      fold: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    """One launch of a CUDA scan; `fold`, for a kernel built to fold: its counters and the batch's
+    token ids (flat)."""
     n_rows, width = x2.shape
     ptr = ctypes.c_void_p
     values = (ptr(x2.data_ptr()), ctypes.c_int(x2.stride(0)), ctypes.c_int(n_rows), ctypes.c_int(width),
@@ -999,6 +1149,14 @@ def _launch_cuda_scan(kernel: Any, shape: CudaScanShape, x2: torch.Tensor, token
               ptr(ws.part_i.data_ptr()),
               ptr(0 if up2 is None else up2.data_ptr()), ctypes.c_int(0 if up2 is None else up2.stride(0)),
               ptr(0 if out2 is None else out2.data_ptr()), ctypes.c_int(0 if out2 is None else out2.stride(0)))
+    if fold is None:
+        values += (ptr(0),) * 17 + (ctypes.c_int(0),)
+    else:
+        counters, ids = fold
+        values += tuple(ptr(t.data_ptr()) for t in (
+            counters, ws.stage_key, ws.stage_row, ids, acc.max, acc.min, acc.count, acc.sum, acc.sumsq,
+            acc.nonfinite_tokens, acc.massive_tokens, acc.topk_key, acc.topk_value, acc.topk_channel,
+            acc.topk_token_id, acc.topk_median, ws.scan.source)) + (ctypes.c_int(acc.top_k),)
     _cu_launch(kernel.func, shape.blocks, shape.threads, stream, values)
 
 
@@ -1023,16 +1181,17 @@ def _stream_of(device: torch.device) -> int:
 
 
 def _persistent_scratch(device: torch.device, stream: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The private histograms and the fold's ticket counter of `device`'s current stream, zeroed.
+    """The private histograms and the fold's two counters of `device`'s current stream, zeroed: the
+    ticket (the Triton fold's, and a folding CUDA scan's) and the rows a folding scan staged.
 
-    The fold kernel leaves both at zero again, so one allocation serves every update.
+    Every fold leaves them at zero again, so one allocation serves every update.
     """
     key = (device, _stream_of(device) if stream is None else stream)
     pair = _scratch.get(key)
     if pair is None:
         copies = _HIST_COPIES_CUDA if device.type == "cuda" else _HIST_COPIES_CPU
-        buf = torch.zeros(copies * HIST_STRIDE + 1, dtype=torch.int32, device=device)
-        pair = _scratch[key] = (buf[:-1].view(copies, HIST_STRIDE), buf[-1:])
+        buf = torch.zeros(copies * HIST_STRIDE + 2, dtype=torch.int32, device=device)
+        pair = _scratch[key] = (buf[:-2].view(copies, HIST_STRIDE), buf[-2:])
     return pair
 
 
@@ -1083,7 +1242,8 @@ def _workspace(device: torch.device, stream: int, n_rows: int, n_parts: int, top
     if ws is None:
         if len(_workspaces) >= _MAX_WORKSPACES:
             _workspaces.clear()
-        n_blocks = triton.cdiv(n_rows, _BLOCK_R)
+        # staged top-K candidates: block_k per program of the Triton fold, or any row for a folding scan
+        n_stage = max(triton.cdiv(n_rows, _BLOCK_R) * block_k, n_rows)
         ws = _workspaces[key] = _Workspace(
             Scan(torch.empty(4, n_rows, dtype=torch.float32, device=device),
                  torch.empty(3, n_rows, dtype=torch.int32, device=device),
@@ -1091,8 +1251,8 @@ def _workspace(device: torch.device, stream: int, n_rows: int, n_parts: int, top
             torch.empty(n_rows, dtype=torch.int64, device=device),
             torch.empty(4, n_parts, dtype=torch.float64, device=device),
             torch.empty(3, n_parts, dtype=torch.int32, device=device),
-            torch.empty(n_blocks * block_k, dtype=torch.int64, device=device),
-            torch.empty(n_blocks * block_k, dtype=torch.int32, device=device),
+            torch.empty(n_stage, dtype=torch.int64, device=device),
+            torch.empty(n_stage, dtype=torch.int32, device=device),
         )
     return ws
 
@@ -1128,7 +1288,8 @@ def fused_update(acc: SiteStats, x: torch.Tensor, mask: torch.Tensor, token_inde
     else:
         shape = cuda_scan_shape(x2) if config is None else None
         cfg = config or scan_config(width, x2.element_size())
-    found = _cuda_scan_kernel(device, shape, acc.massive, n_rows) if shape is not None else None
+    folds = shape is not None and scan_folds(acc)
+    found = _cuda_scan_kernel(device, shape, acc.massive, n_rows, fold=folds) if shape is not None else None
     kernel, shape = found if found is not None else (None, None)
     n_parts = shape.blocks * shape.rows if shape is not None else triton.cdiv(n_rows, cfg.block_n)
     is_bf16 = x2.dtype == torch.bfloat16
@@ -1146,8 +1307,11 @@ def fused_update(acc: SiteStats, x: torch.Tensor, mask: torch.Tensor, token_inde
             counted_apart = False
             if kernel is not None:
                 assert shape is not None
-                _launch_cuda_scan(kernel, shape, x2, x.shape[-2], flat_mask, flat_tokens, sample_index, acc, ws, stream)
+                _launch_cuda_scan(kernel, shape, x2, x.shape[-2], flat_mask, flat_tokens, sample_index, acc, ws, stream,
+                                  fold=(ticket, _flat(input_ids)) if folds else None)
                 scanned = True
+                if folds:
+                    return ws.scan
             else:
                 counted_apart = cuda_histogram_ready(x2)
                 _scan_kernel[(n_parts,)](
@@ -1192,7 +1356,8 @@ def gated_update(acc: SiteStats, g: torch.Tensor, up: torch.Tensor, mask: torch.
     if shape is None:
         return None
     n_rows, device = g2.shape[0], g2.device
-    found = _cuda_scan_kernel(device, shape, acc.massive, n_rows, gated=True)
+    folds = scan_folds(acc)
+    found = _cuda_scan_kernel(device, shape, acc.massive, n_rows, gated=True, fold=folds)
     if found is None:
         return None
     kernel, shape = found
@@ -1206,9 +1371,10 @@ def gated_update(acc: SiteStats, g: torch.Tensor, up: torch.Tensor, mask: torch.
     try:
         with _on(device):
             _launch_cuda_scan(kernel, shape, g2, g.shape[-2], flat_mask, flat_tokens, sample_index, acc, ws, stream,
-                              up2, out.view(-1, width))
+                              up2, out.view(-1, width), fold=(ticket, _flat(input_ids)) if folds else None)
             scanned = True
-            _fold(acc, ws, hist, ticket, n_parts, width, n_rows, input_ids, stream, sum_private=False)
+            if not folds:
+                _fold(acc, ws, hist, ticket, n_parts, width, n_rows, input_ids, stream, sum_private=False)
     except Exception as exc:
         _forget_scratch()
         _after_scan(exc, scanned)

@@ -233,8 +233,8 @@ def test_massive_token_is_counted(kernels: ModuleType) -> None:
 def test_scratch_is_left_zeroed(kernels: ModuleType) -> None:
     x, mask = _planted(torch.bfloat16, 96)
     _fused(kernels, x, mask, massive=False)
-    hist, ticket = kernels._persistent_scratch(torch.device("cpu"))
-    assert int(hist.abs().sum()) == 0 and int(ticket) == 0
+    hist, counters = kernels._persistent_scratch(torch.device("cpu"))
+    assert int(hist.abs().sum()) == 0 and counters.tolist() == [0, 0]
 
 
 def test_available(kernels: ModuleType) -> None:
@@ -326,26 +326,29 @@ def test_top_k_across_selection_blocks(kernels: ModuleType, top_k: int) -> None:
     # padding): row 2048 of the second batch
     assert got.topk_value[:5].tolist() == [200.0, 200.0, 200.0, 200.0, -110.0]
     assert got.topk_channel[:5].tolist() == [5, 7, 5, 7, (2048 + 1) % 24]
-    _, ticket = kernels._persistent_scratch(torch.device("cpu"))
-    assert int(ticket) == 0
+    _, counters = kernels._persistent_scratch(torch.device("cpu"))
+    assert counters.tolist() == [0, 0]
 
 
 # --- on a GPU, compiled for real (this process: no interpreter) ----------------------------------------
 @pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("massive", [False, True])
-@pytest.mark.parametrize(("width", "cuda_scan"), [
-    # the CUDA scan: 128 threads per row, 256 (6 vectors each), 2 rows of 64 and 4 rows of 32 per block
-    (4096, True), (12288, True), (2048, True), (1000, True),
-    (4096, False),  # the Triton scan with the CUDA histogram
-    (1001, False),  # not divisible by 8: the Triton scan and the CUDA histogram's unvectorised path
+@pytest.mark.parametrize(("width", "cuda_scan", "top_k"), [
+    # the CUDA scan, which folds the update itself: 128 threads per row, 256 (6 vectors each), 2 rows
+    # of 64 and 4 rows of 32 per block
+    (4096, True, 16), (12288, True, 16), (2048, True, 16), (1000, True, 5),
+    (4096, True, 24),  # a top-K larger than the scan's own fold merges: the Triton fold after the scan
+    (4096, False, 16),  # the Triton scan with the CUDA histogram
+    (1001, False, 16),  # not divisible by 8: the Triton scan and the CUDA histogram's unvectorised path
 ])
-def test_cuda_update_equals_the_reference_path(massive: bool, width: int, cuda_scan: bool,
+def test_cuda_update_equals_the_reference_path(massive: bool, width: int, cuda_scan: bool, top_k: int,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     from maxact_card import kernels
 
     if not cuda_scan:
         monkeypatch.setenv("MAXACT_CARD_CUDA_SCAN", "0")
     kernels._cuda_scan["kernels"].clear()
+    kernels._fold_compiled["kernels"].clear()
     gen = torch.Generator().manual_seed(2)
     batches = []
     offset = 0
@@ -364,13 +367,18 @@ def test_cuda_update_equals_the_reference_path(massive: bool, width: int, cuda_s
         x[-1, t - 1] = 1e30
         batches.append((x.to(torch.bfloat16).cuda(), mask.cuda(), offset))
         offset += b * t
-    want = _run(batches, fused=False, top_k=16, massive=massive)
-    got = _run(batches, fused=True, top_k=16, massive=massive)
+    want = _run(batches, fused=False, top_k=top_k, massive=massive)
+    got = _run(batches, fused=True, top_k=top_k, massive=massive)
 
     assert stats._KERNELS["error"] is None and kernels.available(batches[0][0])
     assert bool(kernels._cuda_scan["kernels"]) == cuda_scan and not kernels._cuda_scan["failed"]
-    # every fold after the first was launched by the compiled kernel's own launcher
-    assert kernels._FOLD_RELAUNCH and not kernels._fold_compiled["failed"] and kernels._fold_compiled["kernels"]
+    scan_folded = cuda_scan and top_k <= 16
+    assert {key[-1] for key in kernels._cuda_scan["kernels"]} == ({scan_folded} if cuda_scan else set())
+    # otherwise every fold after the first was launched by the compiled kernel's own launcher
+    assert kernels._FOLD_RELAUNCH and not kernels._fold_compiled["failed"]
+    assert bool(kernels._fold_compiled["kernels"]) != scan_folded
+    _, counters = kernels._persistent_scratch(batches[0][0].device)
+    assert counters.tolist() == [0, 0]
     if not cuda_scan:
         assert kernels._cuda_hist["kernels"] and not kernels._cuda_hist["failed"]
     _assert_same_stats(got, want, rel=1e-5)
@@ -534,8 +542,11 @@ def test_a_failed_fold_after_the_triton_scan_counts_once(kernels: ModuleType, mo
 @pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_a_failed_fold_after_the_cuda_scan_counts_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """The CUDA scan adds the histogram itself: when the fold then fails, the reference path that
-    finishes the update (here and in the gated update) must not add it again."""
+    finishes the update (here and in the gated update) must not add it again. (A scan that folds
+    the update itself has no later step to fail: this is the scan followed by the Triton fold.)"""
     from maxact_card import kernels
+
+    monkeypatch.setenv("MAXACT_CARD_SCAN_FOLD", "0")
 
     gen = torch.Generator().manual_seed(9)
     x = (torch.randn(4, 300, 4096, generator=gen) * 3).bfloat16().cuda()
