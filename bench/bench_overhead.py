@@ -344,9 +344,17 @@ def main() -> None:
             time_hooked(model, token_ids, plan, device, loop=loop)
             return loop[0]
 
+        def fold_apart() -> float:  # the CUDA scans followed by the Triton fold, as before the scans folded
+            os.environ["MAXACT_CARD_SCAN_FOLD"] = "0"
+            try:
+                return every_statistic()
+            finally:
+                del os.environ["MAXACT_CARD_SCAN_FOLD"]
+
         passes = {"hooks alone": floor_pass(model, token_ids, plan, device, read=False),
                   "hooks reading each tensor once": floor_pass(model, token_ids, plan, device, read=True),
-                  "every statistic": every_statistic}
+                  "every statistic": every_statistic,
+                  "every statistic, the Triton fold after each scan": fold_apart}
         for run in passes.values():
             run()  # warm-up
         bare, times = [], {name: [] for name in passes}

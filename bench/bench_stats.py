@@ -21,7 +21,10 @@ eager and as one kernel.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -134,23 +137,33 @@ def summary(x: torch.Tensor, w: torch.Tensor, ctx: stats.BatchContext, width: in
         t_new = bench(lambda new=new: _update(new, x, ctx, True), device)
         print(f"{'SiteStats.update, fused kernels' + tag:44s} {t_new:8.3f} ms   {t_new / matmul:6.2f}x matmul"
               f"   {t_new / read:6.2f}x one read   {t_old / t_new:6.1f}x faster")
-        small, small_ctx = x[:1, :8], ctx_rows(ctx, 1, 8)
-        host = stats.SiteStats(width, 64, device, massive=massive)
-        t_host = host_time(lambda host=host, small=small, small_ctx=small_ctx: _update(host, small, small_ctx, True),
-                           device)
-        print(f"{'  host time per update, [1x8] rows' + tag:44s} {t_host:8.3f} ms   (the GPU work is negligible)")
-        # the same, with every fold launched through Triton's JITFunction (as before its relaunch)
         from maxact_card import kernels
 
-        was_off = kernels._fold_compiled["failed"]
-        kernels._fold_compiled["failed"] = True  # the relaunch off
-        try:
-            t_jit = host_time(lambda host=host, small=small, small_ctx=small_ctx: _update(host, small, small_ctx, True),
-                              device)
-        finally:
-            kernels._fold_compiled["failed"] = was_off
-        print(f"{'  ... with each fold launched by Triton' + tag:44s} {t_jit:8.3f} ms   "
-              f"(the fold's relaunch: {t_host / t_jit:.2f}x the host time)")
+        with scan_fold_off():
+            t_apart = bench(lambda new=new: _update(new, x, ctx, True), device)
+        print(f"{'  ... with the Triton fold after the scan' + tag:44s} {t_apart:8.3f} ms   "
+              f"(the scan's own fold: {t_new / t_apart:.2f}x the device time)")
+        small, small_ctx = x[:1, :8], ctx_rows(ctx, 1, 8)
+        host = stats.SiteStats(width, 64, device, massive=massive)
+
+        def host_update(host=host, small=small, small_ctx=small_ctx) -> None:  # type: ignore[no-untyped-def]
+            _update(host, small, small_ctx, True)
+
+        t_host = host_time(host_update, device)
+        print(f"{'  host time per update, [1x8] rows' + tag:44s} {t_host:8.3f} ms   (the GPU work is negligible)")
+        # the same with the fold a launch of its own: relaunched, then through Triton's JITFunction
+        with scan_fold_off():
+            t_relaunch = host_time(host_update, device)
+            was_off = kernels._fold_compiled["failed"]
+            kernels._fold_compiled["failed"] = True  # the relaunch off
+            try:
+                t_jit = host_time(host_update, device)
+            finally:
+                kernels._fold_compiled["failed"] = was_off
+        print(f"{'  ... with the Triton fold after the scan' + tag:44s} {t_relaunch:8.3f} ms   "
+              f"(the scan's own fold: {t_host / t_relaunch:.2f}x the host time)")
+        print(f"{'  ... and that fold launched by Triton' + tag:44s} {t_jit:8.3f} ms   "
+              f"(the fold's relaunch: {t_relaunch / t_jit:.2f}x the host time)")
         if massive:
             # the same, with the top-K medians left to torch (as when their kernel cannot be built)
             kernels._row_median["failed"] = True
@@ -169,6 +182,20 @@ def summary(x: torch.Tensor, w: torch.Tensor, ctx: stats.BatchContext, width: in
                 print(f"{name:44s} {ms:8.3f} ms   {ms / read:6.2f}x one read")
             except Exception as exc:  # noqa: BLE001 - report and go on
                 print(f"{name:44s} failed: {type(exc).__name__}: {str(exc)[:120]}")
+
+
+@contextlib.contextmanager
+def scan_fold_off() -> Iterator[None]:
+    """The CUDA scan followed by the Triton fold, as before the scan folded its updates itself."""
+    before = os.environ.get("MAXACT_CARD_SCAN_FOLD")
+    os.environ["MAXACT_CARD_SCAN_FOLD"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["MAXACT_CARD_SCAN_FOLD"]
+        else:
+            os.environ["MAXACT_CARD_SCAN_FOLD"] = before
 
 
 def ctx_rows(ctx: stats.BatchContext, b: int, t: int) -> stats.BatchContext:
