@@ -345,11 +345,14 @@ def main() -> None:
             return loop[0]
 
         def fold_apart() -> float:  # the CUDA scans followed by the Triton fold, as before the scans folded
+            before = os.environ.get("MAXACT_CARD_SCAN_FOLD")
             os.environ["MAXACT_CARD_SCAN_FOLD"] = "0"
             try:
                 return every_statistic()
             finally:
-                del os.environ["MAXACT_CARD_SCAN_FOLD"]
+                os.environ.pop("MAXACT_CARD_SCAN_FOLD")
+                if before is not None:
+                    os.environ["MAXACT_CARD_SCAN_FOLD"] = before
 
         passes = {"hooks alone": floor_pass(model, token_ids, plan, device, read=False),
                   "hooks reading each tensor once": floor_pass(model, token_ids, plan, device, read=True),

@@ -648,6 +648,9 @@ _SCAN_CUDA_SOURCE = r"""
 // FOLD: the last block to finish folds the update into the accumulator (top_k <= 16)
 #define FOLD %(fold)d
 #define WARPS (THREADS / 32)
+// threads per block, and for a folding scan the blocks an SM must hold at once: as many as the scan
+// without its fold holds (given for that scan, a minimum of 1 lets ptxas take more registers)
+#define LAUNCH_BOUNDS %(launch_bounds)s
 
 // count a value into its histogram key, given its magnitude bits >> 1 as a byte offset (times 4): the
 // key's clamp is one instruction on Hopper (VIADDMNMX.RELU). An inf or a NaN counts as overflow here;
@@ -717,7 +720,7 @@ __device__ __forceinline__ void merge_all(long long& lk, int& lr, const long lon
 // A block takes ROWS rows at a time, one per group of GROUP threads: rows [blockIdx.x * ROWS + g,
 // n_rows) step gridDim.x * ROWS for group g. Rows are 16-byte aligned, their width divisible by 8.
 // Partials are per group: part index blockIdx.x * ROWS + g, of gridDim.x * ROWS.
-extern "C" __global__ void __launch_bounds__(THREADS) maxact_scan_bf16(
+extern "C" __global__ void __launch_bounds__(LAUNCH_BOUNDS) maxact_scan_bf16(
         const unsigned short* __restrict__ x, int row_stride, int n_rows, int width, int tokens_per_row,
         const unsigned char* __restrict__ mask, const long long* __restrict__ token,
         const long long* __restrict__ sample, unsigned* __restrict__ channel_max, unsigned* __restrict__ sample_max,
@@ -744,10 +747,6 @@ extern "C" __global__ void __launch_bounds__(THREADS) maxact_scan_bf16(
     double p_sum = 0.0, p_sq = 0.0;
     float p_hi = -inf, p_lo = inf;
     int p_valid = 0, p_bad = 0, p_massive = 0;
-#if FOLD
-    // a row is staged for the top-K when its key beats the stored K-th (only the last block writes it)
-    const long long stored_kth = topk_key[top_k - 1];
-#endif
     __syncthreads();
     // the next rows of the block are loaded while these are worked on
     uint4 v[VEC], next[VEC];
@@ -911,7 +910,8 @@ extern "C" __global__ void __launch_bounds__(THREADS) maxact_scan_bf16(
             }
             row_key[row] = key;
 #if FOLD
-            if (key > stored_kth) {
+            // staged for the top-K when its key beats the stored K-th (only the last block writes that)
+            if (key > topk_key[top_k - 1]) {
                 const unsigned at = atomicAdd(counters + 1, 1u);
                 stage_key[at] = key; stage_row[at] = row;
             }
@@ -1109,11 +1109,19 @@ def _cuda_scan_kernel(device: torch.device, shape: CudaScanShape, massive: bool,
     index = _device_index(device)
 
     def build() -> tuple[Any, int]:
+        # The fold's code would take registers enough to cost the scan a block per SM (80 against 92
+        # to 99 per thread for 2,048- and 4,096-wide rows on an H100), and the scan is most of the
+        # time: a folding scan is held to the occupancy of the scan without its fold.
+        bounds = "THREADS"
+        if fold:
+            if _cuda_scan_kernel(device, shape, massive, n_rows, gated) is None:
+                raise RuntimeError("the scan without its fold could not be built")
+            bounds += f", {max(1, _cuda_scan['kernels'][key[:-1] + (False,)][1] // _sms(device))}"
         source = _BF16_CUDA_SOURCE + _SCAN_CUDA_SOURCE % {
             "threads": shape.threads, "rows": shape.rows, "vec": shape.vec,
             "massive": int(massive),
             "massive_abs": repr(float(MASSIVE_ABS)), "massive_ratio": repr(float(MASSIVE_RATIO)),
-            "gated": int(gated), "fold": int(fold),
+            "gated": int(gated), "fold": int(fold), "launch_bounds": bounds,
         }
         kernel = _compile(index, source, "maxact_scan_bf16")
         if getattr(kernel, "func", None) is None:
