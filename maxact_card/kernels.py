@@ -1,4 +1,4 @@
-"""Fused kernels for `SiteStats.update`: every statistic of one activation in two launches.
+"""Fused kernels for `SiteStats.update`: every statistic of one activation in one or two launches.
 
 `dense_scan` + `torch.bincount` in `stats.py` are the reference; these kernels give the same
 numbers (bit for bit, except the float sums, whose order of addition differs) without writing
@@ -23,14 +23,18 @@ anything per element:
    into the int64 counts and zero them; the others each take 1,024 rows and stage the largest keys
    that beat the stored K-th entry, and the last of them to finish (a ticket counter) folds the
    partials into the scalar statistics in a fixed order (so sums are deterministic), merges the
-   staged keys and merges them into the top-K in place.
+   staged keys and merges them into the top-K in place. The CUDA scan does this work itself where
+   the top-K is at most 16 (`scan_folds`): each row whose key beats the stored K-th is staged as
+   it is scanned, and the scan's last block to finish adds the partials in a fixed order and
+   merges the staged rows, one warp-wide bitonic merge of 32 at a time, into the top-K.
 
 Nothing synchronises with the host. Triton is optional: `available()` says whether the kernels can
 run on a tensor (Triton installed and the tensor on CUDA, or Triton's interpreter switched on with
 TRITON_INTERPRET=1 before Triton is imported, which runs them on CPU tensors for tests). Only
 long-standing Triton features are used (masked loads and stores, reductions, atomics, while
 loops), so that the Triton bundled with older PyTorch builds them too. MAXACT_CARD_CUDA_SCAN=0 and
-MAXACT_CARD_CUDA_HIST=0 turn the CUDA kernels off.
+MAXACT_CARD_CUDA_HIST=0 turn the CUDA kernels off; MAXACT_CARD_SCAN_FOLD=0 keeps the Triton fold after
+the CUDA scan.
 """
 
 from __future__ import annotations
@@ -1149,7 +1153,8 @@ def _launch_cuda_scan(kernel: Any, shape: CudaScanShape, x2: torch.Tensor, token
     token ids (flat)."""
     n_rows, width = x2.shape
     ptr = ctypes.c_void_p
-    values = (ptr(x2.data_ptr()), ctypes.c_int(x2.stride(0)), ctypes.c_int(n_rows), ctypes.c_int(width),
+    values: tuple[Any, ...] = (
+              ptr(x2.data_ptr()), ctypes.c_int(x2.stride(0)), ctypes.c_int(n_rows), ctypes.c_int(width),
               ctypes.c_int(tokens_per_row), ptr(mask.data_ptr()), ptr(token_index.data_ptr()),
               ptr(sample_index.data_ptr()), ptr(acc.channel_max.data_ptr()), ptr(acc.sample_max.data_ptr()),
               ptr(acc.hist.data_ptr()), ptr(ws.scan.row_f.data_ptr()),
