@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from maxact_card.corpus import batches as make_batches  # noqa: E402
 from maxact_card.fusion import fused_forward  # noqa: E402
 from maxact_card.measure import base_model, measure, needs_attention_mask, pad_batch  # noqa: E402
+from maxact_card.switches import turned_off  # noqa: E402
 
 # Shapes from the public config.json files of these models.
 SHAPES = {
@@ -345,14 +346,8 @@ def main() -> None:
             return loop[0]
 
         def fold_apart() -> float:  # the CUDA scans followed by the Triton fold, as before the scans folded
-            before = os.environ.get("MAXACT_CARD_SCAN_FOLD")
-            os.environ["MAXACT_CARD_SCAN_FOLD"] = "0"
-            try:
+            with turned_off("MAXACT_CARD_SCAN_FOLD"):
                 return every_statistic()
-            finally:
-                os.environ.pop("MAXACT_CARD_SCAN_FOLD")
-                if before is not None:
-                    os.environ["MAXACT_CARD_SCAN_FOLD"] = before
 
         passes = {"hooks alone": floor_pass(model, token_ids, plan, device, read=False),
                   "hooks reading each tensor once": floor_pass(model, token_ids, plan, device, read=True),

@@ -21,10 +21,7 @@ eager and as one kernel.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from maxact_card import quant, stats  # noqa: E402
+from maxact_card.switches import turned_off  # noqa: E402
 
 
 def bench(fn, device: torch.device, repeats: int = 20) -> float:  # type: ignore[no-untyped-def]
@@ -139,7 +137,7 @@ def summary(x: torch.Tensor, w: torch.Tensor, ctx: stats.BatchContext, width: in
               f"   {t_new / read:6.2f}x one read   {t_old / t_new:6.1f}x faster")
         from maxact_card import kernels
 
-        with scan_fold_off():
+        with turned_off("MAXACT_CARD_SCAN_FOLD"):  # the Triton fold after the scan
             t_apart = bench(lambda new=new: _update(new, x, ctx, True), device)
         print(f"{'  ... with the Triton fold after the scan' + tag:44s} {t_apart:8.3f} ms   "
               f"(the scan's own fold: {t_new / t_apart:.2f}x the device time)")
@@ -152,7 +150,7 @@ def summary(x: torch.Tensor, w: torch.Tensor, ctx: stats.BatchContext, width: in
         t_host = host_time(host_update, device)
         print(f"{'  host time per update, [1x8] rows' + tag:44s} {t_host:8.3f} ms   (the GPU work is negligible)")
         # the same with the fold a launch of its own: relaunched, then through Triton's JITFunction
-        with scan_fold_off():
+        with turned_off("MAXACT_CARD_SCAN_FOLD"):  # the Triton fold after the scan
             t_relaunch = host_time(host_update, device)
             was_off = kernels._fold_compiled["failed"]
             kernels._fold_compiled["failed"] = True  # the relaunch off
@@ -168,8 +166,7 @@ def summary(x: torch.Tensor, w: torch.Tensor, ctx: stats.BatchContext, width: in
             # the same, with the top-K medians left to torch (as when their kernel cannot be built)
             kernels._row_median["failed"] = True
             try:
-                t_torch = host_time(lambda host=host, small=small, small_ctx=small_ctx:
-                                    _update(host, small, small_ctx, True), device)
+                t_torch = host_time(host_update, device)
             finally:
                 kernels._row_median["failed"] = False
             print(f"{'  ... with the top-K medians by torch' + tag:44s} {t_torch:8.3f} ms   "
@@ -182,20 +179,6 @@ def summary(x: torch.Tensor, w: torch.Tensor, ctx: stats.BatchContext, width: in
                 print(f"{name:44s} {ms:8.3f} ms   {ms / read:6.2f}x one read")
             except Exception as exc:  # noqa: BLE001 - report and go on
                 print(f"{name:44s} failed: {type(exc).__name__}: {str(exc)[:120]}")
-
-
-@contextlib.contextmanager
-def scan_fold_off() -> Iterator[None]:
-    """The CUDA scan followed by the Triton fold, as before the scan folded its updates itself."""
-    before = os.environ.get("MAXACT_CARD_SCAN_FOLD")
-    os.environ["MAXACT_CARD_SCAN_FOLD"] = "0"
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["MAXACT_CARD_SCAN_FOLD"]
-        else:
-            os.environ["MAXACT_CARD_SCAN_FOLD"] = before
 
 
 def ctx_rows(ctx: stats.BatchContext, b: int, t: int) -> stats.BatchContext:

@@ -1105,11 +1105,10 @@ def _sms(device: torch.device) -> int:
     return sms
 
 
-def _cuda_scan_kernel(device: torch.device, shape: CudaScanShape, massive: bool,
-                      n_rows: int, gated: bool = False, fold: bool = False) -> tuple[Any, CudaScanShape] | None:
-    """The NVRTC scan kernel of this shape loaded on `device` and the launch's full shape, or None
-    where it cannot be built. `gated`: the variant that writes silu(x) * up as it scans; `fold`: the
-    variant whose last block folds the update into the accumulator (`scan_folds`)."""
+def _scan_entry(device: torch.device, shape: CudaScanShape, massive: bool, gated: bool,
+                fold: bool) -> tuple[Any, int] | None:
+    """The NVRTC scan kernel of this shape loaded on `device` and how many of its blocks an SM holds
+    at once, built on first use; None where it cannot be built."""
     index = _device_index(device)
 
     def build() -> tuple[Any, int]:
@@ -1118,9 +1117,10 @@ def _cuda_scan_kernel(device: torch.device, shape: CudaScanShape, massive: bool,
         # time: a folding scan is held to the occupancy of the scan without its fold.
         bounds = "THREADS"
         if fold:
-            if _cuda_scan_kernel(device, shape, massive, n_rows, gated) is None:
+            apart = _scan_entry(device, shape, massive, gated, False)
+            if apart is None:
                 raise RuntimeError("the scan without its fold could not be built")
-            bounds += f", {max(1, _cuda_scan['kernels'][key[:-1] + (False,)][1] // _sms(device))}"
+            bounds += f", {apart[1]}"
         source = _BF16_CUDA_SOURCE + _SCAN_CUDA_SOURCE % {
             "threads": shape.threads, "rows": shape.rows, "vec": shape.vec,
             "massive": int(massive),
@@ -1135,13 +1135,22 @@ def _cuda_scan_kernel(device: torch.device, shape: CudaScanShape, massive: bool,
             ctypes.byref(per_sm), kernel.func, shape.threads, ctypes.c_size_t(0))
         if status != 0 or per_sm.value < 1:
             raise RuntimeError(f"occupancy query returned {status}")
-        return kernel, per_sm.value * _sms(device)
+        return kernel, per_sm.value
 
-    key = (index, shape.group, shape.rows, shape.vec, massive, gated, fold)
-    entry = _built(_cuda_scan, key, build)
+    return _built(_cuda_scan, (index, shape.group, shape.rows, shape.vec, massive, gated, fold), build)
+
+
+def _cuda_scan_kernel(device: torch.device, shape: CudaScanShape, massive: bool,
+                      n_rows: int, gated: bool = False, fold: bool = False) -> tuple[Any, CudaScanShape] | None:
+    """The NVRTC scan kernel of this shape loaded on `device` and the launch's full shape (as many
+    blocks as run at once on every SM), or None where it cannot be built. `gated`: the variant that
+    writes silu(x) * up as it scans; `fold`: the variant whose last block folds the update into the
+    accumulator (`scan_folds`)."""
+    entry = _scan_entry(device, shape, massive, gated, fold)
     if entry is None:
         return None
-    kernel, resident = entry
+    kernel, per_sm = entry
+    resident = per_sm * _sms(device)
     return kernel, CudaScanShape(shape.group, shape.rows, shape.vec, max(1, min(-(-n_rows // shape.rows), resident)))
 
 
@@ -1310,7 +1319,7 @@ def fused_update(acc: SiteStats, x: torch.Tensor, mask: torch.Tensor, token_inde
     ws = _workspace(device, stream, n_rows, n_parts, acc.top_k, _block_k(acc))
     data = x2.view(torch.int16) if is_bf16 else x2
     scanned = False  # the CUDA scan ran: acc.hist holds this batch
-    hist, ticket = _persistent_scratch(device, stream)
+    hist, counters = _persistent_scratch(device, stream)
     flat_mask, flat_tokens = _flat(mask).view(torch.uint8), _flat(token_index)
     try:
         with _on(device):
@@ -1321,7 +1330,7 @@ def fused_update(acc: SiteStats, x: torch.Tensor, mask: torch.Tensor, token_inde
             if kernel is not None:
                 assert shape is not None
                 _launch_cuda_scan(kernel, shape, x2, x.shape[-2], flat_mask, flat_tokens, sample_index, acc, ws, stream,
-                                  fold=(ticket, _flat(input_ids)) if folds else None)
+                                  fold=(counters, _flat(input_ids)) if folds else None)
                 scanned = True
                 if folds:
                     return ws.scan
@@ -1337,7 +1346,7 @@ def fused_update(acc: SiteStats, x: torch.Tensor, mask: torch.Tensor, token_inde
                     MASSIVE_RATIO=MASSIVE_RATIO, BLOCK_N=cfg.block_n, BLOCK_H=cfg.block_h, MASSIVE=acc.massive,
                     IS_BF16=is_bf16, HIST=not counted_apart, num_warps=cfg.num_warps,
                 )
-            _fold(acc, ws, hist, ticket, n_parts, width, n_rows, input_ids, stream,
+            _fold(acc, ws, hist, counters, n_parts, width, n_rows, input_ids, stream,
                   sum_private=kernel is None and not counted_apart)
             if counted_apart:  # after the scan, so a failed scan leaves the histogram untouched
                 cuda_abs_histogram(x2, flat_mask.view(torch.bool), acc.hist)
@@ -1377,17 +1386,17 @@ def gated_update(acc: SiteStats, g: torch.Tensor, up: torch.Tensor, mask: torch.
     n_parts = shape.blocks * shape.rows
     stream = _stream_of(device)
     ws = _workspace(device, stream, n_rows, n_parts, acc.top_k, _block_k(acc))
-    hist, ticket = _persistent_scratch(device, stream)
+    hist, counters = _persistent_scratch(device, stream)
     flat_mask, flat_tokens = _flat(mask).view(torch.uint8), _flat(token_index)
     out = torch.empty(g.shape, dtype=g.dtype, device=device)
     scanned = False
     try:
         with _on(device):
             _launch_cuda_scan(kernel, shape, g2, g.shape[-2], flat_mask, flat_tokens, sample_index, acc, ws, stream,
-                              up2, out.view(-1, width), fold=(ticket, _flat(input_ids)) if folds else None)
+                              up2, out.view(-1, width), fold=(counters, _flat(input_ids)) if folds else None)
             scanned = True
             if not folds:
-                _fold(acc, ws, hist, ticket, n_parts, width, n_rows, input_ids, stream, sum_private=False)
+                _fold(acc, ws, hist, counters, n_parts, width, n_rows, input_ids, stream, sum_private=False)
     except Exception as exc:
         _forget_scratch()
         _after_scan(exc, scanned)
@@ -1543,15 +1552,15 @@ _FOLD_RELAUNCH = triton is not None and (3, 6) <= tuple(int(v) for v in triton._
 _fold_compiled: dict[str, Any] = {"kernels": {}, "failed": not _FOLD_RELAUNCH}
 
 
-def _fold(acc: SiteStats, ws: _Workspace, hist: torch.Tensor, ticket: torch.Tensor, n_parts: int, width: int,
+def _fold(acc: SiteStats, ws: _Workspace, hist: torch.Tensor, counters: torch.Tensor, n_parts: int, width: int,
           n_rows: int, input_ids: torch.Tensor, stream: int, *, sum_private: bool) -> None:
     """The fold of one scan into `acc` on `stream`, the device's current one (sum_private: the scan
-    counted into the private histograms)."""
+    counted into the private histograms; the ticket is the first of `counters`)."""
     block_b, block_k = 512, _block_k(acc)
     hist_programs = triton.cdiv(HIST_STRIDE, block_b) if sum_private else 0
     grid = (hist_programs + triton.cdiv(n_rows, _BLOCK_R),)
     args = (
-        hist, hist.shape[0], hist_programs, acc.hist, ticket,
+        hist, hist.shape[0], hist_programs, acc.hist, counters,
         ws.part_f, ws.part_i, n_parts, width,
         acc.max, acc.min, acc.count, acc.sum, acc.sumsq, acc.nonfinite_tokens, acc.massive_tokens,
         ws.scan.row_f, ws.scan.row_i, ws.row_key, ws.stage_key, ws.stage_row, _flat(input_ids), n_rows,

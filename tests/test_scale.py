@@ -223,7 +223,6 @@ def test_quant_accumulators_roll_back_to_their_snapshot() -> None:
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-
 def test_site_stats_roll_back_in_place_to_their_snapshot() -> None:
     """The snapshot copies a SiteStats' three storages; a batch that replaced top-K entries (a planted
     larger token) is undone in place, and every field stays a view of the storages throughout."""
@@ -255,6 +254,7 @@ def test_site_stats_roll_back_in_place_to_their_snapshot() -> None:
     assert views_of_storages(acc)
     with pytest.raises(ValueError, match="field 'hist' has shape"):
         acc.load_state_dict({**before, "hist": before["hist"][:-1]})
+
 
 # --- resume -------------------------------------------------------------------------------------
 
