@@ -21,7 +21,9 @@ eager and as one kernel.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -152,23 +154,16 @@ def summary(x: torch.Tensor, w: torch.Tensor, ctx: stats.BatchContext, width: in
         # the same with the fold a launch of its own: relaunched, then through Triton's JITFunction
         with turned_off("MAXACT_CARD_SCAN_FOLD"):  # the Triton fold after the scan
             t_relaunch = host_time(host_update, device)
-            was_off = kernels._fold_compiled["failed"]
-            kernels._fold_compiled["failed"] = True  # the relaunch off
-            try:
+            with failed(kernels._fold_compiled):  # the relaunch off
                 t_jit = host_time(host_update, device)
-            finally:
-                kernels._fold_compiled["failed"] = was_off
         print(f"{'  ... with the Triton fold after the scan' + tag:44s} {t_relaunch:8.3f} ms   "
               f"(the scan's own fold: {t_host / t_relaunch:.2f}x the host time)")
         print(f"{'  ... and that fold launched by Triton' + tag:44s} {t_jit:8.3f} ms   "
               f"(the fold's relaunch: {t_relaunch / t_jit:.2f}x the host time)")
         if massive:
             # the same, with the top-K medians left to torch (as when their kernel cannot be built)
-            kernels._row_median["failed"] = True
-            try:
+            with failed(kernels._row_median):
                 t_torch = host_time(host_update, device)
-            finally:
-                kernels._row_median["failed"] = False
             print(f"{'  ... with the top-K medians by torch' + tag:44s} {t_torch:8.3f} ms   "
                   f"(median kernel: {t_host / t_torch:.2f}x the host time)")
     stats.use_kernels(None)
@@ -179,6 +174,17 @@ def summary(x: torch.Tensor, w: torch.Tensor, ctx: stats.BatchContext, width: in
                 print(f"{name:44s} {ms:8.3f} ms   {ms / read:6.2f}x one read")
             except Exception as exc:  # noqa: BLE001 - report and go on
                 print(f"{name:44s} failed: {type(exc).__name__}: {str(exc)[:120]}")
+
+
+@contextlib.contextmanager
+def failed(table: dict[str, Any]) -> Iterator[None]:
+    """A kernel table of `kernels` marked failed for the block (its fallback runs), then as it was."""
+    before = table["failed"]
+    table["failed"] = True
+    try:
+        yield
+    finally:
+        table["failed"] = before
 
 
 def ctx_rows(ctx: stats.BatchContext, b: int, t: int) -> stats.BatchContext:
