@@ -14,6 +14,23 @@ app = typer.Typer(
 )
 
 
+def _version(value: bool) -> None:
+    if value:
+        from maxact_card import __version__
+
+        print(f"maxact-card {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Measure a model's maximum activations, gate a release on them, and publish them in the model card."""
+
+
 def _register() -> None:
     import importlib
 

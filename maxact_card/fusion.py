@@ -70,19 +70,24 @@ class Fused:
     mlps: int = 0
     mlp_classes: tuple[type[nn.Module], ...] = ()
     ran_eager: set[type] = field(default_factory=set, compare=False)  # MLP classes whose product ran eager
+    skipped: tuple[str, ...] = ()  # pieces found but left as they are, each with why
 
     def record(self) -> dict[str, list[str]]:
         """The swapped functions by name (modelling file and qualified name): `compiled`, those that
         ran compiled or have not run yet; `eager`, those that did not compile, or whose kernel would
         not run, and ran their eager code; `fused`, the SwiGLU MLP forwards whose product ran as one
-        kernel (with the gate's statistics where the gate was read)."""
+        kernel (with the gate's statistics where the gate was read); `not_fused` (only when there are
+        any), pieces that were found but not swapped, each with the reason."""
         names: dict[str, set[str]] = {"compiled": set(), "eager": set(), "fused": set()}
         for key in self.pieces:
             fn = key[0]
             names["eager" if key in _FAILED else "compiled"].add(_name(fn))
         for cls in self.mlp_classes:
             names["eager" if cls in self.ran_eager else "fused"].add(_name(cls.forward))
-        return {kind: sorted(found) for kind, found in names.items()}
+        record = {kind: sorted(found) for kind, found in names.items()}
+        if self.skipped:
+            record["not_fused"] = sorted(self.skipped)
+        return record
 
 
 def _name(fn: Callable[..., Any]) -> str:
@@ -108,16 +113,42 @@ def norm_modules(model: nn.Module) -> list[nn.Module]:
     ]
 
 
+def eager_rotary(obj: object) -> types.FunctionType | None:
+    """The plain function behind a modelling file's `apply_rotary_pos_emb`, or None if there is none.
+
+    Up to transformers 5.17 the name is the function itself. From 5.2x, with the `kernels` package
+    installed (transformers requires it), `use_kernel_forward_from_hub` turns the function into an
+    instance of a small `nn.Module` class made per function (kernels' `_create_func_module`), whose
+    `forward` calls the function it closes over unless the model was `kernelize`d, which a
+    measurement never does. That function is taken from the closure of the class's `forward`.
+    """
+    if isinstance(obj, types.FunctionType):
+        return obj
+    if not isinstance(obj, nn.Module) or "forward" in vars(obj):  # a forward set on the instance: kernelized
+        return None
+    inner = getattr(type(obj).forward, "__closure__", None) or ()
+    found = [c.cell_contents for c in inner
+             if isinstance(getattr(c, "cell_contents", None), types.FunctionType)
+             and c.cell_contents.__name__ == ROTARY]
+    return found[0] if len(found) == 1 else None
+
+
 def rotary_files(model: nn.Module) -> list[types.ModuleType]:
-    """The modelling files of `model`'s classes that define a rotary-embedding function."""
-    seen: dict[str, types.ModuleType] = {}
+    """The modelling files of `model`'s classes that define a rotary-embedding function we can compile."""
+    return [file for file, fn in _rotary_names(model).items() if fn is not None]
+
+
+def _rotary_names(model: nn.Module) -> dict[types.ModuleType, types.FunctionType | None]:
+    """Each modelling file of `model`'s classes that has an `apply_rotary_pos_emb`, with the plain
+    function behind it (None where it is something else, which then runs as it is)."""
+    seen: dict[types.ModuleType, types.FunctionType | None] = {}
     for m in model.modules():
-        name = type(m).__module__
-        file = sys.modules.get(name)
-        fn = getattr(file, ROTARY, None)
-        if name not in seen and isinstance(fn, types.FunctionType) and fn not in _COMPILED.values():
-            seen[name] = file  # type: ignore[assignment]
-    return list(seen.values())
+        file = sys.modules.get(type(m).__module__)
+        obj = getattr(file, ROTARY, None)
+        if file is None or file in seen or obj is None or obj in _COMPILED.values():
+            continue
+        seen[file] = eager_rotary(obj)
+    return seen
 
 
 # --- SwiGLU MLPs ---------------------------------------------------------------------------------
@@ -307,6 +338,7 @@ def fused_forward(model: nn.Module, *, enabled: bool | None = None, backend: Bac
     pieces: dict[tuple[Callable[..., Any], Backend], None] = {}
     mlps: list[nn.Module] = []
     ran_eager: set[type] = set()
+    skipped: list[str] = []
     try:
         if enabled:
             for m in modules:
@@ -315,10 +347,14 @@ def fused_forward(model: nn.Module, *, enabled: bool | None = None, backend: Bac
                 swapped.append((m, slot, vars(m).get(slot)))
                 setattr(m, slot, types.MethodType(compiled(type(m).forward, backend), m))
                 pieces[(type(m).forward, backend)] = None
-            for file in rotary_files(model):
-                eager = getattr(file, ROTARY)
+            for file, eager in _rotary_names(model).items():
+                if eager is None:
+                    held = getattr(file, ROTARY)
+                    skipped.append(f"{file.__name__.rsplit('.', 1)[-1]}.{ROTARY}: not a plain function "
+                                   f"({type(held).__qualname__}), runs as the modelling file has it")
+                    continue
+                files.append((file, getattr(file, ROTARY)))
                 setattr(file, ROTARY, compiled(eager, backend))
-                files.append((file, eager))
                 pieces[(eager, backend)] = None
             for m in gated_mlps(model):
                 slot = _slot(m)
@@ -327,12 +363,13 @@ def fused_forward(model: nn.Module, *, enabled: bool | None = None, backend: Bac
                 setattr(m, slot, types.MethodType(functools.partial(_gated_forward, ran_eager=ran_eager), m))
                 mlps.append(m)
         yield Fused(norms=len(swapped) - len(mlps), rotary=len(files), pieces=tuple(pieces), mlps=len(mlps),
-                    mlp_classes=tuple(dict.fromkeys(type(m) for m in mlps)), ran_eager=ran_eager)
+                    mlp_classes=tuple(dict.fromkeys(type(m) for m in mlps)), ran_eager=ran_eager,
+                    skipped=tuple(skipped))
     finally:
         for m, slot, before in swapped:
             if before is None:
                 vars(m).pop(slot, None)
             else:
                 setattr(m, slot, before)
-        for file, eager in files:
-            setattr(file, ROTARY, eager)
+        for file, held in files:
+            setattr(file, ROTARY, held)

@@ -89,6 +89,79 @@ def test_the_compiled_rotary_embedding_is_bit_identical() -> None:
     assert torch.equal(fast[0], eager[0]) and torch.equal(fast[1], eager[1])
 
 
+def _modelling_file(name: str, rotary: object) -> tuple[Any, nn.Module]:
+    """A stand-in modelling file in sys.modules: one module class defined there, and `rotary` under
+    the name transformers gives the rotary function."""
+    import sys
+    import types
+
+    file = types.ModuleType(name)
+    layer = type("Layer", (nn.Module,), {"__module__": name})
+    file.Layer = layer  # type: ignore[attr-defined]
+    setattr(file, fusion.ROTARY, rotary)
+    sys.modules[name] = file
+    return file, layer()
+
+
+def _hub_wrapped(func: Any) -> nn.Module:
+    """What kernels' `use_kernel_forward_from_hub` makes of a function (transformers >= 5.2x with the
+    `kernels` package): an instance of a per-function nn.Module class whose forward calls the function
+    it closes over."""
+
+    class Func(nn.Module):
+        def forward(self, *args: Any, **kwargs: Any) -> Any:
+            return func(*args, **kwargs)
+
+    return Func()
+
+
+def _rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return q * cos + k * sin, k * cos - q * sin
+
+
+_rotate.__name__ = _rotate.__qualname__ = fusion.ROTARY
+
+
+def test_a_rotary_function_wrapped_in_a_module_is_compiled_from_the_function_inside() -> None:
+    import sys
+
+    wrapped = _hub_wrapped(_rotate)
+    file, layer = _modelling_file("modeling_wrapped_rotary", wrapped)
+    try:
+        assert fusion.eager_rotary(wrapped) is _rotate
+        assert fusion.rotary_files(layer) == [file]
+        x = torch.randn(3, 4)
+        with fusion.fused_forward(layer, enabled=True, backend="eager") as fused:
+            swapped = getattr(file, fusion.ROTARY)
+            assert fused.rotary == 1 and swapped is not wrapped
+            assert all(torch.equal(a, b) for a, b in zip(swapped(x, x, x, x), _rotate(x, x, x, x)))
+        assert getattr(file, fusion.ROTARY) is wrapped  # put back: the module, not the function inside
+        assert fused.record() == {"compiled": [f"test_fusion.{fusion.ROTARY}"], "eager": [], "fused": []}
+    finally:
+        del sys.modules["modeling_wrapped_rotary"]
+
+
+def test_a_rotary_that_cannot_be_unwrapped_is_left_alone_and_recorded() -> None:
+    """A kernelized wrapper (its forward set on the instance) or any other callable runs as it is,
+    and the results say why it was not fused."""
+    import sys
+
+    kernelized = _hub_wrapped(_rotate)
+    kernelized.forward = lambda *args: _rotate(*args)  # type: ignore[method-assign]
+    for name, held in (("modeling_kernelized", kernelized), ("modeling_partial", functools.partial(_rotate))):
+        file, layer = _modelling_file(name, held)
+        try:
+            assert fusion.eager_rotary(held) is None and fusion.rotary_files(layer) == []
+            with fusion.fused_forward(layer, enabled=True, backend="eager") as fused:
+                assert getattr(file, fusion.ROTARY) is held and fused.rotary == 0
+            kind = type(held).__qualname__
+            assert fused.record()["not_fused"] == [
+                f"{name}.{fusion.ROTARY}: not a plain function ({kind}), runs as the modelling file has it"
+            ]
+        finally:
+            del sys.modules[name]
+
+
 def test_a_hook_on_a_norm_still_sees_its_output() -> None:
     model = _bf16("qwen3")
     final = base_model(model).norm

@@ -49,6 +49,17 @@ OutOpt = Annotated[
 ]
 
 
+def examples_epilog(examples: list[str]) -> str:
+    """The "Examples:" block of a command's help, each example on its own line as typed.
+
+    Click re-wraps help paragraphs to the terminal; a paragraph that starts with `\\b` is printed as
+    written, so a long example keeps its shell continuation lines instead of breaking mid-option.
+    Examples are written to fit 80 columns.
+    """
+    lines = [line for example in examples for line in example.splitlines()]
+    return "Examples:\n\n\b\n" + "\n".join(f"  {line}" for line in lines)
+
+
 def stderr_console() -> Console:
     """Diagnostics and progress go to stderr, plain when stderr is not a terminal."""
     return Console(stderr=True, highlight=False, soft_wrap=True)
@@ -114,6 +125,7 @@ __all__ = [
     "OutputFormat",
     "RevisionOpt",
     "TokenOpt",
+    "examples_epilog",
     "handle_errors",
     "stderr_console",
     "stdout_console",

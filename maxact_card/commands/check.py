@@ -32,6 +32,7 @@ from maxact_card.commands._common import (
     OutputFormat,
     RevisionOpt,
     TokenOpt,
+    examples_epilog,
     handle_errors,
     stderr_console,
     stdout_console,
@@ -73,9 +74,9 @@ from maxact_card.run import DEFAULT_MAX_SEQ_LEN, MeasureOptions, run_measure
 
 EXAMPLES = [
     "maxact-card check ./my-checkpoint --out results.json",
-    "maxact-card check org/model --revision v1.0 --policy release.toml --baseline org/model@v0.9",
-    "maxact-card check ./my-checkpoint --card ./my-checkpoint/README.md --format markdown",
-    "maxact-card check org/model --create-pr --format json       # HF_TOKEN with write access",
+    "maxact-card check org/model --revision v1.0 --policy release.toml \\\n    --baseline org/model@v0.9",
+    "maxact-card check ./my-checkpoint --card ./my-checkpoint/README.md",
+    "maxact-card check org/model --create-pr     # HF_TOKEN with write access",
 ]
 
 HELP = f"""Measure MODEL (with the INT8/FP8 check unless --no-quant), gate it on a policy, report the verdict.
@@ -388,4 +389,5 @@ def check_cmd(
 
 def register(app: typer.Typer) -> None:
     """Add `check` to the app."""
-    app.command("check", help=HELP, epilog="Examples:\n\n" + "\n\n".join(EXAMPLES))(check_cmd)
+    app.command("check", help=HELP, short_help="Measure, check INT8/FP8, and gate a release on a policy.",
+                epilog=examples_epilog(EXAMPLES))(check_cmd)

@@ -8,21 +8,20 @@ from typing import Annotated, Any
 
 import typer
 
-from maxact_card.commands._common import FormatOpt, OutputFormat, handle_errors
+from maxact_card.commands._common import FormatOpt, OutputFormat, examples_epilog, handle_errors
 from maxact_card.fmt import number
 from maxact_card.gate import diff_results, percent, read_results, signed, template_environment
 
 EXAMPLES = [
     "maxact-card diff old/results.json new/results.json",
-    "maxact-card diff old.json new.json --format markdown >> $GITHUB_STEP_SUMMARY",
+    "maxact-card diff old.json new.json --format markdown >> \"$GITHUB_STEP_SUMMARY\"",
     "maxact-card diff old.json new.json --format json | jq .peak",
 ]
 
 _HELP = (
     "Compare two results files: per-site max|a| changes (sites only in one file are added/removed), "
     "layers that became or stopped being massive, peak growth, and quantization verdict changes. "
-    "Always exits 0 when both files are valid: a diff is information, not a gate (use `check --baseline`).\n\n"
-    "Examples:\n\n\b\n" + "\n".join(f"  $ {e}" for e in EXAMPLES)
+    "Always exits 0 when both files are valid: a diff is information, not a gate (use `check --baseline`)."
 )
 
 
@@ -159,7 +158,8 @@ RENDERERS = {
 def register(app: typer.Typer) -> None:
     """Add the `diff` command to the CLI."""
 
-    @app.command("diff", help=_HELP)
+    @app.command("diff", help=_HELP, short_help="Compare two results files, site by site.",
+                 epilog=examples_epilog(EXAMPLES))
     @handle_errors
     def diff(
         old: Annotated[Path, typer.Argument(help="The earlier results JSON.", show_default=False)],

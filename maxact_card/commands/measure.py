@@ -18,6 +18,7 @@ from maxact_card.commands._common import (
     OutputFormat,
     RevisionOpt,
     TokenOpt,
+    examples_epilog,
     handle_errors,
     stderr_console,
     stdout_console,
@@ -26,15 +27,11 @@ from maxact_card.errors import UsageError
 from maxact_card.results import dumps, write_results
 from maxact_card.run import DEFAULT_MAX_SEQ_LEN, MeasureOptions, run_measure
 
-EXAMPLES = """
-Examples:
-
-  maxact-card measure ./my-checkpoint --out results.json
-
-  maxact-card measure org/model --revision v1.0 --samples 512 --dtype bfloat16 --format json
-
-  maxact-card measure model.Q4_1.gguf --corpus my_prompts.jsonl --max-seq-len 2048
-"""
+EXAMPLES = [
+    "maxact-card measure ./my-checkpoint --out results.json",
+    "maxact-card measure org/model --revision v1.0 --samples 512 \\\n    --dtype bfloat16 --format json",
+    "maxact-card measure model.Q4_1.gguf --corpus my_prompts.jsonl \\\n    --max-seq-len 2048",
+]
 
 ModelArg = Annotated[str, typer.Argument(help="A checkpoint directory, a .gguf file, or a Hub repo id org/name.")]
 CorpusOpt = Annotated[
@@ -76,7 +73,7 @@ TopKOpt = Annotated[int, typer.Option("--top-k", help="Largest tokens kept per s
 QuantOpt = Annotated[bool, typer.Option("--quant/--no-quant", help="Also check INT8/FP8 activation scales on held-out data.",
                                         envvar="MAXACT_CARD_QUANT")]
 EvalFractionOpt = Annotated[float, typer.Option("--eval-fraction", help="Share of the samples held out for --quant.",
-                                                envvar="MAXACT_CARD_EVAL_FRACTION")]
+                                                envvar="MAXACT_CARD_EVAL_FRACTION", show_default="1/3")]
 QuantSitesOpt = Annotated[str, typer.Option("--quant-sites", help="default, all, residual, peak, or site names (comma-separated).",
                                             envvar="MAXACT_CARD_QUANT_SITES")]
 ClipQuantileOpt = Annotated[float, typer.Option("--clip-quantile", help="Quantile of |a| the percentile policy clips at.",
@@ -285,11 +282,9 @@ def measure_cmd(
         stderr_console().print(f"results written to {out}")
 
 
-measure_cmd.__doc__ = (measure_cmd.__doc__ or "") + EXAMPLES
-
-
 def register(app: typer.Typer) -> None:
     """Add `measure` to the app."""
-    app.command("measure", help=measure_cmd.__doc__)(measure_cmd)
+    app.command("measure", help=measure_cmd.__doc__, short_help="Measure max|a| at every site of a model.",
+                epilog=examples_epilog(EXAMPLES))(measure_cmd)
 
 

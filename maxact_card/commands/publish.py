@@ -37,6 +37,7 @@ from maxact_card.commands._common import (
     OutputFormat,
     RevisionOpt,
     TokenOpt,
+    examples_epilog,
     handle_errors,
     stderr_console,
 )
@@ -47,9 +48,9 @@ from maxact_card.resources import template_text
 
 DESCRIPTION_TEMPLATE = "pr_description.md.j2"
 EXAMPLES = [
-    "maxact-card publish my-org/my-model --results maxact/results.json            # open a pull request",
-    "maxact-card publish my-org/my-model --results maxact/results.json --dry-run  # show the card diff",
-    "maxact-card publish my-org/my-model --results results.json --revision dev --direct",
+    "maxact-card publish my-org/my-model --results maxact/results.json",
+    "maxact-card publish my-org/my-model --results maxact/results.json --dry-run",
+    "maxact-card publish my-org/my-model --results results.json \\\n    --revision dev --direct",
 ]
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
 
@@ -408,7 +409,8 @@ def register(app: typer.Typer) -> None:
         "publish",
         help="Publish the Maximum activations section, results and chart to ORG/NAME in one commit "
         "(a pull request unless --direct).",
-        epilog="Examples:\n\n" + "\n\n".join(EXAMPLES),
+        short_help="Open a Hub pull request with the section, results and chart.",
+        epilog=examples_epilog(EXAMPLES),
     )
     @handle_errors
     def publish(

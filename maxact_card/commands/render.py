@@ -20,13 +20,13 @@ from maxact_card.card import (
     splice_card,
 )
 from maxact_card.chart import render_chart
-from maxact_card.commands._common import OutOpt, handle_errors, stderr_console
+from maxact_card.commands._common import examples_epilog, handle_errors, stderr_console
 from maxact_card.errors import UsageError
 
 EXAMPLES = [
-    "maxact-card render maxact/results.json                       # print the section",
+    "maxact-card render maxact/results.json            # print the section",
     "maxact-card render model/maxact/results.json --card model/README.md",
-    "maxact-card render results.json --card README.md --out NEW.md --chart-out maxact/profile.svg",
+    "maxact-card render results.json --card README.md --out NEW.md \\\n    --chart-out maxact/profile.svg",
 ]
 
 ResultsArg = Annotated[
@@ -38,6 +38,15 @@ CardOpt = Annotated[
         "--card",
         help="Model card (README.md, or its folder) to splice the section into; created when missing.",
         envvar="MAXACT_CARD_CARD",
+    ),
+]
+RenderOutOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--out",
+        help="Write the section (alone) or the new card (with --card) here instead of stdout or the card itself.",
+        envvar="MAXACT_CARD_OUT",
+        show_default=False,
     ),
 ]
 ChartOutOpt = Annotated[
@@ -128,13 +137,14 @@ def register(app: typer.Typer) -> None:
     @app.command(
         "render",
         help="Render the Maximum activations section from RESULTS; with --card, splice it into the card.",
-        epilog="Examples:\n\n" + "\n\n".join(EXAMPLES),
+        short_help="Render the section, or splice it into a model card.",
+        epilog=examples_epilog(EXAMPLES),
     )
     @handle_errors
     def render(
         results: ResultsArg,
         card: CardOpt = None,
-        out: OutOpt = None,
+        out: RenderOutOpt = None,
         chart_out: ChartOutOpt = None,
     ) -> None:
         section = run_render(results, card, out, chart_out)

@@ -24,12 +24,13 @@ from maxact_card.commands._common import (
     OutputFormat,
     RevisionOpt,
     TokenOpt,
+    examples_epilog,
     handle_errors,
 )
 from maxact_card.errors import EXIT_GATE, EXIT_PASS, UsageError
 
 EXAMPLES = [
-    "maxact-card validate ./my-model                 # README.md and maxact/ in a local folder",
+    "maxact-card validate ./my-model         # README.md and maxact/ in a folder",
     "maxact-card validate ./my-model/README.md --results runs/results.json",
     "maxact-card validate my-org/my-model --revision main --format json",
 ]
@@ -132,7 +133,8 @@ def register(app: typer.Typer) -> None:
             "results measured on the weights the card ships with, chart present. "
             "Exit 0 all pass, 1 a check failed, 2 bad input."
         ),
-        epilog="Examples:\n\n" + "\n\n".join(EXAMPLES),
+        short_help="Check that a card's section tells the truth about its weights.",
+        epilog=examples_epilog(EXAMPLES),
     )
     @handle_errors
     def validate(
