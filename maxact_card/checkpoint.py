@@ -10,8 +10,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from maxact_card import progress
 from maxact_card.documents import sha256_file
 from maxact_card.errors import RuntimeFailure, UsageError
+from maxact_card.fmt import size
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "auto": "auto"}
@@ -58,6 +60,7 @@ def resolve(ref: str, *, revision: str | None, token: str | None, memory_budget_
     """Files on disk for `ref`, the gguf file name if any, and the provenance fields of the results."""
     path = Path(ref).expanduser()
     if path.is_file() and path.suffix == ".gguf":
+        progress.step(f"hashing {path.name} ({size(path.stat().st_size)})")
         return path.parent, path.name, {
             "id": path.name, "source": "gguf", "revision": None, "commit_sha": None,
             "weight_files": [{"path": path.name, "sha256": sha256_file(path), "size": path.stat().st_size}],
@@ -124,6 +127,7 @@ def load(ref: str, *, revision: str | None = None, token: str | None = None, dty
     load_kwargs: dict[str, Any] = dict(kwargs, dtype=torch_dtype)
     if device_map:
         load_kwargs["device_map"] = device_map
+    progress.step(f"loading the model ({chosen}" + (f", to {dev})" if not device_map else f", device map {device_map})"))
     model = _load_model(ref, local_dir, config, load_kwargs, transformers, AutoModelForCausalLM)
     if not device_map:
         try:
@@ -132,6 +136,7 @@ def load(ref: str, *, revision: str | None = None, token: str | None = None, dty
             raise RuntimeFailure(f"{ref} does not fit in the memory of {dev}",
                                  hint="use --device-map auto, a smaller --dtype or --device cpu") from None
     model.eval()
+    progress.step("loading the tokenizer")
     try:
         tokenizer = AutoTokenizer.from_pretrained(local_dir, **kwargs)
     except Exception as exc:  # noqa: BLE001 - tokenizer loaders raise many kinds of errors

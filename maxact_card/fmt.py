@@ -90,6 +90,14 @@ def db(x: float | None) -> str:
     return f"{text} dB"
 
 
+def size(n: int) -> str:
+    """A size in bytes, in binary units with one decimal: `15.3 GiB`, `512.0 MiB`, `300 B`."""
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
 def layer_ranges(layers: list[int]) -> str:
     """`[1, 2, 3, 7, 9, 10]` → `1–3, 7, 9–10`: a long list of layers kept short."""
     ordered = sorted(set(layers))
@@ -104,4 +112,4 @@ def layer_ranges(layers: list[int]) -> str:
     return ", ".join(parts)
 
 
-__all__ = ["count", "db", "layer_ranges", "number", "ratio"]
+__all__ = ["count", "db", "layer_ranges", "number", "ratio", "size"]

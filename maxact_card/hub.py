@@ -46,8 +46,10 @@ from huggingface_hub.errors import (
     SafetensorsParsingError,
 )
 
+from maxact_card import progress
 from maxact_card.documents import sha256_file
 from maxact_card.errors import MaxactError, RuntimeFailure, UsageError
+from maxact_card.fmt import size
 
 PR_TITLE_PREFIX = "[maxact-card]"
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -297,13 +299,6 @@ def _cached_sha256(path: Path) -> str:
     return name if _SHA256.fullmatch(name) else sha256_file(path)
 
 
-def _human(n: int) -> str:
-    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n} B"
-
-
 def is_repo_id(model: str) -> bool:
     """True for an "org/name" Hub repo id that is not also an existing local path."""
     return bool(_REPO_ID.fullmatch(model)) and ".." not in model and not Path(model).exists()
@@ -341,6 +336,7 @@ def resolve_model(
     hub = _Hub.from_env(token)
     if hub.offline:
         return _resolve_cached(hub, model, revision)
+    progress.step(f"resolving {model}" + (f"@{revision}" if revision else ""))
     with _hub_errors(hub, model, revision):
         # resolve_revision also records revision -> sha in the cache, where HF_HUB_OFFLINE runs find it
         sha = hub.api.resolve_revision(model, revision=revision, cache_dir=hub.cache_dir).resolved
@@ -358,10 +354,12 @@ def resolve_model(
                 need = sum(siblings[w].size or 0 for w in weights) or None
             if need is not None and need > memory_budget_bytes:
                 raise UsageError(
-                    f"weights need {_human(need)}, the selected devices have {_human(memory_budget_bytes)}",
+                    f"weights need {size(need)}, the selected devices have {size(memory_budget_bytes)}",
                     hint="use --device-map auto on more GPUs, or --force",
                 )
         wanted = [f for f in MODEL_FILES if f in siblings] + list(indexes) + list(weights)
+        total = sum(siblings[f].size or 0 for f in wanted)
+        progress.step(f"downloading {len(wanted)} files ({size(total)}) or finding them in the cache")
         folder = Path(
             snapshot_download(
                 model,
@@ -387,6 +385,8 @@ def _resolve_local(path: Path) -> ResolvedModel:
         )
     names = {p.name for p in path.iterdir() if p.is_file()}
     weights, _, notes = _choose_weights(names, lambda f: json.loads((path / f).read_text()), str(path))
+    total = sum((path / w).stat().st_size for w in weights)
+    progress.step(f"hashing {len(weights)} weight file{'s' if len(weights) != 1 else ''} ({size(total)})")
     files = tuple(WeightFile(w, sha256_file(path / w), (path / w).stat().st_size) for w in weights)
     return ResolvedModel(path.resolve(), None, None, None, files, "local", notes)
 

@@ -16,7 +16,7 @@ import torch
 
 import maxact_card
 from maxact_card import corpus as corpus_mod
-from maxact_card import distributed
+from maxact_card import distributed, progress
 from maxact_card import quant as quant_mod
 from maxact_card.budget import auto_batch_tokens
 from maxact_card.checkpoint import LoadedModel, load
@@ -123,6 +123,7 @@ def prepare_tokens(loaded: LoadedModel, opts: MeasureOptions, samples: list[corp
                    builtin: bool) -> tuple[list[list[int]], bool]:
     """Tokenise the selected samples; the built-in corpus is cut to --max-seq-len unless told otherwise."""
     truncate = opts.truncate if opts.truncate is not None else builtin
+    progress.step(f"tokenizing {len(samples):,} samples")
     return corpus_mod.tokenize(samples, loaded.tokenizer, opts.max_seq_len, truncate=truncate), truncate
 
 
@@ -172,18 +173,26 @@ def decoder(tokenizer: Any) -> Callable[[int], str]:
     return decode
 
 
-def run_measure(opts: MeasureOptions, *, progress: Callable[[int, int], None] | None = None,
-                on_plan: Callable[[int, int], None] | None = None) -> dict[str, Any] | None:
+def run_measure(opts: MeasureOptions) -> dict[str, Any] | None:
     """Measure `opts.model` (and with `opts.quant`, check INT8/FP8 on held-out data); return the results.
 
     Under torchrun every process measures its share of the batches and all of them end up with
-    the same merged statistics; only rank 0 gets the results, the others get None.
+    the same merged statistics; only rank 0 gets the results, the others get None. Each step is
+    announced through `progress` (rank 0's only).
     """
-    opts.check()
     world = distributed.world_from_env()
+    if not world.is_main:
+        with progress.listening(None):
+            return _measure(opts, world)
+    return _measure(opts, world)
+
+
+def _measure(opts: MeasureOptions, world: distributed.World) -> dict[str, Any] | None:
+    opts.check()
     if world.distributed and opts.device_map:
         raise UsageError("--device-map spreads one model over the GPUs; it cannot be combined with several processes",
                          hint="use either --device-map auto (one process) or torchrun/--gpus (one model per GPU)")
+    progress.step("reading the corpus")
     corpus = corpus_mod.load_corpus(opts.corpus)
     samples = corpus_mod.select(corpus, opts.samples, opts.seed)
     held_out: list[corpus_mod.Sample] = []
@@ -197,7 +206,7 @@ def run_measure(opts: MeasureOptions, *, progress: Callable[[int, int], None] | 
     try:
         with _stop_on_signals(enabled=opts.state_dir is not None) as stop:
             run = _Run(opts, world, loaded, corpus, samples, held_out, stop)
-            return run.execute(started, progress if world.is_main else None, on_plan if world.is_main else None)
+            return run.execute(started)
     finally:
         distributed.close(world)
 
@@ -244,8 +253,7 @@ class _Run:
         self.resumed = False
         self.oom_splits = 0
 
-    def execute(self, started: _dt.datetime, progress: Callable[[int, int], None] | None,
-                on_plan: Callable[[int, int], None] | None) -> dict[str, Any] | None:
+    def execute(self, started: _dt.datetime) -> dict[str, Any] | None:
         opts, loaded = self.opts, self.loaded
         if opts.quant:
             check_quant_sites(opts.quant_sites, discover(loaded.model))
@@ -255,17 +263,17 @@ class _Run:
         plan = plan_batches([len(t) for t in token_ids], opts, budget)
         if opts.state_dir:
             self.store = self._open_state(Path(opts.state_dir), truncate)
-        if on_plan is not None:
-            shard = self.world.shard(plan)
-            on_plan(sum(len(b) for b in shard), sum(len(token_ids[i]) for b in shard for i in b))
+        progress.step("finding the sites")
         measurement = prepare(loaded.model, token_ids, device=loaded.device, top_k=opts.top_k)
         stats = measurement.stats
 
         def run_fn(batches: list[list[int]], control: LoopControl) -> LoopReport:
             return run_measurement(measurement, loaded.model, batches=batches, device=loaded.device,
-                                   pad_token_id=_pad_id(loaded.tokenizer), progress=progress, control=control)
+                                   pad_token_id=_pad_id(loaded.tokenizer), progress=progress.advance,
+                                   control=control)
 
-        wall, unreadable, forward = self.run_pass("measure", stats, plan, run_fn)
+        label = "measuring" + (" (the first batches compile the fused pieces)" if loaded.device.type == "cuda" else "")
+        wall, unreadable, forward = self.run_pass("measure", stats, plan, run_fn, label, token_ids)
         unreadable = distributed.union_unreadable(self.world, unreadable)
         drop_sites(measurement, unreadable)
         distributed.all_reduce_fields(self.world, [measurement.stats[n] for n in sorted(measurement.stats)])
@@ -308,9 +316,10 @@ class _Run:
         return store
 
     def run_pass(self, name: str, accumulators: dict[str, Any], plan: list[list[int]],
-                 run_fn: Callable[[list[list[int]], LoopControl], LoopReport],
-                 ) -> tuple[float, dict[str, str], dict[str, Any]]:
-        """Run one pass over this process's share of `plan`, resuming and checkpointing when asked.
+                 run_fn: Callable[[list[list[int]], LoopControl], LoopReport], label: str,
+                 token_ids: list[list[int]]) -> tuple[float, dict[str, str], dict[str, Any]]:
+        """Run one pass over this process's share of `plan`, resuming and checkpointing when asked;
+        announced to `progress` as `label`.
 
         Returns the wall time (earlier sessions of a resumed run included), the unreadable sites
         and how the forward ran (`LoopReport.forward`); out-of-memory splits add to `oom_splits`.
@@ -327,6 +336,7 @@ class _Run:
             skip, wall_before, unreadable_before = saved.done, saved.wall_time_s, saved.unreadable
             self.resumed = True
         shard = self.world.shard(plan)
+        progress.start_pass(label, sum(len(b) for b in shard), sum(len(token_ids[i]) for b in shard for i in b))
         every = self.opts.checkpoint_every
         store, stop = self.store, self.stop
 
@@ -368,9 +378,11 @@ class _Run:
                 loaded.model, eval_ids, batches=batches, sites=[by_name[n] for n in names],
                 consumers={n: (lambda x, ctx, acc=accumulators[n]: acc.update(x, ctx.mask)) for n in names},
                 device=loaded.device, pad_token_id=_pad_id(loaded.tokenizer), control=control,
+                progress=progress.advance,
             )
 
-        wall, unreadable, _ = self.run_pass("quant", dict(accumulators), plan, run_fn)
+        wall, unreadable, _ = self.run_pass("quant", dict(accumulators), plan, run_fn,
+                                            "checking INT8/FP8 on held-out data", eval_ids)
         unreadable = distributed.union_unreadable(self.world, unreadable)
         kept = [n for n in names if n not in unreadable]
         distributed.all_reduce_fields(self.world, [accumulators[n] for n in kept])

@@ -13,6 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from maxact_card.cli import app
+from maxact_card.fmt import number
 from maxact_card.results import load_results
 from tests import factory
 from tests.factory import TEXTS, write_corpus
@@ -168,7 +169,8 @@ def test_text_output_shows_the_global_max_and_its_site(planted: Path, shelf: Pat
     assert doc["global"]["max_abs"] == pytest.approx(PLANT, rel=1e-3)
     lines = res.stdout.splitlines()
     head = next(line for line in lines if line.startswith("global max|a|"))
-    assert re.search(r"1,23\d\.\d", head), head
+    shown = head.split()[2].rstrip(",")
+    assert shown == number(doc["global"]["max_abs"]) and shown.startswith("1,23"), head
     where = next(line for line in lines if line.startswith("where"))
     assert doc["global"]["site"] in where
     assert f"channel {doc['global']['location']['channel']}" in where

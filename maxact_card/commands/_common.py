@@ -65,11 +65,6 @@ def stderr_console() -> Console:
     return Console(stderr=True, highlight=False, soft_wrap=True)
 
 
-def stdout_console() -> Console:
-    """Results go to stdout; wide enough that tables are not squeezed when piped."""
-    return Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 120)
-
-
 def _debug() -> bool:
     return os.environ.get("MAXACT_CARD_DEBUG", "") not in ("", "0", "false")
 
@@ -128,5 +123,4 @@ __all__ = [
     "examples_epilog",
     "handle_errors",
     "stderr_console",
-    "stdout_console",
 ]

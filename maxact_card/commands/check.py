@@ -10,13 +10,11 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
 from maxact_card.card import (
     CARD_FILE,
@@ -35,8 +33,8 @@ from maxact_card.commands._common import (
     examples_epilog,
     handle_errors,
     stderr_console,
-    stdout_console,
 )
+from maxact_card.commands._text import Column, printable, stdout_width, table
 from maxact_card.commands.measure import (
     BatchSizeOpt,
     BatchTokensOpt,
@@ -45,6 +43,7 @@ from maxact_card.commands.measure import (
     CorpusOpt,
     DeviceMapOpt,
     DeviceOpt,
+    Display,
     DtypeOpt,
     EvalFractionOpt,
     ForceOpt,
@@ -52,7 +51,6 @@ from maxact_card.commands.measure import (
     MaxSeqLenOpt,
     MinSqnrOpt,
     ModelArg,
-    ProgressBar,
     QuantOpt,
     QuantSitesOpt,
     RemoteCodeOpt,
@@ -63,7 +61,7 @@ from maxact_card.commands.measure import (
     TopKOpt,
     TruncateOpt,
     launch_if_asked,
-    summary_tables,
+    summary_lines,
 )
 from maxact_card.commands.render import CardOpt, run_render
 from maxact_card.documents import atomic_write_text, validate_results, write_results
@@ -232,18 +230,13 @@ def _publish(results: dict[str, Any], results_path: Path | None, request: CheckR
         return publish(path)
 
 
-def run_check(
-    request: CheckRequest,
-    *,
-    progress: Callable[[int, int], None] | None = None,
-    on_plan: Callable[[int, int], None] | None = None,
-) -> CheckOutcome | None:
+def run_check(request: CheckRequest) -> CheckOutcome | None:
     """Measure, validate, gate, and (optionally) write the card and publish. Raises typed errors only.
 
     Returns None in the processes other than rank 0 of a data-parallel run.
     """
     policy, baseline = _preflight(request)
-    results = run_measure(request.measure, progress=progress, on_plan=on_plan)
+    results = run_measure(request.measure)
     if results is None:
         return None
     if request.out is not None:
@@ -265,34 +258,27 @@ def run_check(
     return CheckOutcome(results, results_path, verdict, card_path, pr_url, pr_skipped)
 
 
-def rule_table(verdict: Verdict) -> Table:
-    """Every evaluated rule: outcome, measured value, limit, site and message."""
-    table = Table(title=f"release gate (policy {verdict.policy})", title_justify="left")
-    for col in ("rule", "result", "measured", "limit", "site"):
-        table.add_column(col, no_wrap=True)  # names stay whole, so they can be searched for
-    table.add_column("message", overflow="fold")
-    for r in verdict.rules:
-        result = "skipped" if r.skipped else ("PASS" if r.passed else "FAIL")
-        table.add_row(
-            r.rule,
-            result,
-            format_value(r.rule, r.measured),
-            format_value(r.rule, r.limit),
-            r.site or "-",
-            r.message,
-        )
-    return table
+def rule_lines(verdict: Verdict, width: int | None) -> list[str]:
+    """Every evaluated rule: outcome, measured value, limit, site and message, fitted to `width`."""
+    rows = [
+        ["skipped" if r.skipped else ("PASS" if r.passed else "FAIL"), r.rule, format_value(r.rule, r.measured),
+         format_value(r.rule, r.limit), printable(r.site or "-"), printable(r.message)]
+        for r in verdict.rules
+    ]
+    columns = [Column("result"), Column("rule"), Column("measured", right=True), Column("limit", right=True),
+               Column("site"), Column("message", wrap=True)]
+    return table(f"release gate (policy {printable(verdict.policy)})", columns, rows, width)
 
 
 def verdict_lines(verdict: Verdict) -> list[str]:
     """The verdict line, then one unwrapped line per failed rule (greppable in CI logs)."""
     failed = f"{len(verdict.failed)} of {len(verdict.rules)} rules failed"
-    lines = [f"verdict: {verdict.word} ({failed}, policy {verdict.policy})"]
+    lines = [f"verdict: {verdict.word} ({failed}, policy {printable(verdict.policy)})"]
     for r in verdict.failed:
-        where = f" at {r.site}" if r.site else ""
+        where = f" at {printable(r.site)}" if r.site else ""
         lines.append(
             f"FAIL {r.rule}: measured {format_value(r.rule, r.measured)}, "
-            f"limit {format_value(r.rule, r.limit)}{where}: {r.message}"
+            f"limit {format_value(r.rule, r.limit)}{where}: {printable(r.message)}"
         )
     return lines
 
@@ -304,11 +290,10 @@ def print_outcome(outcome: CheckOutcome, fmt: OutputFormat) -> None:
     elif fmt is OutputFormat.markdown:
         sys.stdout.write(render_summary(outcome.results, outcome.verdict))
     else:
-        console = stdout_console()
-        for renderable in [*summary_tables(outcome.results), rule_table(outcome.verdict)]:
-            console.print(renderable)
-        for line in verdict_lines(outcome.verdict):
-            console.print(line, markup=False)
+        width = stdout_width()
+        lines = [*summary_lines(outcome.results, width), "", *rule_lines(outcome.verdict, width), "",
+                 *verdict_lines(outcome.verdict)]
+        sys.stdout.write("\n".join(lines) + "\n")
     sys.stdout.flush()
 
 
@@ -370,11 +355,8 @@ def check_cmd(
         policy_path=policy, baseline=baseline, out=out, card=card, create_pr=create_pr,
     )  # fmt: skip
     launch_if_asked(gpus, request.measure, "check")
-    bar = ProgressBar(enabled=sys.stderr.isatty() and fmt is not OutputFormat.json)
-    try:
-        outcome = run_check(request, progress=bar.update, on_plan=bar.plan)
-    finally:
-        bar.close()
+    with Display(enabled=sys.stderr.isatty() and fmt is not OutputFormat.json):
+        outcome = run_check(request)
     if outcome is None:  # another process of a data-parallel run: rank 0 reports
         return
     if verdict_out is not None:

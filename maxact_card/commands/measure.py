@@ -8,10 +8,10 @@ from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from maxact_card import distributed
+from maxact_card import progress as progress_mod
 from maxact_card.commands._common import (
     FormatOpt,
     OutOpt,
@@ -21,9 +21,10 @@ from maxact_card.commands._common import (
     examples_epilog,
     handle_errors,
     stderr_console,
-    stdout_console,
 )
+from maxact_card.commands._text import Column, key_values, printable, stdout_width, table
 from maxact_card.errors import UsageError
+from maxact_card.fmt import count, db, layer_ranges, number, ratio
 from maxact_card.results import dumps, write_results
 from maxact_card.run import DEFAULT_MAX_SEQ_LEN, MeasureOptions, run_measure
 
@@ -97,68 +98,63 @@ ForceOpt = Annotated[bool, typer.Option("--force", help="Load even when the weig
                                         envvar="MAXACT_CARD_FORCE")]
 
 
-def _fmt(value: float) -> str:
-    if value == 0:
-        return "0"
-    if abs(value) >= 1e5 or abs(value) < 1e-3:
-        return f"{value:.3g}"
-    return f"{value:,.4g}" if abs(value) < 1000 else f"{value:,.1f}"
+def _token(token: str) -> str:
+    return printable(repr(token))
 
 
-def _fmt_db(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f}"
-
-
-def summary_tables(results: dict[str, Any]) -> list[Any]:
-    """The rich renderables of the text summary."""
-    g = results["global"]
+def summary_lines(results: dict[str, Any], width: int | None) -> list[str]:
+    """The text summary: the peak and where, then per component, the top sites, the INT8/FP8 check
+    and the sites not found, each fitted to `width` (None: a pipe, nothing wrapped)."""
+    g, run, massive = results["global"], results["run"], results["massive"]
     loc = g["location"]
-    head = Table.grid(padding=(0, 2))
-    head.add_row("model", escape(f"{results['model']['id']} ({results['model']['architecture']}, {results['run']['dtype']})"))
-    head.add_row("global max|a|", f"{_fmt(g['max_abs'])}  (value {_fmt(g['value'])})")
-    head.add_row("where", escape(f"{g['site']}  [{g['module']}]  channel {loc['channel']}, "
-                                 f"sample {loc['sample_id']} position {loc['position']}, token {loc['token']!r}"))
+    peak = number(g["max_abs"])
+    if g["value"] < 0:
+        peak += f" (the activation is {number(g['value'])})"
+    site = next((s for s in results["sites"] if s["name"] == g["site"]), None)
+    median = site["quantiles"]["median"] if site else None
+    if median:
+        peak += f", {ratio(g['max_abs'] / median)} the median |a| of its site"
     boot = g["bootstrap"]
-    head.add_row("bootstrap", f"median {_fmt(boot['median'])}, 5-95% [{_fmt(boot['p05'])}, {_fmt(boot['p95'])}]")
-    massive = results["massive"]
-    head.add_row("massive", f"{massive['tokens']} tokens in layers {massive['layers'] or 'none'}"
-                 + (f", largest ratio {_fmt(massive['max_ratio'])}x median" if massive["max_ratio"] else ""))
-    head.add_row("run", f"{results['run']['samples']} samples, {results['run']['tokens']} tokens, "
-                 f"{results['run']['tokens_per_s']:.0f} tokens/s on {results['run']['device']}")
-
-    comps = Table(title="per component", title_justify="left")
-    for col in ("component", "max|a|", "site", "channel", "token"):
-        comps.add_column(col)
-    for name, c in results["components"].items():
-        comps.add_row(name, _fmt(c["max_abs"]), c["site"], str(c["location"]["channel"]),
-                      escape(repr(c["location"]["token"])))
-
-    top = Table(title="top sites", title_justify="left")
-    for col in ("site", "max|a|", "q0.999", "rms", "massive tokens"):
-        top.add_column(col)
-    for s in sorted(results["sites"], key=lambda s: -s["max_abs"])[:10]:
-        top.add_row(s["name"], _fmt(s["max_abs"]), _fmt(s["quantiles"]["q0.999"]), _fmt(s["rms"]),
-                    str(s["massive"]["tokens"]) if s["massive"] else "-")
-    out: list[Any] = [head, comps, top]
+    head = [
+        ("model", printable(f"{results['model']['id']} ({results['model']['architecture']}, {run['dtype']})")),
+        ("global max|a|", peak),
+        ("where", printable(f"{g['site']} [{g['module']}], channel {loc['channel']}, sample {loc['sample_id']} "
+                            f"position {loc['position']}, token {loc['token']!r}")),
+        ("bootstrap", f"median {number(boot['median'])}, 5-95% [{number(boot['p05'])}, {number(boot['p95'])}]"),
+        ("massive", f"{count(massive['tokens'])} tokens in layers {layer_ranges(massive['layers']) or 'none'}"
+         + (f"; the largest is {ratio(massive['max_ratio'])} the median |a| of its token"
+            if massive["max_ratio"] else "")),
+        ("run", (f"{count(run['samples'])} samples, {count(run['tokens'])} tokens, "
+                 f"{count(round(run['tokens_per_s']))} tokens/s on {run['device']}")),
+    ]
+    lines = key_values(head, width)
+    lines += [""] + table(
+        "per component", [Column("component"), Column("max|a|", right=True), Column("site"),
+                          Column("channel", right=True), Column("token")],
+        [[name, number(c["max_abs"]), c["site"], str(c["location"]["channel"]), _token(c["location"]["token"])]
+         for name, c in results["components"].items()], width)
+    top = sorted(results["sites"], key=lambda s: -s["max_abs"])[:10]
+    lines += [""] + table(
+        "top sites", [Column("site"), Column("max|a|", right=True), Column("q0.999", right=True),
+                      Column("rms", right=True), Column("massive tokens", right=True)],
+        [[s["name"], number(s["max_abs"]), number(s["quantiles"]["q0.999"]), number(s["rms"]),
+          count(s["massive"]["tokens"]) if s["massive"] else "-"] for s in top], width)
     quant = results.get("quant")
     if quant:
-        q = Table(title=f"INT8/FP8 on held-out data ({quant['eval_samples']} samples)", title_justify="left")
-        for col in ("policy", "verdict", "worst site", "worst SQNR dB", "worst token p05 dB", "failing sites"):
-            q.add_column(col)
-        for name, p in quant["policies"].items():
-            q.add_row(name, p["verdict"], p["worst_site"] or "-", _fmt_db(p["worst_sqnr_db"]),
-                      _fmt_db(p["worst_token_sqnr_p05_db"]), str(p["failing_sites"]))
-        out.append(q)
-        out.append(f"recommended: {quant['recommended'] or 'none passes'}  (peak {_fmt(results['global']['max_abs'])} "
-                   f"at {results['global']['site']})")
+        lines += [""] + table(
+            f"INT8/FP8 on held-out data ({count(quant['eval_samples'])} samples)",
+            [Column("policy"), Column("verdict"), Column("worst site"), Column("SQNR", right=True),
+             Column("token p05", right=True), Column("failing", right=True)],
+            [[name, p["verdict"], p["worst_site"] or "-", db(p["worst_sqnr_db"]),
+              db(p["worst_token_sqnr_p05_db"]), count(p["failing_sites"])]
+             for name, p in quant["policies"].items()], width)
+        lines.append(f"recommended: {quant['recommended'] or 'none passes'} "
+                     f"(peak {number(g['max_abs'])} at {g['site']})")
     if results["missing_sites"]:
-        missing = Table(title="sites not found", title_justify="left")
-        missing.add_column("site")
-        missing.add_column("reason")
-        for m in results["missing_sites"]:
-            missing.add_row(escape(m["site"]), escape(m["reason"]))
-        out.append(missing)
-    return out
+        lines += [""] + table("sites not found", [Column("site"), Column("reason", wrap=True)],
+                              [[printable(m["site"]), printable(m["reason"])] for m in results["missing_sites"]],
+                              width)
+    return lines
 
 
 def print_results(results: dict[str, Any], fmt: OutputFormat) -> None:
@@ -166,40 +162,59 @@ def print_results(results: dict[str, Any], fmt: OutputFormat) -> None:
     if fmt is OutputFormat.json:
         sys.stdout.write(dumps(results))
         return
-    console = stdout_console()
-    for renderable in summary_tables(results):
-        console.print(renderable)
+    sys.stdout.write("\n".join(summary_lines(results, stdout_width())) + "\n")
+    sys.stdout.flush()
 
 
-class ProgressBar:
-    """A progress bar on stderr (only on a terminal) showing samples and tokens/s."""
+class Display:
+    """What the run is doing, on stderr, while it runs: a spinner line per step with its elapsed
+    time, then a bar with samples and tokens/s for each pass over the corpus. Only on a terminal,
+    and not with --format json; otherwise nothing is shown (`progress` then has no listener)."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
         self.progress: Progress | None = None
         self.task: Any = None
-        self.elapsed = 0.0
+        self.bar = False
 
-    def plan(self, samples: int, tokens: int) -> None:
-        if not self.enabled:
-            return
-        self.progress = Progress(
-            TextColumn("measuring"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-            TimeElapsedColumn(), console=stderr_console(), transient=True,
-        )
-        self.task = self.progress.add_task("measure", total=samples, rate="")
-        self.progress.start()
+    def __enter__(self) -> Display:  # noqa: PYI034 - Python 3.10 has no typing.Self
+        if self.enabled:
+            self.progress = Progress(
+                SpinnerColumn(), TextColumn("{task.description}"), BarColumn(bar_width=24),
+                TextColumn("{task.fields[count]}"), TextColumn("{task.fields[rate]}"), TimeElapsedColumn(),
+                console=stderr_console(), transient=True,
+            )
+            self.progress.start()
+        self._listening = progress_mod.listening(self if self.enabled else None)
+        self._listening.__enter__()
+        return self
 
-    def update(self, samples: int, tokens: int) -> None:
-        if self.progress is None:
-            return
-        elapsed = self.progress.tasks[0].elapsed or 0.0
-        rate = f"{tokens / elapsed:,.0f} tokens/s" if elapsed > 0 else ""
-        self.progress.update(self.task, completed=samples, rate=rate)
-
-    def close(self) -> None:
+    def __exit__(self, *exc: object) -> None:
+        self._listening.__exit__(*exc)
         if self.progress is not None:
             self.progress.stop()
+
+    def _show(self, description: str, total: int | None) -> None:
+        assert self.progress is not None
+        if self.task is not None:
+            self.progress.remove_task(self.task)
+        # a step has no total: its bar pulses and its count stays empty, while the clock runs
+        self.task = self.progress.add_task(description, total=total, rate="",
+                                           count="" if total is None else f"0/{total:,} samples")
+
+    def step(self, text: str) -> None:
+        self._show(escape(text), None)
+
+    def start_pass(self, label: str, samples: int, tokens: int) -> None:
+        self._show(f"{escape(label)}: {tokens:,} tokens", samples)
+
+    def advance(self, samples: int, tokens: int) -> None:
+        if self.progress is None or self.task is None:
+            return
+        elapsed = self.progress.tasks[-1].elapsed or 0.0
+        rate = f"{tokens / elapsed:,.0f} tokens/s" if elapsed > 0 else ""
+        total = self.progress.tasks[-1].total or 0
+        self.progress.update(self.task, completed=samples, rate=rate, count=f"{samples:,}/{total:,.0f} samples")
 
 
 def launch_if_asked(gpus: int | None, opts: MeasureOptions, command: str) -> None:
@@ -268,11 +283,8 @@ def measure_cmd(
         state_dir=state_dir, resume=resume, checkpoint_every=checkpoint_every,
     )
     launch_if_asked(gpus, opts, "measure")
-    bar = ProgressBar(enabled=sys.stderr.isatty() and fmt is not OutputFormat.json)
-    try:
-        results = run_measure(opts, progress=bar.update, on_plan=bar.plan)
-    finally:
-        bar.close()
+    with Display(enabled=sys.stderr.isatty() and fmt is not OutputFormat.json):
+        results = run_measure(opts)
     if results is None:  # another process of a data-parallel run: rank 0 reports
         return
     if out is not None:

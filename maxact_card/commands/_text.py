@@ -1,0 +1,114 @@
+"""Plain-text tables for the terminal and for pipes.
+
+On a terminal a table fits its width: columns keep their text whole, and the one column marked
+`wrap` (a message) takes what is left, continued under itself. Where even that does not fit, each
+row is printed as a block of `title: value` lines. Piped output is never wrapped or padded past its
+text, so a log line stays one greppable line. Cells are single lines: whatever a model, tokenizer
+or file controls is made printable with `printable` before it gets here.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import textwrap
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+GAP = "  "
+#: A wrapped column narrower than this reads worse than the stacked layout.
+MIN_WRAP = 24
+
+
+@dataclass(frozen=True)
+class Column:
+    """A table column: its title, alignment, and whether it may wrap (at most one per table)."""
+
+    title: str
+    right: bool = False
+    wrap: bool = False
+
+
+def stdout_width() -> int | None:
+    """The terminal's width when stdout is one, else None (a pipe or a file: no wrapping)."""
+    if not sys.stdout.isatty():
+        return None
+    return shutil.get_terminal_size((100, 24)).columns
+
+
+def printable(text: str) -> str:
+    """`text` with control, format and separator characters (newlines, U+2028, bidi marks, ESC)
+    written as escapes, so that it stays on its line and cannot move the cursor or recolour it."""
+    out = []
+    for ch in text:
+        category = unicodedata.category(ch)
+        if category[0] == "C" or category in ("Zl", "Zp"):
+            code = ord(ch)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def table(title: str | None, columns: Sequence[Column], rows: Sequence[Sequence[str]], width: int | None) -> list[str]:
+    """The lines of a table: a title line, a header line and one line per row (see the module doc)."""
+    lines = [title] if title else []
+    widths = [max([len(c.title), *(len(r[i]) for r in rows)]) for i, c in enumerate(columns)]
+    total = sum(widths) + len(GAP) * (len(columns) - 1)
+    if width is None or total <= width:
+        return lines + [_line(columns, widths, cells) for cells in [[c.title for c in columns], *rows]]
+    wrap = next((i for i, c in enumerate(columns) if c.wrap), None)
+    if wrap is not None:
+        room = width - (total - widths[wrap])
+        if room >= MIN_WRAP:
+            widths[wrap] = room
+            lines.append(_line(columns, widths, [c.title for c in columns]))
+            for cells in rows:
+                lines.extend(_wrapped(columns, widths, cells, wrap))
+            return lines
+    return lines + _stacked(columns, rows, width)
+
+
+def _line(columns: Sequence[Column], widths: Sequence[int], cells: Sequence[str]) -> str:
+    parts = [cell.rjust(w) if c.right else cell.ljust(w) for c, w, cell in zip(columns, widths, cells)]
+    return GAP.join(parts).rstrip()
+
+
+def _wrapped(columns: Sequence[Column], widths: Sequence[int], cells: Sequence[str], wrap: int) -> list[str]:
+    pieces = textwrap.wrap(cells[wrap], widths[wrap], break_on_hyphens=False) or [""]
+    first = list(cells)
+    first[wrap] = pieces[0]
+    lines = [_line(columns, widths, first)]
+    for piece in pieces[1:]:
+        blank = [""] * len(columns)
+        blank[wrap] = piece
+        lines.append(_line(columns, widths, blank))
+    return lines
+
+
+def _stacked(columns: Sequence[Column], rows: Sequence[Sequence[str]], width: int) -> list[str]:
+    """Each row as its first cell, then an indented `title: value` line per other cell."""
+    label = max(len(c.title) for c in columns[1:]) + 2
+    lines: list[str] = []
+    for cells in rows:
+        lines.append(cells[0])
+        for c, cell in zip(columns[1:], cells[1:]):
+            head = f"  {(c.title + ':').ljust(label)} "
+            lines.extend(textwrap.wrap(cell, width, initial_indent=head, subsequent_indent=" " * len(head),
+                                       break_on_hyphens=False, break_long_words=False) or [head.rstrip()])
+    return lines
+
+
+def key_values(pairs: Sequence[tuple[str, str]], width: int | None) -> list[str]:
+    """`key  value` lines, values aligned and wrapped under themselves on a terminal."""
+    label = max(len(k) for k, _ in pairs) + 2
+    lines: list[str] = []
+    for key, value in pairs:
+        head = key.ljust(label)
+        if width is None or label + len(value) <= width or width - label < MIN_WRAP:
+            lines.append(head + value)
+        else:
+            lines.extend(textwrap.wrap(value, width, initial_indent=head, subsequent_indent=" " * label,
+                                       break_on_hyphens=False))
+    return lines
