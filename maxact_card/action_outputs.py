@@ -9,8 +9,9 @@ Reads the results file written by ``check --out`` and the JSON that ``check --fo
 * prints one line for the log, and one ``::error`` workflow command per failed rule (or one for a
   check that produced no verdict), which GitHub shows as annotations.
 
-It never changes the step's outcome: it exits 0 whenever its own arguments are usable, and the
-Action's step exits with the code of ``maxact-card check``. Without the GitHub variables it prints
+It never changes the step's outcome itself: it exits 0 whenever its own arguments are usable; the
+Action's step exits with the code of ``maxact-card check``, or 1 when that code is 0 but the
+verdict (``--verdict-file``) is not PASS. Without the GitHub variables it prints
 the outputs to stdout, so it can be tried locally.
 """
 
@@ -114,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--section", type=Path, default=None, help="a Markdown file with the card section preview"
     )
+    parser.add_argument(
+        "--verdict-file", type=Path, default=None, help="also write the verdict word (PASS, FAIL, ERROR) here"
+    )
     args = parser.parse_args(argv)
 
     verdict_doc, pr_url, results_path = _verdict_doc(_read_json(args.check))
@@ -140,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         "pr-url": pr_url,
     }
     _write_outputs(outputs, os.environ.get("GITHUB_OUTPUT"))
+    if args.verdict_file is not None:
+        args.verdict_file.write_text(outputs["verdict"] + "\n", encoding="utf-8")
     if ok and verdict is not None and results is not None:
         summary = render_summary(results, verdict, section=section)
     else:

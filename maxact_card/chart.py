@@ -139,7 +139,8 @@ def render_chart(results: dict[str, Any]) -> str:
     out.append('<g font-size="12" text-anchor="middle">')
     for row in layers:
         layer = row["layer"]
-        if (layer - first_layer) % step == 0 or layer == last_layer:
+        # every step-th layer, and the last one; a step tick closer to the last than a step would crowd it
+        if layer == last_layer or ((layer - first_layer) % step == 0 and last_layer - layer >= step):
             x = x_of(layer)
             out.append(
                 f'<line x1="{_f(x)}" y1="{_f(BOTTOM)}" x2="{_f(x)}" y2="{_f(BOTTOM + 5)}" stroke="#888888"/>'

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,6 +193,14 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     huggingface_hub.utils.disable_progress_bars()
+    # transformers' GGUF loader draws its own tqdm bar, which neither switch above reaches
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_loader
+    except Exception:  # noqa: BLE001 - no GGUF support installed: no bar to silence
+        return
+    bar = getattr(gguf_loader, "tqdm", None)
+    if bar is not None and not isinstance(bar, functools.partial):
+        gguf_loader.tqdm = functools.partial(bar, disable=True)
 
 
 def _load_model(ref: str, local_dir: Path, config: Any, load_kwargs: dict[str, Any], transformers: Any,

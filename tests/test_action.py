@@ -378,7 +378,7 @@ def run_action(
 FAKE_CHECK = textwrap.dedent(
     """
     # A stand-in for `maxact-card`: records its argv and environment, then behaves like `check`
-    # according to FAKE_MODE (pass, fail, usage).
+    # according to FAKE_MODE (pass, fail, usage, nothing).
     import json, os, sys
     from pathlib import Path
     from maxact_card.gate import evaluate
@@ -392,6 +392,9 @@ FAKE_CHECK = textwrap.dedent(
     if mode == "usage":
         print("error: model directory not found", file=sys.stderr)
         sys.exit(2)
+    if mode == "nothing":  # what a CLI that printed its help would do
+        print("Usage: maxact-card check [OPTIONS] MODEL")
+        sys.exit(0)
     results = json.loads(Path(os.environ["FAKE_RESULTS"]).read_text())
     out = Path(argv[argv.index("--out") + 1])
     out.write_text(json.dumps(results))
@@ -494,6 +497,24 @@ def test_action_bad_input(tmp_path: Path, fake_cli: dict[str, Any]) -> None:
     }
     assert run.summary.startswith("## maxact-card release gate: ⚠️ ERROR") and "exit code 2" in run.summary
     assert "error: model directory not found" in run.log and "::error title=maxact-card check::" in run.log
+
+
+@pytest.mark.parametrize("inputs", [{"model": "--help"}, {"model": "-h"},
+                                    {"model": "org/model", "extra-args": "--max-seq-len 64 --help"},
+                                    {"model": "org/model", "extra-args": "--version"}])
+def test_action_refuses_inputs_that_read_as_options(tmp_path: Path, fake_cli: dict[str, Any],
+                                                    inputs: dict[str, str]) -> None:
+    run = run_action(tmp_path, inputs, env=_fake_env(fake_cli, "pass"), cli=fake_cli["cli"])
+    assert run.returncode == 2, run.log
+    assert not fake_cli["record"].exists()  # check never ran
+    assert "::error title=maxact-card::" in run.log
+
+
+def test_action_fails_an_exit_0_without_a_verdict(tmp_path: Path, fake_cli: dict[str, Any]) -> None:
+    run = run_action(tmp_path, {"model": "org/model"}, env=_fake_env(fake_cli, "nothing"), cli=fake_cli["cli"])
+    assert run.returncode == 1, run.log
+    assert run.outputs["verdict"] == "ERROR"
+    assert "exited 0 without a PASS verdict" in run.log
 
 
 def test_install_step_installs_the_checkout_or_the_pinned_version(tmp_path: Path) -> None:

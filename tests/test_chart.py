@@ -111,6 +111,17 @@ def test_chart_many_layers_thins_ticks_and_marks_a_non_layer_peak() -> None:
     assert not root.findall(f".//{SVG}polyline/../{SVG}circle[@r='2.50']")  # no per-point dots at 80 layers
 
 
+def test_the_last_layer_tick_is_not_crowded_by_a_step_tick() -> None:
+    """30 layers tick every 2; 28 would sit beside 29, the last, and is left out."""
+    results = load_example()
+    results["layers"] = [
+        {"layer": i, "max_abs": {"residual": 10.0 * (i + 1)}, "massive_tokens": 0} for i in range(30)
+    ]
+    root = ET.fromstring(render_chart(results).encode("utf-8"))
+    layer_ticks = ["".join(t.itertext()) for t in root.findall(f"{SVG}g[@text-anchor='middle']/{SVG}text")]
+    assert layer_ticks == [str(i) for i in range(0, 27, 2)] + ["29"]
+
+
 def test_chart_escapes_model_id() -> None:
     results = load_example()
     results["model"]["id"] = "org/<model>&co"

@@ -23,11 +23,13 @@ MIN_WRAP = 24
 
 @dataclass(frozen=True)
 class Column:
-    """A table column: its title, alignment, and whether it may wrap (at most one per table)."""
+    """A table column: its title, alignment, and whether it is the one that moves under its row
+    when the table is too wide (`wrap`, at most one per table; `labelled`: with its title then)."""
 
     title: str
     right: bool = False
     wrap: bool = False
+    labelled: bool = True
 
 
 def stdout_width() -> int | None:
@@ -52,39 +54,39 @@ def printable(text: str) -> str:
 
 
 def table(title: str | None, columns: Sequence[Column], rows: Sequence[Sequence[str]], width: int | None) -> list[str]:
-    """The lines of a table: a title line, a header line and one line per row (see the module doc)."""
+    """The lines of a table: a title line, a header line and one line per row.
+
+    When the table is wider than `width`, the `wrap` column leaves the grid and its text goes on an
+    indented line under each row, wrapped to `width`; if the rest is still too wide, each row
+    becomes a block of `title: value` lines. `width` None (a pipe) never wraps anything."""
     lines = [title] if title else []
     widths = [max([len(c.title), *(len(r[i]) for r in rows)]) for i, c in enumerate(columns)]
-    total = sum(widths) + len(GAP) * (len(columns) - 1)
-    if width is None or total <= width:
+    if width is None or _total(widths) <= width:
         return lines + [_line(columns, widths, cells) for cells in [[c.title for c in columns], *rows]]
-    wrap = next((i for i, c in enumerate(columns) if c.wrap), None)
-    if wrap is not None:
-        room = width - (total - widths[wrap])
-        if room >= MIN_WRAP:
-            widths[wrap] = room
-            lines.append(_line(columns, widths, [c.title for c in columns]))
+    moved = next((i for i, c in enumerate(columns) if c.wrap), None)
+    if moved is not None:
+        keep = [i for i in range(len(columns)) if i != moved]
+        grid = [columns[i] for i in keep]
+        kept_widths = [widths[i] for i in keep]
+        indent = " " * (kept_widths[0] + len(GAP))
+        if _total(kept_widths) <= width and width - len(indent) >= MIN_WRAP:
+            lines.append(_line(grid, kept_widths, [c.title for c in grid]))
             for cells in rows:
-                lines.extend(_wrapped(columns, widths, cells, wrap))
+                lines.append(_line(grid, kept_widths, [cells[i] for i in keep]))
+                text = f"{columns[moved].title}: {cells[moved]}" if columns[moved].labelled else cells[moved]
+                lines.extend(textwrap.wrap(text, width, initial_indent=indent, subsequent_indent=indent,
+                                           break_on_hyphens=False, break_long_words=False))
             return lines
     return lines + _stacked(columns, rows, width)
+
+
+def _total(widths: Sequence[int]) -> int:
+    return sum(widths) + len(GAP) * (len(widths) - 1)
 
 
 def _line(columns: Sequence[Column], widths: Sequence[int], cells: Sequence[str]) -> str:
     parts = [cell.rjust(w) if c.right else cell.ljust(w) for c, w, cell in zip(columns, widths, cells)]
     return GAP.join(parts).rstrip()
-
-
-def _wrapped(columns: Sequence[Column], widths: Sequence[int], cells: Sequence[str], wrap: int) -> list[str]:
-    pieces = textwrap.wrap(cells[wrap], widths[wrap], break_on_hyphens=False) or [""]
-    first = list(cells)
-    first[wrap] = pieces[0]
-    lines = [_line(columns, widths, first)]
-    for piece in pieces[1:]:
-        blank = [""] * len(columns)
-        blank[wrap] = piece
-        lines.append(_line(columns, widths, blank))
-    return lines
 
 
 def _stacked(columns: Sequence[Column], rows: Sequence[Sequence[str]], width: int) -> list[str]:

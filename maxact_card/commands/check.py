@@ -259,14 +259,15 @@ def run_check(request: CheckRequest) -> CheckOutcome | None:
 
 
 def rule_lines(verdict: Verdict, width: int | None) -> list[str]:
-    """Every evaluated rule: outcome, measured value, limit, site and message, fitted to `width`."""
+    """Every evaluated rule: outcome, measured value, limit and message (which names the site),
+    fitted to `width`: on a narrow terminal the message goes under its rule."""
     rows = [
         ["skipped" if r.skipped else ("PASS" if r.passed else "FAIL"), r.rule, format_value(r.rule, r.measured),
-         format_value(r.rule, r.limit), printable(r.site or "-"), printable(r.message)]
+         format_value(r.rule, r.limit), printable(r.message)]
         for r in verdict.rules
     ]
     columns = [Column("result"), Column("rule"), Column("measured", right=True), Column("limit", right=True),
-               Column("site"), Column("message", wrap=True)]
+               Column("message", wrap=True, labelled=False)]
     return table(f"release gate (policy {printable(verdict.policy)})", columns, rows, width)
 
 

@@ -14,7 +14,7 @@ from maxact_card.gate import diff_results, percent, read_results, signed, templa
 
 EXAMPLES = [
     "maxact-card diff old/results.json new/results.json",
-    "maxact-card diff old.json new.json --format markdown >> \"$GITHUB_STEP_SUMMARY\"",
+    "maxact-card diff a.json b.json --format markdown >> \"$GITHUB_STEP_SUMMARY\"",
     "maxact-card diff old.json new.json --format json | jq .peak",
 ]
 
@@ -162,8 +162,8 @@ def register(app: typer.Typer) -> None:
                  epilog=examples_epilog(EXAMPLES))
     @handle_errors
     def diff(
-        old: Annotated[Path, typer.Argument(help="The earlier results JSON.", show_default=False)],
-        new: Annotated[Path, typer.Argument(help="The later results JSON.", show_default=False)],
+        old: Annotated[Path, typer.Argument(help="The earlier results JSON.", show_default=False, metavar="OLD")],
+        new: Annotated[Path, typer.Argument(help="The later results JSON.", show_default=False, metavar="NEW")],
         fmt: FormatOpt = OutputFormat.text,
     ) -> None:
         result = diff_results(read_results(old), read_results(new))

@@ -34,7 +34,8 @@ EXAMPLES = [
     "maxact-card measure model.Q4_1.gguf --corpus my_prompts.jsonl \\\n    --max-seq-len 2048",
 ]
 
-ModelArg = Annotated[str, typer.Argument(help="A checkpoint directory, a .gguf file, or a Hub repo id org/name.")]
+ModelArg = Annotated[str, typer.Argument(help="A checkpoint directory, a .gguf file, or a Hub repo id org/name.",
+                                                   metavar="MODEL")]
 CorpusOpt = Annotated[
     str | None,
     typer.Option("--corpus", help="builtin (default), a .jsonl/.txt file, or hf:DATASET[:split[:column]].",
@@ -73,8 +74,8 @@ BatchSizeOpt = Annotated[
 TopKOpt = Annotated[int, typer.Option("--top-k", help="Largest tokens kept per site.", envvar="MAXACT_CARD_TOP_K")]
 QuantOpt = Annotated[bool, typer.Option("--quant/--no-quant", help="Also check INT8/FP8 activation scales on held-out data.",
                                         envvar="MAXACT_CARD_QUANT")]
-EvalFractionOpt = Annotated[float, typer.Option("--eval-fraction", help="Share of the samples held out for --quant.",
-                                                envvar="MAXACT_CARD_EVAL_FRACTION", show_default="1/3")]
+EvalFractionOpt = Annotated[float, typer.Option("--eval-fraction", help="Share of the samples held out for --quant "
+                                                "(default: 1/3).", envvar="MAXACT_CARD_EVAL_FRACTION", show_default=False)]
 QuantSitesOpt = Annotated[str, typer.Option("--quant-sites", help="default, all, residual, peak, or site names (comma-separated).",
                                             envvar="MAXACT_CARD_QUANT_SITES")]
 ClipQuantileOpt = Annotated[float, typer.Option("--clip-quantile", help="Quantile of |a| the percentile policy clips at.",
@@ -107,13 +108,11 @@ def summary_lines(results: dict[str, Any], width: int | None) -> list[str]:
     and the sites not found, each fitted to `width` (None: a pipe, nothing wrapped)."""
     g, run, massive = results["global"], results["run"], results["massive"]
     loc = g["location"]
-    peak = number(g["max_abs"])
-    if g["value"] < 0:
-        peak += f" (the activation is {number(g['value'])})"
+    peak = number(g["max_abs"]) + (f", the activation {number(g['value'])}" if g["value"] < 0 else "")
     site = next((s for s in results["sites"] if s["name"] == g["site"]), None)
     median = site["quantiles"]["median"] if site else None
     if median:
-        peak += f", {ratio(g['max_abs'] / median)} the median |a| of its site"
+        peak += f" ({ratio(g['max_abs'] / median)} the median |a| of its site)"
     boot = g["bootstrap"]
     head = [
         ("model", printable(f"{results['model']['id']} ({results['model']['architecture']}, {run['dtype']})")),
@@ -121,8 +120,11 @@ def summary_lines(results: dict[str, Any], width: int | None) -> list[str]:
         ("where", printable(f"{g['site']} [{g['module']}], channel {loc['channel']}, sample {loc['sample_id']} "
                             f"position {loc['position']}, token {loc['token']!r}")),
         ("bootstrap", f"median {number(boot['median'])}, 5-95% [{number(boot['p05'])}, {number(boot['p95'])}]"),
-        ("massive", f"{count(massive['tokens'])} tokens in layers {layer_ranges(massive['layers']) or 'none'}"
-         + (f"; the largest is {ratio(massive['max_ratio'])} the median |a| of its token"
+        ("massive", (f"{count(massive['tokens'])} tokens in layers {layer_ranges(massive['layers'])}"
+                     if massive["tokens"] else
+                     f"none (|a| > {number(massive['abs_threshold'])} and > {ratio(massive['ratio_threshold'])} "
+                     "its token's median |a|)")
+         + (f"; the largest ratio to a token's median |a| is {ratio(massive['max_ratio'])}"
             if massive["max_ratio"] else "")),
         ("run", (f"{count(run['samples'])} samples, {count(run['tokens'])} tokens, "
                  f"{count(round(run['tokens_per_s']))} tokens/s on {run['device']}")),
@@ -143,10 +145,10 @@ def summary_lines(results: dict[str, Any], width: int | None) -> list[str]:
     if quant:
         lines += [""] + table(
             f"INT8/FP8 on held-out data ({count(quant['eval_samples'])} samples)",
-            [Column("policy"), Column("verdict"), Column("worst site"), Column("SQNR", right=True),
-             Column("token p05", right=True), Column("failing", right=True)],
-            [[name, p["verdict"], p["worst_site"] or "-", db(p["worst_sqnr_db"]),
-              db(p["worst_token_sqnr_p05_db"]), count(p["failing_sites"])]
+            [Column("policy"), Column("verdict"), Column("worst SQNR", right=True),
+             Column("token p05", right=True), Column("failing sites", right=True), Column("worst site", wrap=True)],
+            [[name, p["verdict"], db(p["worst_sqnr_db"]), db(p["worst_token_sqnr_p05_db"]),
+              count(p["failing_sites"]), printable(p["worst_site"] or "-")]
              for name, p in quant["policies"].items()], width)
         lines.append(f"recommended: {quant['recommended'] or 'none passes'} "
                      f"(peak {number(g['max_abs'])} at {g['site']})")

@@ -30,7 +30,7 @@ EXAMPLES = [
 ]
 
 ResultsArg = Annotated[
-    Path, typer.Argument(help="Results JSON written by `maxact-card measure`.", show_default=False)
+    Path, typer.Argument(help="Results JSON written by `maxact-card measure`.", show_default=False, metavar="RESULTS")
 ]
 CardOpt = Annotated[
     Path | None,
