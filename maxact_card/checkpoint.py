@@ -112,6 +112,7 @@ def load(ref: str, *, revision: str | None = None, token: str | None = None, dty
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
+    progress.step("reading the config" + (f" of {gguf_file}" if gguf_file else ""))
     try:
         config = AutoConfig.from_pretrained(local_dir, **kwargs)
     except ValueError as exc:
@@ -182,25 +183,27 @@ def _refuse_non_causal(ref: str, config: Any) -> None:
 
 
 def quiet_libraries() -> None:
-    """Library progress bars and warnings go only to a terminal: stderr stays one line per problem."""
+    """The libraries' own progress bars stay off: the run's steps are shown by `progress`. The Hub's
+    download bars (bytes and speed) stay on where progress is shown on a terminal; warnings reach
+    only a terminal, so that piped stderr is one line per problem."""
     import sys
 
-    if sys.stderr.isatty():
-        return
     import huggingface_hub.utils
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    huggingface_hub.utils.disable_progress_bars()
-    # transformers' GGUF loader draws its own tqdm bar, which neither switch above reaches
+    # transformers' GGUF loader draws its own tqdm bar, which the switch above does not reach
     try:
         from transformers import modeling_gguf_pytorch_utils as gguf_loader
     except Exception:  # noqa: BLE001 - no GGUF support installed: no bar to silence
-        return
+        gguf_loader = None
     bar = getattr(gguf_loader, "tqdm", None)
     if bar is not None and not isinstance(bar, functools.partial):
-        gguf_loader.tqdm = functools.partial(bar, disable=True)
+        gguf_loader.tqdm = functools.partial(bar, disable=True)  # type: ignore[union-attr]
+    if not (sys.stderr.isatty() and progress.shown()):
+        huggingface_hub.utils.disable_progress_bars()
+    if not sys.stderr.isatty():
+        transformers.utils.logging.set_verbosity_error()
 
 
 def _load_model(ref: str, local_dir: Path, config: Any, load_kwargs: dict[str, Any], transformers: Any,

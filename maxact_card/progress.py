@@ -2,7 +2,7 @@
 
 `step(text)` says what the run is doing now (resolving the repo, hashing the weights, loading the
 model, tokenizing...). A pass over the corpus is announced with `start_pass(label, samples, tokens)`
-and then reports what is done with `advance(samples, tokens)`. One listener at a time, installed
+and then reports what is done after each batch with `advance(samples, tokens)`. One listener at a time, installed
 with `listening` (the CLI's display on a terminal); with none, every call does nothing, so the core
 calls these freely and tests need not care.
 """
@@ -21,11 +21,11 @@ class Listener(Protocol):
     def step(self, text: str) -> None:
         """A new step begins; `text` says what it does, in the present tense."""
 
-    def start_pass(self, label: str, samples: int, tokens: int) -> None:
-        """A pass over `samples` samples (`tokens` tokens) begins."""
+    def start_pass(self, label: str, samples: int, tokens: int, batches: int) -> None:
+        """A pass over `samples` samples (`tokens` tokens, in `batches` batches) begins."""
 
     def advance(self, samples: int, tokens: int) -> None:
-        """The pass in progress has done `samples` samples and `tokens` tokens so far."""
+        """A batch is done: the pass in progress has done `samples` samples and `tokens` tokens so far."""
 
 
 _LISTENER: ContextVar[Listener | None] = ContextVar("maxact_card_progress", default=None)
@@ -41,6 +41,11 @@ def listening(listener: Listener | None) -> Iterator[None]:
         _LISTENER.reset(token)
 
 
+def shown() -> bool:
+    """Whether someone is showing progress (the CLI on a terminal): other bars may then show too."""
+    return _LISTENER.get() is not None
+
+
 def step(text: str) -> None:
     """Announce a step (see the module doc)."""
     listener = _LISTENER.get()
@@ -48,11 +53,11 @@ def step(text: str) -> None:
         listener.step(text)
 
 
-def start_pass(label: str, samples: int, tokens: int) -> None:
+def start_pass(label: str, samples: int, tokens: int, batches: int) -> None:
     """Announce a pass over the corpus."""
     listener = _LISTENER.get()
     if listener is not None:
-        listener.start_pass(label, samples, tokens)
+        listener.start_pass(label, samples, tokens, batches)
 
 
 def advance(samples: int, tokens: int) -> None:

@@ -336,7 +336,8 @@ class _Run:
             skip, wall_before, unreadable_before = saved.done, saved.wall_time_s, saved.unreadable
             self.resumed = True
         shard = self.world.shard(plan)
-        progress.start_pass(label, sum(len(b) for b in shard), sum(len(token_ids[i]) for b in shard for i in b))
+        progress.start_pass(label, sum(len(b) for b in shard), sum(len(token_ids[i]) for b in shard for i in b),
+                            len(shard))
         every = self.opts.checkpoint_every
         store, stop = self.store, self.stop
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
+from rich.text import Text
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from maxact_card import distributed
@@ -168,6 +170,13 @@ def print_results(results: dict[str, Any], fmt: OutputFormat) -> None:
     sys.stdout.flush()
 
 
+class _PassBar(BarColumn):
+    """A bar for a pass over the corpus; nothing for a step, which has no total."""
+
+    def render(self, task: Any) -> Any:
+        return Text("") if task.total is None else super().render(task)
+
+
 class Display:
     """What the run is doing, on stderr, while it runs: a spinner line per step with its elapsed
     time, then a bar with samples and tokens/s for each pass over the corpus. Only on a terminal,
@@ -177,46 +186,47 @@ class Display:
         self.enabled = enabled
         self.progress: Progress | None = None
         self.task: Any = None
-        self.bar = False
+        self.samples = self.batches = self.done_batches = 0
+        self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> Display:  # noqa: PYI034 - Python 3.10 has no typing.Self
+        self._stack = contextlib.ExitStack()
         if self.enabled:
             self.progress = Progress(
-                SpinnerColumn(), TextColumn("{task.description}"), BarColumn(bar_width=24),
+                SpinnerColumn(), TextColumn("{task.description}"), _PassBar(bar_width=24),
                 TextColumn("{task.fields[count]}"), TextColumn("{task.fields[rate]}"), TimeElapsedColumn(),
                 console=stderr_console(), transient=True,
             )
-            self.progress.start()
-        self._listening = progress_mod.listening(self if self.enabled else None)
-        self._listening.__enter__()
+            self._stack.enter_context(self.progress)
+            self._stack.enter_context(progress_mod.listening(self))
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._listening.__exit__(*exc)
-        if self.progress is not None:
-            self.progress.stop()
+        self._stack.close()
 
-    def _show(self, description: str, total: int | None) -> None:
+    def _show(self, description: str, total: int | None, count: str = "") -> None:
         assert self.progress is not None
         if self.task is not None:
             self.progress.remove_task(self.task)
-        # a step has no total: its bar pulses and its count stays empty, while the clock runs
-        self.task = self.progress.add_task(description, total=total, rate="",
-                                           count="" if total is None else f"0/{total:,} samples")
+        self.task = self.progress.add_task(description, total=total, rate="", count=count)
 
     def step(self, text: str) -> None:
         self._show(escape(text), None)
 
-    def start_pass(self, label: str, samples: int, tokens: int) -> None:
-        self._show(f"{escape(label)}: {tokens:,} tokens", samples)
+    def start_pass(self, label: str, samples: int, tokens: int, batches: int) -> None:
+        self.samples, self.batches, self.done_batches = samples, batches, 0
+        self._show(f"{escape(label)}: {tokens:,} tokens", samples, self._count(0))
+
+    def _count(self, samples: int) -> str:
+        return f"{samples:,}/{self.samples:,} samples, batch {min(self.done_batches + 1, self.batches)} of {self.batches}"
 
     def advance(self, samples: int, tokens: int) -> None:
         if self.progress is None or self.task is None:
             return
+        self.done_batches += 1
         elapsed = self.progress.tasks[-1].elapsed or 0.0
         rate = f"{tokens / elapsed:,.0f} tokens/s" if elapsed > 0 else ""
-        total = self.progress.tasks[-1].total or 0
-        self.progress.update(self.task, completed=samples, rate=rate, count=f"{samples:,}/{total:,.0f} samples")
+        self.progress.update(self.task, completed=samples, rate=rate, count=self._count(samples))
 
 
 def launch_if_asked(gpus: int | None, opts: MeasureOptions, command: str) -> None:

@@ -1,0 +1,97 @@
+"""Each step of a run is announced as it happens, to a listener only: nothing when nobody listens,
+nothing from the other processes of a data-parallel run, nothing on a pipe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from maxact_card import progress
+from maxact_card.cli import app
+from maxact_card.commands.measure import Display
+from maxact_card.run import MeasureOptions, run_measure
+from tests import factory
+from tests.factory import write_corpus
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, ...]] = []
+
+    def step(self, text: str) -> None:
+        self.events.append(("step", text))
+
+    def start_pass(self, label: str, samples: int, tokens: int, batches: int) -> None:
+        self.events.append(("pass", label, str(samples), str(batches)))
+
+    def advance(self, samples: int, tokens: int) -> None:
+        self.events.append(("advance", str(samples)))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("progress")
+    write_corpus(root / "corpus.jsonl")
+    return factory.save("llama", root / "llama")
+
+
+def _options(checkpoint: Path, **kw: object) -> MeasureOptions:
+    return MeasureOptions(model=str(checkpoint), corpus=str(checkpoint.parent / "corpus.jsonl"), device="cpu",
+                          batch_size=2, **kw)  # type: ignore[arg-type]
+
+
+def test_a_run_announces_its_steps_and_each_batch_of_both_passes(checkpoint: Path) -> None:
+    recorder = Recorder()
+    with progress.listening(recorder):
+        results = run_measure(_options(checkpoint, quant=True))
+    assert results is not None
+    steps = [e[1] for e in recorder.events if e[0] == "step"]
+    assert steps == [
+        "reading the corpus",
+        steps[1],
+        "reading the config",
+        "loading the model (float32, to cpu)",
+        "loading the tokenizer",
+        f"tokenizing {results['run']['samples']:,} samples",
+        "finding the sites",
+        f"tokenizing {results['quant']['eval_samples']:,} samples",
+    ]
+    assert steps[1].startswith("hashing 1 weight file (") and steps[1].endswith("KiB)")
+    passes = [e for e in recorder.events if e[0] == "pass"]
+    assert [p[1] for p in passes] == ["measuring", "checking INT8/FP8 on held-out data"]
+    measured, held_out = int(passes[0][2]), int(passes[1][2])
+    assert measured == results["run"]["samples"] and held_out == results["quant"]["eval_samples"]
+    first = recorder.events.index(passes[0])
+    advances = [int(e[1]) for e in recorder.events[first + 1:recorder.events.index(passes[1])] if e[0] == "advance"]
+    assert len(advances) == int(passes[0][3]) and advances[-1] == measured  # one per batch, to the end
+    assert advances == sorted(advances)
+
+
+def test_with_no_listener_nothing_is_announced(checkpoint: Path) -> None:
+    assert not progress.shown()
+    progress.step("nobody hears this")  # and nothing fails
+
+
+def test_the_display_stays_off_the_pipe(checkpoint: Path) -> None:
+    """CliRunner's stderr is not a terminal: no spinner, no bar, no library bars; only the result line."""
+    res = CliRunner().invoke(app, ["measure", str(checkpoint), "--corpus", str(checkpoint.parent / "corpus.jsonl"),
+                                   "--device", "cpu", "--out", str(checkpoint.parent / "r.json")])
+    assert res.exit_code == 0, res.stderr
+    assert res.stderr.splitlines() == [f"results written to {checkpoint.parent / 'r.json'}"]
+
+
+def test_the_display_counts_batches() -> None:
+    display = Display(enabled=True)
+    with display:
+        display.start_pass("measuring", 16, 3552, 2)
+        assert display.progress is not None
+        assert display.progress.tasks[-1].fields["count"] == "0/16 samples, batch 1 of 2"
+        display.advance(8, 1800)
+        assert display.progress.tasks[-1].fields["count"] == "8/16 samples, batch 2 of 2"
+        display.advance(16, 3552)
+        assert display.progress.tasks[-1].fields["count"] == "16/16 samples, batch 2 of 2"
+        display.step("writing")
+        assert display.progress.tasks[-1].total is None and len(display.progress.tasks) == 1
+    assert not progress.shown()
