@@ -103,7 +103,7 @@ def test_help_keeps_examples_whole_and_fits_80_columns(command: str) -> None:
     shown = [line.strip() for line in examples if line.strip()]
     assert shown and shown[0].startswith(f"maxact-card {command} ")
     for line, after in zip(shown, [*shown[1:], ""]):  # a continued example goes on with an option
-        assert line.startswith("maxact-card ") or line.startswith("--"), line
+        assert line.startswith(("maxact-card ", "--")), line
         if line.endswith("\\"):
             assert after.startswith("--"), after
 
@@ -115,7 +115,7 @@ def test_help_shows_defaults_as_people_write_them() -> None:
 
 def test_the_command_list_is_not_cut_off() -> None:
     res = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "80"}, terminal_width=80)
-    listed = re.findall(r"^  (\w+)\s{2,}(.+)$", res.stdout, flags=re.M)
+    listed = re.findall(r"^  (\w+)\s{2,}(.+)$", res.stdout, flags=re.MULTILINE)
     assert {name for name, _ in listed} >= {"measure", "check", "render", "validate", "publish", "diff"}
     assert not [summary for _, summary in listed if summary.endswith("...")]
 

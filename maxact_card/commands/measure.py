@@ -9,8 +9,8 @@ from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
-from rich.text import Text
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.text import Text
 
 from maxact_card import distributed
 from maxact_card import progress as progress_mod
