@@ -196,10 +196,11 @@ def quiet_libraries() -> None:
     try:
         from transformers import modeling_gguf_pytorch_utils as gguf_loader
     except Exception:  # noqa: BLE001 - no GGUF support installed: no bar to silence
-        gguf_loader = None
-    bar = getattr(gguf_loader, "tqdm", None)
-    if bar is not None and not isinstance(bar, functools.partial):
-        gguf_loader.tqdm = functools.partial(bar, disable=True)  # type: ignore[union-attr]
+        pass
+    else:
+        bar = getattr(gguf_loader, "tqdm", None)
+        if bar is not None and not isinstance(bar, functools.partial):
+            gguf_loader.tqdm = functools.partial(bar, disable=True)
     if not (sys.stderr.isatty() and progress.shown()):
         huggingface_hub.utils.disable_progress_bars()
     if not sys.stderr.isatty():
