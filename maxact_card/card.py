@@ -31,6 +31,7 @@ from maxact_card.documents import (  # noqa: F401 - atomic_write and sha256_file
     COMPONENTS,
     RESULTS_SCHEMA,
     atomic_write,
+    parse_json,
     schema_error,
     sha256_file,
 )
@@ -120,16 +121,12 @@ def check_results(results: Any, *, source: str = "results") -> None:
 def parse_results(data: bytes, *, source: str) -> dict[str, Any]:
     """Decode, parse and validate a results file's bytes; bad input raises UsageError/SchemaError."""
     try:
-        doc = json.loads(data.decode("utf-8"))
+        text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise UsageError(
             f"{source} is not UTF-8 text", hint="pass the JSON file `maxact-card measure` wrote"
         ) from None
-    except json.JSONDecodeError as exc:
-        raise UsageError(
-            f"{source} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})",
-            hint="pass the JSON file `maxact-card measure` wrote",
-        ) from None
+    doc = parse_json(text, source=source)
     check_results(doc, source=source)
     return doc
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -34,12 +35,36 @@ def json_path(error: Any) -> str:
     return path
 
 
+def non_finite(doc: Any) -> str | None:
+    """`$.path: message` for the first NaN or infinite number in `doc` (a JSON-like tree), else None.
+
+    JSON Schema's "number" admits them in Python (json reads `NaN` and `Infinity`, TOML `nan` and
+    `inf`), and every comparison with NaN is false: a limit of NaN would fail every model, a growth
+    limit of NaN would pass every one, and a results file with one renders "∞". So no document this
+    project reads may hold one. The walk is iterative: a deeply nested document cannot overflow it.
+    """
+    stack: list[tuple[str, Any]] = [("$", doc)]
+    while stack:
+        path, node = stack.pop()
+        if isinstance(node, float) and not math.isfinite(node):
+            return f"{path}: {node!r} is not a finite number"
+        if isinstance(node, dict):
+            stack.extend((f"{path}.{key}", value) for key, value in reversed(node.items()))
+        elif isinstance(node, list):
+            stack.extend((f"{path}[{i}]", value) for i, value in reversed(list(enumerate(node))))
+    return None
+
+
 def schema_error(doc: Any, schema_name: str) -> tuple[str, int] | None:
     """The most relevant violation as `$.path: message` and how many others there are; None if valid.
 
-    A results document of another schema version reports only that: its other violations are the
-    expected differences between versions, and listing them would hide what to do.
+    A NaN or infinite number anywhere is reported first (`non_finite`). A results document of
+    another schema version reports only that: its other violations are the expected differences
+    between versions, and listing them would hide what to do.
     """
+    bad_number = non_finite(doc)
+    if bad_number is not None:
+        return bad_number, 0
     if schema_name == RESULTS_SCHEMA:
         other_version = _version_problem(doc)
         if other_version is not None:
@@ -83,6 +108,9 @@ def _version_problem(doc: Any) -> tuple[str, str] | None:
 
 def validate_results(results: Any, *, source: str = "results") -> None:
     """Validate a results document; another schema version gets one line saying what to do."""
+    bad_number = non_finite(results)
+    if bad_number is not None:
+        raise SchemaError(f"{source}::{bad_number}", hint=_RERUN_HINT)
     other_version = _version_problem(results)
     if other_version is not None:
         where, hint = other_version
@@ -98,12 +126,19 @@ def load_results(path: Path) -> dict[str, Any]:
         raise UsageError(f"results file {path} does not exist", hint="pass the file `maxact-card measure --out` wrote") from None
     except OSError as exc:
         raise UsageError(f"cannot read results file {path}: {exc.strerror}") from None
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    doc = parse_json(text, source=str(path))
     validate_results(doc, source=str(path))
     return doc
+
+
+def parse_json(text: str, *, source: str) -> Any:
+    """JSON text as Python values; malformed or absurdly nested text is bad input (UsageError)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{source} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    except RecursionError:
+        raise UsageError(f"{source} is nested too deeply to be a maxact-card document") from None
 
 
 # --- files --------------------------------------------------------------------------------------------

@@ -435,6 +435,8 @@ def parse_results(data: bytes | str, source: str) -> dict[str, Any]:
         raise UsageError(
             f"{source} is not valid JSON ({exc})", hint="publish results written by maxact-card"
         ) from None
+    except RecursionError:
+        raise UsageError(f"{source} is nested too deeply to be a results file") from None
     validate_results(doc, source)
     return doc
 

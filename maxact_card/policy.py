@@ -229,6 +229,8 @@ def parse_policy_text(text: str, *, source: str, fmt: str) -> Policy:
             f"{source}: not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
             hint="fix the syntax",
         ) from None
+    except RecursionError:
+        raise UsageError(f"{source}: nested too deeply to be a policy", hint="see the README's policy example") from None
     validate_policy(doc, source)
     return Policy.from_dict(doc, source=source)
 

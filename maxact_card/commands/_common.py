@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 
 from maxact_card.distributed import record_exit
-from maxact_card.errors import EXIT_RUNTIME, EXIT_USAGE, MaxactError
+from maxact_card.errors import EXIT_RUNTIME, EXIT_USAGE, MaxactError, UsageError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -85,15 +85,65 @@ def handle_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+#: Where a Hub token can come from besides --token; huggingface_hub reads the first two itself.
+TOKEN_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "MAXACT_CARD_TOKEN")
+
+
+def clean_token(token: str | None, *, source: str) -> str | None:
+    """`token` without surrounding white space (a pasted `hf_...\\n`), None when empty.
+
+    A token with a space, control or non-ASCII character inside cannot be sent as an HTTP header:
+    the client would fail with an error that quotes the header, token and all. It is bad input,
+    and the message names where it came from, never the token.
+    """
+    if token is None or not token.strip():
+        return None
+    stripped = token.strip()
+    if not all(33 <= ord(ch) <= 126 for ch in stripped):
+        raise UsageError(
+            f"the Hub token from {source} holds a space, control or non-ASCII character",
+            hint="copy the token again from the Hub's settings page",
+        )
+    return stripped
+
+
+def _secrets(kwargs: dict[str, Any]) -> list[str]:
+    """Every token this process may send, as given and as cleaned, longest first."""
+    found = {kwargs.get("token") or ""} | {os.environ.get(name, "") for name in TOKEN_VARIABLES}
+    hub = sys.modules.get("huggingface_hub")
+    if hub is not None:
+        try:
+            found.add(hub.get_token() or "")
+        except Exception:  # noqa: BLE001 - an unreadable token file holds nothing to hide
+            pass
+    found |= {value.strip() for value in found}
+    return sorted((value for value in found if len(value) >= 8), key=len, reverse=True)
+
+
+def redact(text: str, secrets: list[str]) -> str:
+    """`text` with every secret replaced by `hf_***`."""
+    for secret in secrets:
+        text = text.replace(secret, "hf_***")
+    return text
+
+
 def _mapped(func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    def report(line: str) -> None:
+        secrets = _secrets(kwargs)
+        if _debug():
+            print(redact(traceback.format_exc(), secrets), end="", file=sys.stderr)
+        print(redact(line, secrets), file=sys.stderr)
+
     try:
+        if "token" in kwargs:
+            kwargs["token"] = clean_token(kwargs["token"], source="--token (or MAXACT_CARD_TOKEN)")
+            for name in TOKEN_VARIABLES[:2]:
+                clean_token(os.environ.get(name), source=name)
         return func(*args, **kwargs)
     except typer.Exit:
         raise
     except MaxactError as exc:
-        if _debug():
-            traceback.print_exc()
-        print(f"error: {exc.line()}", file=sys.stderr)
+        report(f"error: {exc.line()}")
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
@@ -102,13 +152,9 @@ def _mapped(func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         print("error: out of memory; use fewer --samples, a smaller --max-seq-len or a larger device", file=sys.stderr)
         raise typer.Exit(EXIT_RUNTIME) from None
     except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, exit 3
-        if _debug():
-            traceback.print_exc()
-        name = type(exc).__name__
-        print(
-            f"error: unexpected {name}: {str(exc).splitlines()[0] if str(exc) else ''}; "
-            "rerun with MAXACT_CARD_DEBUG=1 for the traceback and report it",
-            file=sys.stderr,
+        report(
+            f"error: unexpected {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}; "
+            "rerun with MAXACT_CARD_DEBUG=1 for the traceback and report it"
         )
         raise typer.Exit(EXIT_RUNTIME) from None
 

@@ -1,0 +1,118 @@
+"""Documents that would give a wrong answer: NaN or infinity in a results file, a policy or a
+baseline, and documents nested deeply enough to overflow a recursive reader. Each is one line on
+stderr and exit 2 from every command that reads it, naming where the bad value is."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from maxact_card.cli import app
+from maxact_card.documents import non_finite
+from maxact_card.errors import SchemaError
+from maxact_card.gate import evaluate
+from maxact_card.policy import load_policy
+from tests.test_gate import example
+
+SITE = 0  # the planted value goes into the first site's max
+
+
+def _results(tmp_path: Path, constant: str) -> Path:
+    """The example results with the first site's max replaced by a bare JSON constant."""
+    doc = example()
+    marker = 123456.789
+    doc["sites"][SITE]["max"] = marker
+    text = json.dumps(doc, indent=1).replace(repr(marker), constant, 1)
+    path = tmp_path / "results.json"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _one_error_line(res: object) -> str:
+    lines = res.stderr.splitlines()  # type: ignore[attr-defined]
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr  # type: ignore[attr-defined]
+    assert "Traceback" not in res.stderr  # type: ignore[attr-defined]
+    return lines[0]
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+@pytest.mark.parametrize("command", [["validate-results"], ["render"], ["diff", "OLD"], ["publish-dry"]])
+def test_a_results_file_with_a_non_finite_number_is_refused(tmp_path: Path, constant: str, command: list[str]) -> None:
+    bad = _results(tmp_path, constant)
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(example()), encoding="utf-8")
+    argv = {
+        "validate-results": ["validate", str(tmp_path), "--results", str(bad)],
+        "render": ["render", str(bad)],
+        "diff": ["diff", str(good), str(bad)],
+        "publish-dry": ["publish", "org/model", "--results", str(bad), "--dry-run"],
+    }[command[0]]
+    (tmp_path / "README.md").write_text("# card\n", encoding="utf-8")
+    res = CliRunner().invoke(app, argv, env={"HF_HUB_OFFLINE": "1"})
+    where = f"$.sites[{SITE}].max: {float(constant)!r} is not a finite number"
+    if command[0] == "validate-results":  # validate reports it as a failed check of the results
+        assert res.exit_code == 1 and "Traceback" not in res.stderr
+        assert [line for line in res.stdout.splitlines() if line.startswith("FAIL  results")][0].count(where) == 1
+    else:
+        assert res.exit_code == 2, res.stdout
+        assert where in _one_error_line(res)
+
+
+@pytest.mark.parametrize(("text", "where"), [
+    ("schema_version = 1\n[limits]\nglobal_max_abs = nan\n", "$.limits.global_max_abs: nan"),
+    ("schema_version = 1\n[baseline]\nmax_peak_growth_pct = inf\n", "$.baseline.max_peak_growth_pct: inf"),
+    ("schema_version = 1\n[limits.components]\nresidual = -inf\n", "$.limits.components.residual: -inf"),
+    ("schema_version = 1\n[quant]\nmin_sqnr_db = nan\nrequire_pass = ['fp8-e4m3-static']\n", "$.quant.min_sqnr_db: nan"),
+])
+def test_a_policy_with_a_non_finite_number_is_refused(tmp_path: Path, text: str, where: str) -> None:
+    path = tmp_path / "policy.toml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(SchemaError) as raised:
+        load_policy(path)
+    assert where in str(raised.value)
+    res = CliRunner().invoke(app, ["check", "./nowhere", "--policy", str(path), "--device", "cpu"])
+    assert res.exit_code == 2 and where in _one_error_line(res)
+
+
+def test_a_json_policy_with_nan_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "policy.json"
+    path.write_text('{"schema_version": 1, "baseline": {"max_peak_growth_pct": NaN}}', encoding="utf-8")
+    with pytest.raises(SchemaError, match=r"\$\.baseline\.max_peak_growth_pct: nan is not a finite number"):
+        load_policy(path)
+
+
+def test_a_baseline_with_infinity_is_refused_before_measuring(tmp_path: Path) -> None:
+    bad = _results(tmp_path, "Infinity")
+    res = CliRunner().invoke(app, ["check", "./nowhere", "--baseline", str(bad), "--device", "cpu"])
+    assert res.exit_code == 2 and f"$.sites[{SITE}].max: inf is not a finite number" in _one_error_line(res)
+
+
+@pytest.mark.parametrize("suffix", [".json", ".toml"])
+def test_documents_nested_too_deeply_are_bad_input(tmp_path: Path, suffix: str) -> None:
+    depth = 100_000
+    if suffix == ".json":
+        text = "[" * depth + "]" * depth
+    else:
+        text = "schema_version = 1\nx = " + "[" * depth + "]" * depth + "\n"
+    results = tmp_path / f"deep{suffix}"
+    results.write_text(text, encoding="utf-8")
+    argv = ["render", str(results)] if suffix == ".json" else ["check", "./nowhere", "--policy", str(results)]
+    res = CliRunner().invoke(app, argv)
+    assert res.exit_code == 2
+    _one_error_line(res)
+
+
+def test_the_walk_finds_nan_at_any_depth_without_recursion() -> None:
+    deep: object = float("nan")
+    for _ in range(50_000):
+        deep = [deep]
+    found = non_finite({"a": deep})
+    assert found is not None and found.startswith("$.a[0][0]") and found.endswith("nan is not a finite number")
+    assert non_finite({"a": [1.0, 2, "x", None, True, {"b": 1e308}]}) is None
+
+
+def test_a_finite_example_still_gates() -> None:
+    assert evaluate(example(), load_policy(None)).passed
