@@ -207,6 +207,31 @@ def quiet_libraries() -> None:
         transformers.utils.logging.set_verbosity_error()
 
 
+def check_loaded(ref: str, report: dict[str, Any]) -> None:
+    """Refuse a model whose weights did not all load, or brought tensors it has no place for.
+
+    transformers fills a parameter missing from the checkpoint with random initialisation and only
+    logs it, and drops a tensor it has no place for: a checkpoint with a layer's tensors deleted, a
+    config that claims more layers than the weights hold, or weights of another architecture would
+    then be measured as noise and published as the model's. Any missing, unexpected or mismatched
+    tensor is an error naming them (transformers already leaves out the keys a model declares
+    optional, such as a tied output head).
+    """
+    problems = []
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        names = sorted(str(k[0] if isinstance(k, tuple) else k) for k in report.get(kind) or ())
+        if names:
+            shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+            problems.append(f"{len(names)} {kind.replace('_keys', '')} ({shown})")
+    if problems:
+        raise UsageError(
+            f"the weights of {ref} do not match its config: {'; '.join(problems)}; "
+            "a missing tensor would be measured as random initialisation",
+            hint="check that config.json belongs to these weights (architecture, layer count, widths) "
+                 "and that no weight file or shard is missing",
+        )
+
+
 def _load_model(ref: str, local_dir: Path, config: Any, load_kwargs: dict[str, Any], transformers: Any,
                 auto_causal: Any) -> nn.Module:
     classes = [auto_causal]
@@ -215,7 +240,7 @@ def _load_model(ref: str, local_dir: Path, config: Any, load_kwargs: dict[str, A
     last: Exception | None = None
     for cls in classes:
         try:
-            return cls.from_pretrained(local_dir, **load_kwargs)
+            model, report = cls.from_pretrained(local_dir, output_loading_info=True, **load_kwargs)
         except ValueError as exc:
             if "Unrecognized configuration class" in str(exc) or "does not recognize" in str(exc):
                 last = exc
@@ -234,6 +259,8 @@ def _load_model(ref: str, local_dir: Path, config: Any, load_kwargs: dict[str, A
                 raise UsageError(f"cannot read the weights of {ref}: the safetensors file is corrupt or truncated",
                                  hint="download the weights again") from None
             raise
+        check_loaded(ref, report)
+        return model
     model_type = getattr(config, "model_type", "?")
     raise UsageError(f"{ref} is not a causal language model (model type {model_type!r})",
                      hint="maxact-card measures decoder-only LMs (AutoModelForCausalLM)") from last

@@ -1,0 +1,89 @@
+"""Checkpoints whose weights do not fit their config are refused (exit 2, naming the tensors), never
+measured: transformers would fill what is missing with random initialisation and measure noise."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from maxact_card.checkpoint import check_loaded
+from maxact_card.cli import app
+from maxact_card.errors import UsageError
+from tests import factory
+from tests.factory import write_corpus
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("hostile-ckpt")
+    write_corpus(root / "corpus.jsonl")
+    return factory.save("llama", root / "llama")
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    (dst.parent / "corpus.jsonl").write_bytes((src.parent / "corpus.jsonl").read_bytes())
+    return dst
+
+
+def _measure(ckpt: Path, out: Path) -> object:
+    return CliRunner().invoke(app, ["measure", str(ckpt), "--corpus", str(ckpt.parent / "corpus.jsonl"),
+                                    "--device", "cpu", "--out", str(out)])
+
+
+def _refused(res: object, out: Path, *needles: str) -> str:
+    assert res.exit_code == 2, res.stderr  # type: ignore[attr-defined]
+    line = res.stderr.strip()  # type: ignore[attr-defined]
+    assert len(line.splitlines()) == 1 and "do not match its config" in line, line
+    for needle in needles:
+        assert needle in line, line
+    assert not out.exists()  # nothing measured, nothing written
+    return line
+
+
+def test_a_layer_deleted_from_the_weights_is_refused(llama: Path, tmp_path: Path) -> None:
+    ckpt = _copy(llama, tmp_path / "ckpt")
+    tensors = load_file(ckpt / "model.safetensors")
+    kept = {k: v for k, v in tensors.items() if ".layers.1." not in k}
+    assert len(kept) < len(tensors)
+    save_file(kept, ckpt / "model.safetensors", metadata={"format": "pt"})
+    line = _refused(_measure(ckpt, tmp_path / "r.json"), tmp_path / "r.json", "missing", "model.layers.1.")
+    assert "random initialisation" in line
+
+
+def test_a_config_claiming_more_layers_than_the_weights_hold_is_refused(llama: Path, tmp_path: Path) -> None:
+    ckpt = _copy(llama, tmp_path / "ckpt")
+    config = json.loads((ckpt / "config.json").read_text())
+    layers = config["num_hidden_layers"]
+    config["num_hidden_layers"] = layers + 2
+    if "layer_types" in config:
+        config["layer_types"] = config["layer_types"] + config["layer_types"][:2]
+    (ckpt / "config.json").write_text(json.dumps(config))
+    _refused(_measure(ckpt, tmp_path / "r.json"), tmp_path / "r.json", f"model.layers.{layers}.")
+
+
+def test_a_tensor_the_model_has_no_place_for_is_refused(llama: Path, tmp_path: Path) -> None:
+    ckpt = _copy(llama, tmp_path / "ckpt")
+    tensors = load_file(ckpt / "model.safetensors")
+    tensors["model.layers.0.mlp.extra_proj.weight"] = torch.zeros(4, 4)
+    save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
+    _refused(_measure(ckpt, tmp_path / "r.json"), tmp_path / "r.json", "1 unexpected",
+             "model.layers.0.mlp.extra_proj.weight")
+
+
+def test_the_report_lists_a_few_names_and_counts_the_rest() -> None:
+    report = {"missing_keys": {f"model.layers.{i}.w" for i in range(10)}, "unexpected_keys": set(),
+              "mismatched_keys": {("lm_head.weight", (4, 8), (8, 8))}}
+    with pytest.raises(UsageError) as raised:
+        check_loaded("ckpt", report)
+    text = str(raised.value)
+    assert "10 missing (model.layers.0.w, model.layers.1.w, model.layers.2.w, model.layers.3.w and 6 more)" in text
+    assert "1 mismatched (lm_head.weight)" in text
+    check_loaded("ckpt", {"missing_keys": set(), "unexpected_keys": set(), "mismatched_keys": set()})
