@@ -39,8 +39,13 @@ def pick_device(device: str) -> torch.device:
         dev = torch.device(device)
     except RuntimeError:
         raise UsageError(f"unknown device {device!r}", hint="use cuda, cuda:N, cpu or auto") from None
+    if dev.type not in ("cuda", "cpu"):
+        raise UsageError(f"--device {device} is not supported", hint="use cuda, cuda:N, cpu or auto")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda was asked for but no CUDA device is visible", hint="use --device cpu or auto")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {device}: there are {torch.cuda.device_count()} CUDA devices",
+                         hint="use cuda:0 to cuda:N-1, or auto")
     return dev
 
 
@@ -123,6 +128,8 @@ def load(ref: str, *, revision: str | None = None, token: str | None = None, dty
     except (OSError, json.JSONDecodeError) as exc:
         raise UsageError(f"cannot read the config of {ref}: {str(exc).splitlines()[0]}",
                          hint="check config.json") from None
+    except Exception as exc:  # noqa: BLE001 - a config of the wrong shape fails anywhere in transformers
+        raise UsageError(f"cannot read the config of {ref} ({_first_line(exc)})", hint="check config.json") from None
     _refuse_non_causal(ref, config)
     chosen = dtype_name if dtype_name != "auto" else ("float32" if gguf_file else _config_dtype(config))
     torch_dtype = DTYPES[chosen]
@@ -175,6 +182,9 @@ def _check_device_map(device_map: str) -> None:
 def _refuse_non_causal(ref: str, config: Any) -> None:
     """Encoder-only and encoder-decoder checkpoints are not what the measurement means."""
     architectures = getattr(config, "architectures", None) or []
+    if not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures):
+        raise UsageError(f"the config of {ref} has architectures {architectures!r}: not a list of class names",
+                         hint='check config.json: "architectures": ["LlamaForCausalLM"], say')
     encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
     if encoder_decoder or (architectures and not any(h in a for a in architectures for h in _CAUSAL_HEADS)):
         names = ", ".join(architectures) or str(getattr(config, "model_type", "?"))
@@ -205,6 +215,11 @@ def quiet_libraries() -> None:
         huggingface_hub.utils.disable_progress_bars()
     if not sys.stderr.isatty():
         transformers.utils.logging.set_verbosity_error()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0][:200] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def check_loaded(ref: str, report: dict[str, Any]) -> None:
@@ -258,7 +273,10 @@ def _load_model(ref: str, local_dir: Path, config: Any, load_kwargs: dict[str, A
             if type(exc).__name__ in ("SafetensorError", "HeaderTooLarge"):
                 raise UsageError(f"cannot read the weights of {ref}: the safetensors file is corrupt or truncated",
                                  hint="download the weights again") from None
-            raise
+            # what is left comes from building the model out of its config: a head count of 0, a
+            # dtype that does not exist, a field of the wrong type
+            raise UsageError(f"cannot build {ref} from its config ({_first_line(exc)})",
+                             hint="check config.json against the model's documentation") from None
         check_loaded(ref, report)
         return model
     model_type = getattr(config, "model_type", "?")

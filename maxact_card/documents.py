@@ -142,6 +142,25 @@ def parse_json(text: str, *, source: str) -> Any:
 
 
 # --- files --------------------------------------------------------------------------------------------
+def check_writable(path: Path | None, option: str) -> None:
+    """Refuse, before any work, an output path that cannot be written: a folder, a path under a
+    file, or a folder this process may not write into (UsageError naming the option)."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{option} {path} is a folder", hint="pass the path of a file (in that folder, say)")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"{option} {path} lies under {parent}, which is a file", hint="pass a path in a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {path}: cannot write into {parent}", hint="pass a path in a folder you can write")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise UsageError(f"{option} {path} is read-only", hint="pass another path, or make it writable")
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     """Write through a temp file in the same folder and rename: never a half-written file.
 

@@ -36,6 +36,8 @@ from maxact_card.sites import SiteMap, discover
 from maxact_card.state import PassState, StateDir, fingerprint_digest
 
 DEFAULT_MAX_SEQ_LEN = 4096
+#: Largest --top-k: the top-K rows of every site are kept on the device, K x width each.
+MAX_TOP_K = 1024
 DEFAULT_MAX_BATCH_TOKENS = 16384
 
 
@@ -90,8 +92,11 @@ class MeasureOptions:
             raise UsageError(f"--checkpoint-every must be at least 1, got {self.checkpoint_every}")
         if self.resume and not self.state_dir:
             raise UsageError("--resume needs the --state-dir of the run to continue")
-        if self.top_k < 1:
-            raise UsageError(f"--top-k must be at least 1, got {self.top_k}")
+        if not 1 <= self.top_k <= MAX_TOP_K:
+            raise UsageError(f"--top-k must lie between 1 and {MAX_TOP_K}, got {self.top_k}",
+                             hint="the card shows 16; each kept token costs a row of every site's width")
+        if not 0 <= self.seed < 2**63:
+            raise UsageError(f"--seed must lie between 0 and 2**63 - 1, got {self.seed}")
         if self.quant and not 0.0 < self.eval_fraction < 1.0:
             raise UsageError(f"--eval-fraction must lie strictly between 0 and 1, got {self.eval_fraction}")
         if self.quant and not 0.0 < self.clip_quantile < 1.0:

@@ -64,7 +64,7 @@ from maxact_card.commands.measure import (
     summary_lines,
 )
 from maxact_card.commands.render import CardOpt, run_render
-from maxact_card.documents import atomic_write_text, validate_results, write_results
+from maxact_card.documents import atomic_write_text, check_writable, validate_results, write_results
 from maxact_card.errors import EXIT_GATE, UsageError
 from maxact_card.gate import CardStatus, Verdict, evaluate, format_value, load_baseline, render_summary
 from maxact_card.policy import DEFAULT_POLICY, FP16_MAX, Policy, load_policy
@@ -182,6 +182,7 @@ def card_status(card: Path) -> CardStatus:
 
 def _preflight(request: CheckRequest) -> tuple[Policy, dict[str, Any] | None]:
     """Bad input fails before the (long) measurement: policy, baseline, card path, PR target."""
+    check_writable(request.out, "--out")
     policy = load_policy(request.policy_path)
     baseline = load_baseline(request.baseline, request.measure.token) if request.baseline else None
     if request.card is not None:
@@ -355,6 +356,7 @@ def check_cmd(
         ),
         policy_path=policy, baseline=baseline, out=out, card=card, create_pr=create_pr,
     )  # fmt: skip
+    check_writable(verdict_out, "--verdict-out")
     launch_if_asked(gpus, request.measure, "check")
     with Display(enabled=sys.stderr.isatty() and fmt is not OutputFormat.json):
         outcome = run_check(request)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -25,8 +26,9 @@ from maxact_card.commands._common import (
     stderr_console,
 )
 from maxact_card.commands._text import Column, key_values, printable, stdout_width, table
-from maxact_card.errors import UsageError
+from maxact_card.errors import RuntimeFailure, UsageError
 from maxact_card.fmt import count, db, layer_ranges, number, ratio
+from maxact_card.documents import check_writable
 from maxact_card.results import dumps, write_results
 from maxact_card.run import DEFAULT_MAX_SEQ_LEN, MeasureOptions, run_measure
 
@@ -159,6 +161,20 @@ def summary_lines(results: dict[str, Any], width: int | None) -> list[str]:
                               [[printable(m["site"]), printable(m["reason"])] for m in results["missing_sites"]],
                               width)
     return lines
+
+
+def save_results(results: dict[str, Any], out: Path) -> None:
+    """Write the results to `out`; if that fails after a run, keep them in a temp file and say where."""
+    try:
+        write_results(results, out)
+    except OSError as exc:
+        import tempfile
+
+        fd, kept = tempfile.mkstemp(prefix="maxact-results-", suffix=".json")
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(dumps(results))
+        raise RuntimeFailure(f"cannot write --out {out} ({exc.strerror or exc}); the results are saved in {kept}",
+                             hint=f"copy them from there: cp {kept} {out}") from None
 
 
 def print_results(results: dict[str, Any], fmt: OutputFormat) -> None:
@@ -294,13 +310,14 @@ def measure_cmd(
         quant_sites=quant_sites, clip_quantile=clip_quantile, min_sqnr=min_sqnr,
         state_dir=state_dir, resume=resume, checkpoint_every=checkpoint_every,
     )
+    check_writable(out, "--out")
     launch_if_asked(gpus, opts, "measure")
     with Display(enabled=sys.stderr.isatty() and fmt is not OutputFormat.json):
         results = run_measure(opts)
     if results is None:  # another process of a data-parallel run: rank 0 reports
         return
     if out is not None:
-        write_results(results, Path(out))
+        save_results(results, Path(out))
     print_results(results, fmt)
     if out is not None and fmt is not OutputFormat.json:
         stderr_console().print(f"results written to {out}")

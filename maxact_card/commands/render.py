@@ -21,6 +21,7 @@ from maxact_card.card import (
 )
 from maxact_card.chart import render_chart
 from maxact_card.commands._common import examples_epilog, handle_errors, stderr_console
+from maxact_card.documents import check_writable
 from maxact_card.errors import UsageError
 
 EXAMPLES = [
@@ -147,6 +148,8 @@ def register(app: typer.Typer) -> None:
         out: RenderOutOpt = None,
         chart_out: ChartOutOpt = None,
     ) -> None:
+        check_writable(out, "--out")
+        check_writable(chart_out, "--chart-out")
         section = run_render(results, card, out, chart_out)
         if section is not None:
             sys.stdout.write(section)

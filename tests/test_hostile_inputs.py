@@ -1,0 +1,127 @@
+"""Bad input is one line and exit 2, before any work: configs of the wrong shape, devices and
+numbers out of range, output paths that cannot be written. And results that cannot be written
+after a run are kept, with the place they were kept at."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from maxact_card.cli import app
+from maxact_card.commands import measure as measure_cmd
+from tests import factory
+from tests.factory import write_corpus
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("hostile-inputs")
+    write_corpus(root / "corpus.jsonl")
+    return factory.save("llama", root / "llama")
+
+
+def _invoke(*argv: str | Path) -> Any:
+    return CliRunner().invoke(app, [str(a) for a in argv])
+
+
+def _one_line(res: Any, code: int = 2) -> str:
+    assert res.exit_code == code, res.stdout + res.stderr
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "unexpected" not in lines[0], res.stderr
+    return lines[0]
+
+
+def _with_config(llama: Path, tmp_path: Path, edit: Any) -> Path:
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    for f in llama.iterdir():
+        (ckpt / f.name).write_bytes(f.read_bytes())
+    config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps(edit(config)))
+    return ckpt
+
+
+def _config_null(c: dict[str, Any]) -> None:
+    return None
+
+
+def _heads_zero(c: dict[str, Any]) -> dict[str, Any]:
+    return {**c, "num_attention_heads": 0}
+
+
+def _architectures_int(c: dict[str, Any]) -> dict[str, Any]:
+    return {**c, "architectures": [5]}
+
+
+def _dtype_unknown(c: dict[str, Any]) -> dict[str, Any]:
+    return {**c, "dtype": "float99", "torch_dtype": "float99"}
+
+
+def _layers_text(c: dict[str, Any]) -> dict[str, Any]:
+    return {**c, "num_hidden_layers": "two"}
+
+
+@pytest.mark.parametrize(("edit", "says"), [
+    (_config_null, "cannot read the config"),
+    (_heads_zero, "ZeroDivisionError"),
+    (_architectures_int, "architectures [5]: not a list of class names"),
+    (_dtype_unknown, "float99"),
+    (_layers_text, "the config of"),
+])
+def test_a_config_of_the_wrong_shape_is_bad_input(llama: Path, tmp_path: Path, edit: Any, says: str) -> None:
+    ckpt = _with_config(llama, tmp_path, edit)
+    out = tmp_path / "r.json"
+    line = _one_line(_invoke("measure", ckpt, "--corpus", llama.parent / "corpus.jsonl", "--device", "cpu",
+                             "--out", out))
+    assert says in line and "config" in line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--device", "meta"], "--device meta is not supported"),
+    (["--device", "mps"], "--device mps is not supported"),
+    (["--seed", str(2**70)], "--seed must lie between 0 and 2**63 - 1"),
+    (["--seed", "-1"], "--seed must lie between"),
+    (["--top-k", "100000000"], "--top-k must lie between 1 and 1024"),
+])
+def test_options_out_of_range_are_refused_before_loading(llama: Path, args: list[str], says: str) -> None:
+    line = _one_line(_invoke("measure", llama, "--corpus", llama.parent / "corpus.jsonl", *args))
+    assert says in line
+
+
+def test_output_paths_that_cannot_be_written_are_refused_before_measuring(
+        llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def must_not_run(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("measured before checking the output path")
+
+    monkeypatch.setattr(measure_cmd, "run_measure", must_not_run)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    corpus = llama.parent / "corpus.jsonl"
+    assert "--out" in _one_line(_invoke("measure", llama, "--corpus", corpus, "--out", folder))
+    assert "which is a file" in _one_line(_invoke("measure", llama, "--corpus", corpus, "--out", a_file / "x" / "r.json"))
+    assert "--verdict-out" in _one_line(_invoke("check", llama, "--corpus", corpus, "--verdict-out", folder))
+    results = tmp_path / "r.json"
+    results.write_text("{}")
+    assert "--out" in _one_line(_invoke("render", results, "--out", folder))
+    assert "--chart-out" in _one_line(_invoke("render", results, "--chart-out", a_file / "c.svg"))
+
+
+def test_results_that_cannot_be_written_after_a_run_are_kept(
+        llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def disk_full(results: dict[str, Any], path: Path) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(measure_cmd, "write_results", disk_full)
+    line = _one_line(_invoke("measure", llama, "--corpus", llama.parent / "corpus.jsonl", "--device", "cpu",
+                             "--out", tmp_path / "r.json"), code=3)
+    assert "No space left on device" in line
+    kept = Path(line.split("the results are saved in ")[1].split(";")[0])
+    assert json.loads(kept.read_text())["model"]["id"] == str(llama)
+    kept.unlink()
