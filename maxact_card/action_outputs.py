@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from maxact_card.commands._text import printable
 from maxact_card.gate import Verdict, format_value, render_summary
 
 
@@ -152,9 +153,11 @@ def main(argv: list[str] | None = None) -> int:
         summary = error_summary(args.exit_code)
     _append(os.environ.get("GITHUB_STEP_SUMMARY"), summary)
     if ok and verdict is not None:
+        # one log line whatever the site or path holds: a newline there could start a workflow command
         print(
             f"maxact-card check: {verdict.word} ({len(verdict.failed)} of {len(verdict.rules)} rules failed); "
-            f"global max|a| {outputs['global-max']} at {outputs['peak-site']}; results in {outputs['results-path']}"
+            f"global max|a| {outputs['global-max']} at {printable(outputs['peak-site'])}; "
+            f"results in {printable(outputs['results-path'])}"
         )
     for line in annotation_lines(verdict if ok else None, args.exit_code):
         print(line)

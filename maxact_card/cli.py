@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import sys
+
 import typer
+import typer.main
+
+from maxact_card.errors import EXIT_RUNTIME, EXIT_USAGE
 
 app = typer.Typer(
     name="maxact-card",
@@ -47,6 +52,31 @@ def _register() -> None:
 _register()
 
 
+def _usage_error(exc: BaseException) -> bool:
+    """Click's usage errors (a missing argument, an unknown option or command, a bad value), whichever
+    Click Typer runs on (its own copy from 0.26 on): they carry an exit code of 2 and a message."""
+    return getattr(exc, "exit_code", None) == EXIT_USAGE and callable(getattr(exc, "format_message", None))
+
+
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point: usage errors and an early Ctrl-C are one line, like every error."""
+    try:
+        code = typer.main.get_command(app).main(prog_name="maxact-card", standalone_mode=False)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(EXIT_RUNTIME)
+    except Exception as exc:
+        if not _usage_error(exc):
+            if type(exc).__name__ == "Abort":  # Click's name for Ctrl-C or end of input at a prompt
+                print("error: interrupted", file=sys.stderr)
+                sys.exit(EXIT_RUNTIME)
+            raise
+        if type(exc).__name__ == "NoArgsIsHelpError":  # a bare `maxact-card`: the help, as it is
+            print(exc.format_message(), file=sys.stderr)  # type: ignore[attr-defined]
+            sys.exit(EXIT_USAGE)
+        ctx = getattr(exc, "ctx", None)
+        where = ctx.command_path if ctx is not None else "maxact-card"
+        message = exc.format_message().rstrip(".")  # type: ignore[attr-defined]
+        print(f"error: {message}; see `{where} --help`", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    sys.exit(code if isinstance(code, int) else 0)

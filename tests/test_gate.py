@@ -715,3 +715,19 @@ def test_workflow_command_escaping() -> None:
     assert action_outputs.annotation_lines(verdict, 1) == [
         "::error title=maxact-card%3A r::two%0Alines (measured 1, limit 0.5)"
     ]
+
+
+@pytest.mark.parametrize("hostile", ["\n::warning::pwned", "\r\n::add-mask::secret", "\u2028::error::x", "%0A::debug::y"])
+def test_action_outputs_keep_a_hostile_site_inside_its_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hostile: str
+) -> None:
+    """A site name (model-controlled) with a line break cannot start a workflow command of its own."""
+    results = scaled_peak(example(), 70000.0)
+    site = PEAK_SITE + hostile
+    results["global"]["site"] = site
+    verdict = evaluate(results)
+    outputs, summary, stdout = _run_outputs(tmp_path, monkeypatch, verdict.to_dict(), results)
+    assert outputs["verdict"] == "FAIL"
+    lines = stdout.rstrip("\n").split("\n")  # the runner reads a command per line ending in \n
+    assert lines[0].startswith("maxact-card check: FAIL") and all(line.startswith("::error ") for line in lines[1:])
+    assert len(lines) == 1 + len(verdict.failed)

@@ -124,3 +124,25 @@ def test_the_module_entry_point_prints_the_version() -> None:
     proc = subprocess.run([sys.executable, "-m", "maxact_card", "--version"], capture_output=True, text=True,
                           check=False, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == f"maxact-card {maxact_card.__version__}"
+
+
+def _cli(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "maxact_card", *argv], capture_output=True, text=True, check=False,
+                          timeout=120)
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (["measure", "--nope"], "error: No such option: --nope"),
+    (["measure"], "error: Missing argument 'MODEL'; see `maxact-card measure --help`"),
+    (["frob"], "error: No such command 'frob'; see `maxact-card --help`"),
+    (["measure", "m", "--samples", "abc"], "error: Invalid value for '--samples'"),
+])
+def test_usage_errors_are_one_line_with_the_fix(argv: list[str], says: str) -> None:
+    proc = _cli(*argv)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert len(proc.stderr.splitlines()) == 1 and proc.stderr.startswith(says), proc.stderr
+
+
+def test_a_bare_command_prints_the_help() -> None:
+    proc = _cli()
+    assert proc.returncode == 2 and proc.stderr.startswith("Usage: maxact-card [OPTIONS] COMMAND")
