@@ -84,13 +84,14 @@ _MD_SPECIAL = re.compile(r"([\\`*_\[\]<>|~#!])")
 
 
 def md_text(text: str) -> str:
-    """Free text (a device name, a category) as Markdown that renders literally, also in a table cell."""
-    return _MD_SPECIAL.sub(r"\\\1", str(text).replace("&", "&amp;")).replace("\n", " ")
+    """Free text (a device name, a category) as Markdown that renders literally, also in a table cell:
+    on one line (`fmt.one_line`), every character Markdown or HTML would read escaped."""
+    return _MD_SPECIAL.sub(r"\\\1", fmt.one_line(text).replace("&", "&amp;"))
 
 
 def md_code(text: str, *, in_table: bool = True) -> str:
     """A code span that shows `text` exactly; pipes are escaped so the span can sit in a table cell."""
-    text = str(text).replace("\n", " ")
+    text = fmt.one_line(text)
     longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
     fence = "`" * (longest + 1)
     pad = " " if text.startswith("`") or text.endswith("`") else ""
@@ -185,13 +186,15 @@ def _quantizer_sentences(results: Mapping[str, Any], sites: Mapping[str, Mapping
     massive_layers = results.get("massive", {}).get("layers", [])
     if peak <= 0:
         return [
-            f"Every measured activation is zero, so no quantization scale can be derived from `{site_name}`.",
+            f"Every measured activation is zero, so no quantization scale can be derived from "
+            f"{md_code(site_name, in_table=False)}.",
             "Check that the model and corpus produced real forward passes.",
         ]
     step = peak / INT8_QMAX
     half = step / 2
     scale = (
-        f"Quantized to INT8 with a static per-tensor scale set by this peak, `{site_name}` gets a step of "
+        f"Quantized to INT8 with a static per-tensor scale set by this peak, {md_code(site_name, in_table=False)} "
+        "gets a step of "
         f"{fmt.number(peak)} / {INT8_QMAX} = {fmt.number(step)}"
     )
     site = sites.get(site_name)

@@ -6,6 +6,7 @@ Every function is pure and deterministic, so a re-rendered card is byte-identica
 from __future__ import annotations
 
 import math
+import unicodedata
 
 #: From this magnitude on, numbers are written in scientific notation (two significant digits).
 SCI_LARGE = 1e5
@@ -98,6 +99,30 @@ def size(n: int) -> str:
     return f"{n} B"
 
 
+def printable(text: str) -> str:
+    """`text` with control, format and separator characters (newlines, U+2028, bidi marks, ESC)
+    written as escapes, so that it stays on its line and cannot move the cursor or recolour it."""
+    out = []
+    for ch in text:
+        category = unicodedata.category(ch)
+        if category[0] == "C" or category in ("Zl", "Zp"):
+            code = ord(ch)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+#: Characters that end a line somewhere (CommonMark, a terminal, a browser, a GitHub runner).
+_LINE_BREAKS = "\r\n\v\f\x1c\x1d\x1e\x85\u2028\u2029"
+
+
+def one_line(text: str) -> str:
+    """`text` as one line of prose: every line break a space, other control and format characters
+    (ESC, NUL, bidi overrides, zero-width marks) written as escapes (`printable`)."""
+    return printable("".join(" " if ch in _LINE_BREAKS else ch for ch in str(text)))
+
+
 def layer_ranges(layers: list[int]) -> str:
     """`[1, 2, 3, 7, 9, 10]` → `1–3, 7, 9–10`: a long list of layers kept short."""
     ordered = sorted(set(layers))
@@ -112,4 +137,4 @@ def layer_ranges(layers: list[int]) -> str:
     return ", ".join(parts)
 
 
-__all__ = ["count", "db", "layer_ranges", "number", "ratio", "size"]
+__all__ = ["count", "db", "layer_ranges", "number", "one_line", "printable", "ratio", "size"]

@@ -16,7 +16,7 @@ from typing import Any
 
 import jinja2
 
-from maxact_card import documents
+from maxact_card import documents, fmt
 from maxact_card.errors import UsageError
 from maxact_card.fmt import number
 from maxact_card.policy import (
@@ -689,7 +689,7 @@ def percent(value: float | None) -> str:
 
 def md_cell(value: Any) -> str:
     """Text safe inside a Markdown table cell: one line, pipes and angle brackets escaped."""
-    text = "" if value is None else str(value)
+    text = "" if value is None else fmt.one_line(str(value))
     return " ".join(text.split()).replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
 
 

@@ -726,7 +726,7 @@ def test_action_outputs_keep_a_hostile_site_inside_its_line(
     site = PEAK_SITE + hostile
     results["global"]["site"] = site
     verdict = evaluate(results)
-    outputs, summary, stdout = _run_outputs(tmp_path, monkeypatch, verdict.to_dict(), results)
+    outputs, _, stdout = _run_outputs(tmp_path, monkeypatch, verdict.to_dict(), results)
     assert outputs["verdict"] == "FAIL"
     lines = stdout.rstrip("\n").split("\n")  # the runner reads a command per line ending in \n
     assert lines[0].startswith("maxact-card check: FAIL") and all(line.startswith("::error ") for line in lines[1:])

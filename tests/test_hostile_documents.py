@@ -55,7 +55,7 @@ def test_a_results_file_with_a_non_finite_number_is_refused(tmp_path: Path, cons
     where = f"$.sites[{SITE}].max: {float(constant)!r} is not a finite number"
     if command[0] == "validate-results":  # validate reports it as a failed check of the results
         assert res.exit_code == 1 and "Traceback" not in res.stderr
-        assert [line for line in res.stdout.splitlines() if line.startswith("FAIL  results")][0].count(where) == 1
+        assert next(line for line in res.stdout.splitlines() if line.startswith("FAIL  results")).count(where) == 1
     else:
         assert res.exit_code == 2, res.stdout
         assert where in _one_error_line(res)

@@ -12,9 +12,12 @@ from __future__ import annotations
 import shutil
 import sys
 import textwrap
-import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from maxact_card.fmt import printable
+
+__all__ = ["Column", "key_values", "printable", "stdout_width", "table"]
 
 GAP = "  "
 #: A wrapped column narrower than this reads worse than the stacked layout.
@@ -37,20 +40,6 @@ def stdout_width() -> int | None:
     if not sys.stdout.isatty():
         return None
     return shutil.get_terminal_size((100, 24)).columns
-
-
-def printable(text: str) -> str:
-    """`text` with control, format and separator characters (newlines, U+2028, bidi marks, ESC)
-    written as escapes, so that it stays on its line and cannot move the cursor or recolour it."""
-    out = []
-    for ch in text:
-        category = unicodedata.category(ch)
-        if category[0] == "C" or category in ("Zl", "Zp"):
-            code = ord(ch)
-            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
-        else:
-            out.append(ch)
-    return "".join(out)
 
 
 def table(title: str | None, columns: Sequence[Column], rows: Sequence[Sequence[str]], width: int | None) -> list[str]:

@@ -135,7 +135,7 @@ def check_weights(
 def pr_title(results: Mapping[str, Any]) -> str:
     """`[maxact-card] Maximum activations: 36,012 at blocks.3.hook_resid_post` (the prefix is what the dedupe matches)."""
     glob = results["global"]
-    return f"{hub.PR_TITLE_PREFIX} Maximum activations: {fmt.number(glob['max_abs'])} at {glob['site']}"
+    return f"{hub.PR_TITLE_PREFIX} Maximum activations: {fmt.number(glob['max_abs'])} at {fmt.one_line(glob['site'])}"
 
 
 def _corpus_spec(corpus_id: str) -> str:
@@ -193,7 +193,27 @@ def reproduce_commands(
         publish += ["--revision", revision]
     if direct:
         publish.append("--direct")
-    return {"measure": shlex.join(measure), "publish": shlex.join(publish)}
+    return {"measure": shell_join(measure), "publish": shell_join(publish)}
+
+
+def shell_join(words: list[str]) -> str:
+    """A bash command line for `words` on one line: plain words quoted as `shlex` quotes them, a word
+    with a line break or another control character as `$'...'` with escapes, so that no file name
+    can end the line (and with it the fenced block the command stands in)."""
+    return " ".join(shlex.quote(w) if w.isprintable() else _ansi_c_quote(w) for w in words)
+
+
+def _ansi_c_quote(word: str) -> str:
+    out = []
+    for ch in word:
+        if ch in "\\'":
+            out.append("\\" + ch)
+        elif ch.isprintable():
+            out.append(ch)
+        else:
+            code = ord(ch)
+            out.append(f"\\x{code:02x}" if code < 0x80 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+    return "$'" + "".join(out) + "'"
 
 
 def _quant_context(results: Mapping[str, Any]) -> dict[str, Any] | None:
