@@ -186,8 +186,8 @@ def _quantizer_sentences(results: Mapping[str, Any], sites: Mapping[str, Mapping
     massive_layers = results.get("massive", {}).get("layers", [])
     if peak <= 0:
         return [
-            f"Every measured activation is zero, so no quantization scale can be derived from "
-            f"{md_code(site_name, in_table=False)}.",
+            (f"Every measured activation is zero, so no quantization scale can be derived from "
+             f"{md_code(site_name, in_table=False)}."),
             "Check that the model and corpus produced real forward passes.",
         ]
     step = peak / INT8_QMAX
