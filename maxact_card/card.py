@@ -575,6 +575,20 @@ def _detect_eol(text: str) -> str:
     return "\r\n" if index > 0 and text[index - 1] == "\r" else "\n"
 
 
+class _FrontMatterLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing aliases: a few lines of `&a [*b, *b, ...]` expand to gigabytes
+    (a billion laughs), and model-card metadata never needs one."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, f"an alias (*{event.anchor}) repeats another value; write the value out instead",
+                event.start_mark,
+            )
+        return super().compose_node(parent, index)
+
+
 def _parse_front_matter(text: str) -> tuple[str, FrontMatter | None, int]:
     opening = _FM_OPEN.match(text)
     if opening is None:
@@ -590,7 +604,10 @@ def _parse_front_matter(text: str) -> tuple[str, FrontMatter | None, int]:
         )
     yaml_text = text[start : closing.start()]
     try:
-        data = yaml.safe_load(yaml_text)
+        data = yaml.load(yaml_text, Loader=_FrontMatterLoader)  # noqa: S506 - a SafeLoader without aliases
+    except RecursionError:
+        raise CardError(CardProblem.unreadable_front_matter, "the YAML front matter is nested too deeply",
+                        hint="model-card metadata is a few levels of `key: value`") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + _line_no(text, start)})" if mark is not None else ""

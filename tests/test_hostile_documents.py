@@ -116,3 +116,28 @@ def test_the_walk_finds_nan_at_any_depth_without_recursion() -> None:
 
 def test_a_finite_example_still_gates() -> None:
     assert evaluate(example(), load_policy(None)).passed
+
+
+def _yaml_bomb() -> str:
+    lines = ["a: &a [x, x, x, x, x, x, x, x, x]"]
+    for i in range(8):
+        prev, name = chr(97 + i), chr(98 + i)
+        lines.append(f"{name}: &{name} [{', '.join([f'*{prev}'] * 9)}]")
+    return "---\n" + "\n".join(lines) + "\n---\n# A card\n"
+
+
+@pytest.mark.parametrize("argv", [["validate", "{dir}"], ["render", "{results}", "--card", "{card}"]])
+def test_a_yaml_alias_bomb_in_the_front_matter_is_refused_at_once(tmp_path: Path, argv: list[str]) -> None:
+    import time
+
+    card = tmp_path / "README.md"
+    card.write_text(_yaml_bomb(), encoding="utf-8")
+    results = tmp_path / "r.json"
+    results.write_text(json.dumps(example()), encoding="utf-8")
+    before = card.read_bytes()
+    started = time.monotonic()
+    res = CliRunner().invoke(app, [a.format(dir=tmp_path, results=results, card=card) for a in argv])
+    assert time.monotonic() - started < 5
+    assert res.exit_code in (1, 2) and "Traceback" not in res.stderr
+    assert "an alias (*a) repeats another value" in res.stdout + res.stderr
+    assert card.read_bytes() == before
