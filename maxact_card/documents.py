@@ -6,6 +6,7 @@ goes through this module, so `maxact-card diff` or `validate` never pays for imp
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import math
@@ -168,7 +169,8 @@ def atomic_write(path: Path, data: bytes) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _remove_stale_temp_files(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.maxact-{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -180,6 +182,27 @@ def atomic_write(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _remove_stale_temp_files(path: Path) -> None:
+    """Remove the temp files a killed earlier write to `path` left beside it: ours are named
+    `.NAME.maxact-PID.*.tmp`, and one whose process is gone will never be renamed."""
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.maxact-*.tmp"):
+        pid_text = stale.name[len(path.name) + 1:].split(".", 2)[1].removeprefix("maxact-")
+        if pid_text.isdigit() and not _alive(int(pid_text)):
+            stale.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # another user's process, or a number we cannot ask about: leave its file alone
+    return True
 
 
 def atomic_write_text(path: Path, text: str) -> None:

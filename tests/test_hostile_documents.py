@@ -141,3 +141,21 @@ def test_a_yaml_alias_bomb_in_the_front_matter_is_refused_at_once(tmp_path: Path
     assert res.exit_code in (1, 2) and "Traceback" not in res.stderr
     assert "an alias (*a) repeats another value" in res.stdout + res.stderr
     assert card.read_bytes() == before
+
+
+def test_a_temp_file_left_by_a_killed_write_is_removed_by_the_next(tmp_path: Path) -> None:
+    import os
+    import subprocess
+
+    from maxact_card.documents import atomic_write
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    stale = tmp_path / f".README.md.maxact-{gone.pid}.k1ll3d.tmp"
+    stale.write_bytes(b"x" * 1000)
+    running = tmp_path / f".README.md.maxact-{os.getppid()}.w0rk1n.tmp"  # a live writer's: kept
+    running.write_bytes(b"y")
+    foreign = tmp_path / ".README.md.editor.tmp"  # not ours: kept
+    foreign.write_bytes(b"z")
+    atomic_write(tmp_path / "README.md", b"# card\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([running.name, foreign.name, "README.md"])
