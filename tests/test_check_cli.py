@@ -217,3 +217,22 @@ def test_help_documents_the_default_policy() -> None:
 
 def _must_not_run(*args: Any, **kwargs: Any) -> None:
     raise AssertionError("bad input must fail before the measurement")
+
+
+@pytest.mark.parametrize("card_text", [
+    "# Card\n<!-- maxact-card:start -->\nhalf a section\n",
+    "# Card\n<!-- maxact-card:end -->\n",
+    "---\nlicense: [unclosed\n---\n# Card\n",
+])
+def test_a_card_that_cannot_take_the_section_fails_before_measuring(
+    shelf: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, card_text: str
+) -> None:
+    monkeypatch.setattr(check_cmd, "run_measure", _must_not_run)
+    card = tmp_path / "README.md"
+    card.write_text(card_text, encoding="utf-8")
+    res = invoke(shelf, "--card", card)
+    assert res.exit_code == 2, res.stderr
+    assert len(res.stderr.splitlines()) == 1, res.stderr
+    assert "broken markers" in res.stderr or "front matter" in res.stderr
+    assert card.read_text(encoding="utf-8") == card_text
+    assert not (tmp_path / "maxact").exists()  # nothing written beside it

@@ -21,6 +21,8 @@ from maxact_card.card import (
     DEFAULT_RESULTS_PATH,
     CheckStatus,
     LocalSource,
+    decode_card,
+    parse_card,
     relative_link,
     validate_card,
 )
@@ -189,6 +191,12 @@ def _preflight(request: CheckRequest) -> tuple[Policy, dict[str, Any] | None]:
         target = card_file(request.card)
         if target.exists() and not target.is_file():
             raise UsageError(f"{target} is not a file", hint="pass the model card (README.md) or its folder")
+        check_writable(target, "--card")
+        if target.is_file():  # a card that cannot take the section fails now, not after the measurement
+            try:
+                parse_card(decode_card(target.read_bytes(), source=str(target)))
+            except OSError as exc:
+                raise UsageError(f"cannot read the card {target}: {exc.strerror}") from None
     if request.create_pr:
         from maxact_card.hub import is_repo_id
 
