@@ -165,9 +165,12 @@ def check_writable(path: Path | None, option: str) -> None:
 def atomic_write(path: Path, data: bytes) -> None:
     """Write through a temp file in the same folder and rename: never a half-written file.
 
-    An existing file keeps its permission bits; a new one gets the usual umask-derived mode.
+    An existing file keeps its permission bits; a new one gets the usual umask-derived mode. A
+    symbolic link stays a link: its target is what gets written.
     """
     path = Path(path)
+    if path.is_symlink():  # write through the link: replacing it would leave its target stale
+        path = path.resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temp_files(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.maxact-{os.getpid()}.", suffix=".tmp", dir=path.parent)

@@ -159,3 +159,18 @@ def test_a_temp_file_left_by_a_killed_write_is_removed_by_the_next(tmp_path: Pat
     foreign.write_bytes(b"z")
     atomic_write(tmp_path / "README.md", b"# card\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([running.name, foreign.name, "README.md"])
+
+
+def test_a_card_behind_a_symlink_is_written_through_the_link(tmp_path: Path) -> None:
+    real = tmp_path / "cards" / "README.md"
+    real.parent.mkdir()
+    real.write_text("# A card\n", encoding="utf-8")
+    link = tmp_path / "README.md"
+    link.symlink_to(real)
+    results = tmp_path / "maxact" / "results.json"
+    results.parent.mkdir()
+    results.write_text(json.dumps(example()), encoding="utf-8")
+    res = CliRunner().invoke(app, ["render", str(results), "--card", str(link)])
+    assert res.exit_code == 0, res.stderr
+    assert link.is_symlink() and link.resolve() == real.resolve()
+    assert "<!-- maxact-card:start -->" in real.read_text(encoding="utf-8")
