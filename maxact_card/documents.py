@@ -168,22 +168,35 @@ def atomic_write(path: Path, data: bytes) -> None:
     An existing file keeps its permission bits; a new one gets the usual umask-derived mode. A
     symbolic link stays a link: its target is what gets written.
     """
-    path = Path(path)
-    if path.is_symlink():  # write through the link: replacing it would leave its target stale
-        path = path.resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temp_files(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.maxact-{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    atomic_write_set([(path, data)])
+
+
+def atomic_write_set(files: list[tuple[Path, bytes]]) -> None:
+    """Write several files so that all of them are new or none is: every file is written to its
+    temp file first, and only when all are complete are they renamed into place, one after another
+    (a card and its chart never disagree after an interruption, save in the instant between renames).
+    """
+    staged: list[tuple[str, Path]] = []
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        if path.exists():
-            os.chmod(tmp, path.stat().st_mode & 0o7777)
-        else:
-            os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
+        for path, data in files:
+            target = Path(path)
+            if target.is_symlink():  # write through the link: replacing it would leave its target stale
+                target = target.resolve()
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _remove_stale_temp_files(target)
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.maxact-{os.getpid()}.", suffix=".tmp",
+                                       dir=target.parent)
+            staged.append((tmp, target))
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            os.chmod(tmp, target.stat().st_mode & 0o7777 if target.exists() else 0o666 & ~_umask())
+        while staged:
+            tmp, target = staged[0]
+            os.replace(tmp, target)
+            staged.pop(0)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        for tmp, _ in staged:
+            Path(tmp).unlink(missing_ok=True)
         raise
 
 

@@ -644,9 +644,13 @@ def test_cli_render_to_other_out_keeps_the_card(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert card.read_bytes() == (CARDS / "non_ascii.md").read_bytes()
     assert (tmp_path / "new" / "maxact" / "profile.svg").exists()
-    # The results are outside the new card's folder: the link falls back to the default, with a warning.
+    # The results are outside the new card's folder: they are copied where the card links them.
     assert "maxact/results.json" in out.read_text(encoding="utf-8")
-    assert "warning" in result.stderr
+    copied = tmp_path / "new" / "maxact" / "results.json"
+    assert copied.read_bytes() == results_file.read_bytes()
+    assert f"results copied to {copied}" in result.stderr
+    validated = runner.invoke(app, ["validate", str(out)])
+    assert validated.exit_code == 0, validated.stdout
 
 
 @pytest.mark.parametrize("name", sorted(BAD_CARDS))

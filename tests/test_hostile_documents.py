@@ -174,3 +174,21 @@ def test_a_card_behind_a_symlink_is_written_through_the_link(tmp_path: Path) -> 
     assert res.exit_code == 0, res.stderr
     assert link.is_symlink() and link.resolve() == real.resolve()
     assert "<!-- maxact-card:start -->" in real.read_text(encoding="utf-8")
+
+
+def test_a_set_of_files_is_written_whole_or_not_at_all(tmp_path: Path) -> None:
+    from maxact_card.documents import atomic_write_set
+
+    chart, card = tmp_path / "maxact" / "profile.svg", tmp_path / "README.md"
+    chart.parent.mkdir()
+    chart.write_bytes(b"old chart")
+    card.write_bytes(b"old card")
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_bytes(b"")
+    with pytest.raises(OSError):
+        atomic_write_set([(chart, b"new chart"), (card, b"new card"), (blocker / "results.json", b"{}")])
+    assert chart.read_bytes() == b"old chart" and card.read_bytes() == b"old card"
+    assert sorted(p.name for p in tmp_path.rglob("*")) == sorted(["maxact", "profile.svg", "README.md",
+                                                                  "not_a_folder"])
+    atomic_write_set([(chart, b"new chart"), (card, b"new card")])
+    assert chart.read_bytes() == b"new chart" and card.read_bytes() == b"new card"

@@ -12,7 +12,6 @@ from maxact_card.card import (
     CARD_FILE,
     DEFAULT_CHART_PATH,
     DEFAULT_RESULTS_PATH,
-    atomic_write,
     decode_card,
     read_results,
     relative_link,
@@ -21,7 +20,7 @@ from maxact_card.card import (
 )
 from maxact_card.chart import render_chart
 from maxact_card.commands._common import examples_epilog, handle_errors, stderr_console
-from maxact_card.documents import check_writable
+from maxact_card.documents import atomic_write_set, check_writable
 from maxact_card.errors import UsageError
 
 EXAMPLES = [
@@ -93,11 +92,12 @@ def _render_alone(
             chart_link = _link(chart_out, out.parent, DEFAULT_CHART_PATH, "the chart")
         results_link = relative_link(results_path, out.parent) or DEFAULT_RESULTS_PATH
     section = render_section(results, chart_path=chart_link, results_path=results_link)
-    if chart_out:
-        atomic_write(chart_out, render_chart(results).encode("utf-8"))
+    files = [(chart_out, render_chart(results).encode("utf-8"))] if chart_out else []
+    if out is not None:
+        files.append((out, section.encode("utf-8")))
+    atomic_write_set(files)
     if out is None:
         return section
-    atomic_write(out, section.encode("utf-8"))
     stderr_console().print(f"wrote {out}" + (f" and {chart_out}" if chart_out else ""), markup=False)
     return None
 
@@ -114,7 +114,12 @@ def _render_into_card(
     base = target.parent
     chart_target = chart_out or base / DEFAULT_CHART_PATH
     chart_link = _link(chart_target, base, DEFAULT_CHART_PATH, "the chart")
-    results_link = _link(results_path, base, DEFAULT_RESULTS_PATH, "the results file")
+    # The card links its results: results from elsewhere are copied to where the link points, in
+    # the same set of writes as the card and the chart, so the three always land together.
+    results_link = relative_link(results_path, base)
+    copy_to = None
+    if results_link is None:
+        results_link, copy_to = DEFAULT_RESULTS_PATH, base / DEFAULT_RESULTS_PATH
     try:
         card_text: str | None = decode_card(card_path.read_bytes(), source=str(card_path))
     except FileNotFoundError:
@@ -123,13 +128,16 @@ def _render_into_card(
         raise UsageError(f"cannot read the card {card_path}: {exc.strerror}") from None
     # Everything is rendered before anything is written: an error leaves the card untouched.
     data = splice_card(card_text, results, chart_path=chart_link, results_path=results_link).encode("utf-8")
-    svg = render_chart(results).encode("utf-8")
-    atomic_write(chart_target, svg)
+    files = [(chart_target, render_chart(results).encode("utf-8"))]
+    if copy_to is not None:
+        files.append((copy_to, Path(results_path).read_bytes()))  # the very file that was validated
     unchanged = target.is_file() and target.read_bytes() == data
     if not unchanged:
-        atomic_write(target, data)
+        files.append((target, data))
+    atomic_write_set(files)
     action = "unchanged" if unchanged else ("created" if card_text is None and out is None else "wrote")
-    stderr_console().print(f"{action} {target}; chart {chart_target}", markup=False)
+    copied = f"; results copied to {copy_to}" if copy_to is not None else ""
+    stderr_console().print(f"{action} {target}; chart {chart_target}{copied}", markup=False)
 
 
 def register(app: typer.Typer) -> None:
