@@ -125,3 +125,26 @@ def test_results_that_cannot_be_written_after_a_run_are_kept(
     kept = Path(line.split("the results are saved in ")[1].split(";")[0])
     assert json.loads(kept.read_text())["model"]["id"] == str(llama)
     kept.unlink()
+
+
+def test_a_huge_single_line_sample_is_refused_or_cut_without_tokenizing_it_whole(tmp_path: Path) -> None:
+    from maxact_card.corpus.model import Sample
+    from maxact_card.corpus.tokenizing import MAX_CHARS_PER_TOKEN, tokenize
+
+    seen: list[int] = []
+
+    class Counting:
+        def __call__(self, text: str) -> dict[str, list[int]]:
+            seen.append(len(text))
+            return {"input_ids": [1] * len(text.split())}
+
+    huge = Sample("big-001", "prose", text="word " * 4_000_000)  # 20 MB on one line
+    with pytest.raises(Exception, match=r"sample big-001 is 20,000,000 characters long, far over the limit of 64"):
+        tokenize([huge], Counting(), 64)
+    assert seen == []  # refused unread
+    ids = tokenize([huge], Counting(), 64, truncate=True)
+    assert seen == [64 * MAX_CHARS_PER_TOKEN] and len(ids[0]) == 64
+    chat = Sample("chat-001", "chat", messages=({"role": "user", "content": "x " * 10_000_000},
+                                                {"role": "assistant", "content": "y"}))
+    with pytest.raises(Exception, match=r"sample chat-001 is 20,000,001 characters long"):
+        tokenize([chat], Counting(), 64)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -11,6 +12,9 @@ from maxact_card.corpus.model import Sample
 from maxact_card.errors import UsageError
 
 _TOO_LONG_HINT = "raise --max-seq-len or pass --truncate"
+#: No tokenizer in use makes tokens this long on average: text past max_seq_len times this many
+#: characters cannot be among the first max_seq_len tokens, so it is cut (or refused) unread.
+MAX_CHARS_PER_TOKEN = 256
 # What a chat template raises for conversations it refuses: its own raise_exception() gives a
 # jinja2 TemplateError; transformers' checks give ValueError; odd indexing gives Key/IndexError.
 _TEMPLATE_ERRORS = (TemplateError, ValueError, KeyError, IndexError)
@@ -30,6 +34,8 @@ def tokenize(
     """
     if isinstance(max_seq_len, bool) or max_seq_len < 1:
         raise UsageError(f"max sequence length {max_seq_len} is below 1", hint="pass --max-seq-len 1 or more")
+    limit = max_seq_len * MAX_CHARS_PER_TOKEN
+    samples = [_bounded(sample, limit, truncate, max_seq_len) for sample in samples]
     token_lists = [_ids_of(sample, tokenizer) for sample in samples]
     too_long = [(s, len(ids)) for s, ids in zip(samples, token_lists) if len(ids) > max_seq_len]
     if too_long and not truncate:
@@ -40,6 +46,33 @@ def tokenize(
             hint=_TOO_LONG_HINT,
         )
     return [ids[:max_seq_len] for ids in token_lists]
+
+
+def _bounded(sample: Sample, limit: int, truncate: bool, max_seq_len: int) -> Sample:
+    """`sample` with its text cut to `limit` characters when truncating, or refused when longer
+    without truncation: a sample that long is far over `max_seq_len` tokens, and handing megabytes
+    of one line to a tokenizer costs minutes and gigabytes for nothing. Chat turns count together."""
+    if sample.text is not None:
+        size = len(sample.text)
+    elif sample.messages is not None:
+        size = sum(len(m.get("content") or "") for m in sample.messages)
+    else:
+        return sample  # token ids: their count is checked below
+    if size <= limit:
+        return sample
+    if not truncate:
+        raise UsageError(f"sample {sample.id} is {size:,} characters long, far over the limit of "
+                         f"{max_seq_len} tokens", hint=_TOO_LONG_HINT)
+    if sample.text is not None:
+        return dataclasses.replace(sample, text=sample.text[:limit])
+    turns, left = [], limit
+    for turn in sample.messages or ():
+        content = (turn.get("content") or "")[:left]
+        turns.append({**turn, "content": content})
+        left -= len(content)
+        if left <= 0:
+            break
+    return dataclasses.replace(sample, messages=tuple(turns))
 
 
 def chat_as_text(messages: Sequence[Mapping[str, str]]) -> str:
