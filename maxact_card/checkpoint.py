@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,6 +132,8 @@ def load(ref: str, *, revision: str | None = None, token: str | None = None, dty
     except Exception as exc:  # noqa: BLE001 - a config of the wrong shape fails anywhere in transformers
         raise UsageError(f"cannot read the config of {ref} ({_first_line(exc)})", hint="check config.json") from None
     _refuse_non_causal(ref, config)
+    if not gguf_file:
+        check_layer_count(ref, config, [local_dir / w["path"] for w in info["weight_files"]])
     chosen = dtype_name if dtype_name != "auto" else ("float32" if gguf_file else _config_dtype(config))
     torch_dtype = DTYPES[chosen]
     load_kwargs: dict[str, Any] = dict(kwargs, dtype=torch_dtype)
@@ -215,6 +218,40 @@ def quiet_libraries() -> None:
         huggingface_hub.utils.disable_progress_bars()
     if not sys.stderr.isatty():
         transformers.utils.logging.set_verbosity_error()
+
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.")
+
+
+def check_layer_count(ref: str, config: Any, weight_files: list[Path]) -> None:
+    """Refuse, before building anything, a config that claims more decoder layers than the weights
+    hold: a `num_hidden_layers` of 10**9 would otherwise build a billion random layers for minutes
+    before running out of memory. Only safetensors headers are read (names, not tensors); weights
+    whose names show no layer index are left to `check_loaded`."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    claimed = getattr(text, "num_hidden_layers", None)
+    if not isinstance(claimed, int) or isinstance(claimed, bool):
+        if claimed is not None:
+            raise UsageError(f"the config of {ref} has num_hidden_layers {claimed!r}, not a whole number",
+                             hint="check config.json")
+        return
+    indices: set[int] = set()
+    for path in weight_files:
+        if path.suffix != ".safetensors":
+            return
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as handle:
+                names = list(handle.keys())
+        except Exception:  # noqa: BLE001 - an unreadable file is reported by the load itself
+            return
+        indices.update(int(m.group(1)) for name in names if (m := _LAYER_INDEX.search(name)))
+    if indices and claimed > max(indices) + 1:
+        raise UsageError(
+            f"the config of {ref} claims {claimed:,} layers and its weights hold {max(indices) + 1}",
+            hint="check num_hidden_layers in config.json against the weights",
+        )
 
 
 def _first_line(exc: BaseException) -> str:

@@ -51,10 +51,10 @@ def _refused(res: object, out: Path, *needles: str) -> str:
 def test_a_layer_deleted_from_the_weights_is_refused(llama: Path, tmp_path: Path) -> None:
     ckpt = _copy(llama, tmp_path / "ckpt")
     tensors = load_file(ckpt / "model.safetensors")
-    kept = {k: v for k, v in tensors.items() if ".layers.1." not in k}
+    kept = {k: v for k, v in tensors.items() if ".layers.0." not in k}  # a layer before the last
     assert len(kept) < len(tensors)
     save_file(kept, ckpt / "model.safetensors", metadata={"format": "pt"})
-    line = _refused(_measure(ckpt, tmp_path / "r.json"), tmp_path / "r.json", "missing", "model.layers.1.")
+    line = _refused(_measure(ckpt, tmp_path / "r.json"), tmp_path / "r.json", "missing", "model.layers.0.")
     assert "random initialisation" in line
 
 
@@ -66,7 +66,24 @@ def test_a_config_claiming_more_layers_than_the_weights_hold_is_refused(llama: P
     if "layer_types" in config:
         config["layer_types"] = config["layer_types"] + config["layer_types"][:2]
     (ckpt / "config.json").write_text(json.dumps(config))
-    _refused(_measure(ckpt, tmp_path / "r.json"), tmp_path / "r.json", f"model.layers.{layers}.")
+    res = _measure(ckpt, tmp_path / "r.json")
+    assert res.exit_code == 2 and not (tmp_path / "r.json").exists()
+    assert res.stderr.strip() == (f"error: the config of {ckpt} claims {layers + 2} layers and its weights hold "
+                                  f"{layers}; check num_hidden_layers in config.json against the weights")
+
+
+def test_a_config_claiming_a_billion_layers_is_refused_before_building_any(llama: Path, tmp_path: Path) -> None:
+    import time
+
+    ckpt = _copy(llama, tmp_path / "ckpt")
+    config = json.loads((ckpt / "config.json").read_text())
+    config["num_hidden_layers"] = 10**9
+    config.pop("layer_types", None)
+    (ckpt / "config.json").write_text(json.dumps(config))
+    started = time.monotonic()
+    res = _measure(ckpt, tmp_path / "r.json")
+    assert time.monotonic() - started < 30
+    assert res.exit_code == 2 and "claims 1,000,000,000 layers" in res.stderr
 
 
 def test_a_tensor_the_model_has_no_place_for_is_refused(llama: Path, tmp_path: Path) -> None:
