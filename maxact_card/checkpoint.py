@@ -130,7 +130,8 @@ def load(ref: str, *, revision: str | None = None, token: str | None = None, dty
         raise UsageError(f"cannot read the config of {ref}: {str(exc).splitlines()[0]}",
                          hint="check config.json") from None
     except Exception as exc:  # noqa: BLE001 - a config of the wrong shape fails anywhere in transformers
-        raise UsageError(f"cannot read the config of {ref} ({_first_line(exc)})", hint="check config.json") from None
+        hint = "the GGUF file may be truncated or damaged: download it again" if gguf_file else "check config.json"
+        raise UsageError(f"cannot read the config of {ref} ({_first_line(exc)})", hint=hint) from None
     _refuse_non_causal(ref, config)
     if not gguf_file:
         check_layer_count(ref, config, [local_dir / w["path"] for w in info["weight_files"]])

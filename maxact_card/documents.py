@@ -127,6 +127,8 @@ def load_results(path: Path) -> dict[str, Any]:
         raise UsageError(f"results file {path} does not exist", hint="pass the file `maxact-card measure --out` wrote") from None
     except OSError as exc:
         raise UsageError(f"cannot read results file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{path} is not UTF-8 text", hint="pass the JSON file `maxact-card measure --out` wrote") from None
     doc = parse_json(text, source=str(path))
     validate_results(doc, source=str(path))
     return doc

@@ -274,7 +274,7 @@ def _choose_weights(
     indexes: tuple[str, ...]
     for fmt, single, index in _WEIGHT_FORMATS:
         if index in root:
-            shards = sorted(set(read_index(index).get("weight_map", {}).values()))
+            shards = _index_shards(read_index, index, where)
             missing = [s for s in shards if s not in root]
             if missing or not shards:
                 raise UsageError(
@@ -291,6 +291,19 @@ def _choose_weights(
         f"no model weights in {where}",
         hint="expected model.safetensors, model.safetensors.index.json with shards, or pytorch_model.bin",
     )
+
+
+def _index_shards(read_index: Callable[[str], Mapping[str, Any]], index: str, where: str) -> list[str]:
+    """The shard file names a weight index lists; an index that is not one is bad input."""
+    bad = UsageError(f"{index} in {where} is not a weight index", hint="fix or remove the index file")
+    try:
+        doc = read_index(index)
+    except (ValueError, UnicodeDecodeError, RecursionError):  # JSONDecodeError is a ValueError
+        raise bad from None
+    weight_map = doc.get("weight_map") if isinstance(doc, Mapping) else None
+    if not isinstance(weight_map, Mapping) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise bad
+    return sorted(set(weight_map.values()))
 
 
 def _cached_sha256(path: Path) -> str:

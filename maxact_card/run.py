@@ -129,7 +129,22 @@ def prepare_tokens(loaded: LoadedModel, opts: MeasureOptions, samples: list[corp
     """Tokenise the selected samples; the built-in corpus is cut to --max-seq-len unless told otherwise."""
     truncate = opts.truncate if opts.truncate is not None else builtin
     progress.step(f"tokenizing {len(samples):,} samples")
-    return corpus_mod.tokenize(samples, loaded.tokenizer, opts.max_seq_len, truncate=truncate), truncate
+    token_ids = corpus_mod.tokenize(samples, loaded.tokenizer, opts.max_seq_len, truncate=truncate)
+    check_vocabulary(loaded.model, samples, token_ids)
+    return token_ids, truncate
+
+
+def check_vocabulary(model: torch.nn.Module, samples: list[corpus_mod.Sample], token_ids: list[list[int]]) -> None:
+    """Refuse token ids the model's embedding has no row for (pre-tokenised samples can hold any)."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(embeddings, "num_embeddings", None)
+    if not isinstance(rows, int):
+        return
+    for sample, ids in zip(samples, token_ids):
+        bad = next((i for i in ids if not 0 <= i < rows), None)
+        if bad is not None:
+            raise UsageError(f"sample {sample.id} holds token id {bad}, outside the model's vocabulary of {rows:,}",
+                             hint="tokenise the corpus with this model's tokenizer")
 
 
 def parse_batch_tokens(value: str | int | None) -> int | str | None:

@@ -61,7 +61,9 @@ class StateDir:
         if run_file.exists():
             try:
                 saved = json.loads(run_file.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError):
+            except (OSError, ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+                saved = None
+            if not isinstance(saved, dict):
                 raise UsageError(f"{run_file} is not a maxact-card state file",
                                  hint="pass an empty or new --state-dir") from None
             if not self.resume:

@@ -148,3 +148,50 @@ def test_a_huge_single_line_sample_is_refused_or_cut_without_tokenizing_it_whole
                                                 {"role": "assistant", "content": "y"}))
     with pytest.raises(Exception, match=r"sample chat-001 is 20,000,001 characters long"):
         tokenize([chat], Counting(), 64)
+
+
+@pytest.mark.parametrize(("index", "says"), [
+    ('{"weight_map": ', "is not a weight index"),
+    ("[1, 2]", "is not a weight index"),
+    ('{"weight_map": {"a": 5}}', "is not a weight index"),
+    ("\udcff", "is not a weight index"),
+])
+def test_a_malformed_weight_index_is_bad_input(llama: Path, tmp_path: Path, index: str, says: str) -> None:
+    ckpt = _with_config(llama, tmp_path, lambda c: c)
+    (ckpt / "model.safetensors.index.json").write_bytes(index.encode("utf-8", "surrogateescape"))
+    assert says in _one_line(_invoke("measure", ckpt, "--corpus", llama.parent / "corpus.jsonl", "--device", "cpu"))
+
+
+def test_token_ids_outside_the_vocabulary_are_bad_input(llama: Path, tmp_path: Path) -> None:
+    corpus = tmp_path / "ids.jsonl"
+    corpus.write_text(json.dumps({"id": "ids-1", "input_ids": [1, 2, 99_999_999]}) + "\n", encoding="utf-8")
+    line = _one_line(_invoke("measure", llama, "--corpus", corpus, "--device", "cpu"))
+    assert "sample ids-1 holds token id 99999999, outside the model's vocabulary of" in line
+
+
+@pytest.mark.parametrize("content", [b"[1, 2]", b"\x8a\xff\x00binary", b"null", b'"text"'])
+def test_a_state_dir_whose_run_file_is_not_ours_is_bad_input(llama: Path, tmp_path: Path, content: bytes) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "run.json").write_bytes(content)
+    line = _one_line(_invoke("measure", llama, "--corpus", llama.parent / "corpus.jsonl", "--device", "cpu",
+                             "--state-dir", state, "--resume"))
+    assert "run.json is not a maxact-card state file" in line
+
+
+def test_a_binary_results_file_is_bad_input(tmp_path: Path) -> None:
+    blob = tmp_path / "r.json"
+    blob.write_bytes(bytes(range(256)) * 8)
+    assert "is not UTF-8 text" in _one_line(_invoke("diff", blob, blob))
+
+
+def test_a_truncated_gguf_is_bad_input(tmp_path: Path) -> None:
+    pytest.importorskip("gguf")
+    smollm2 = Path(__file__).resolve().parent.parent / ".cache" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not smollm2.is_file():
+        pytest.skip("python -m maxact_card.examples fetch-smollm2 .cache/smollm2")
+    cut = tmp_path / "cut.gguf"
+    with open(smollm2, "rb") as src:
+        cut.write_bytes(src.read(4096))
+    line = _one_line(_invoke("measure", cut, "--device", "cpu"))
+    assert "the GGUF file may be truncated or damaged" in line
