@@ -27,7 +27,7 @@ import yaml
 
 from maxact_card import fmt
 from maxact_card.chart import render_chart
-from maxact_card.documents import (  # noqa: F401 - atomic_write and sha256_file are part of card's API
+from maxact_card.documents import (
     COMPONENTS,
     RESULTS_SCHEMA,
     atomic_write,
@@ -604,7 +604,7 @@ def _parse_front_matter(text: str) -> tuple[str, FrontMatter | None, int]:
         )
     yaml_text = text[start : closing.start()]
     try:
-        data = yaml.load(yaml_text, Loader=_FrontMatterLoader)  # noqa: S506 - a SafeLoader without aliases
+        data = yaml.load(yaml_text, Loader=_FrontMatterLoader)
     except RecursionError:
         raise CardError(CardProblem.unreadable_front_matter, "the YAML front matter is nested too deeply",
                         hint="model-card metadata is a few levels of `key: value`") from None

@@ -26,9 +26,9 @@ from maxact_card.commands._common import (
     stderr_console,
 )
 from maxact_card.commands._text import Column, key_values, printable, stdout_width, table
+from maxact_card.documents import check_writable
 from maxact_card.errors import RuntimeFailure, UsageError
 from maxact_card.fmt import count, db, layer_ranges, number, ratio
-from maxact_card.documents import check_writable
 from maxact_card.results import dumps, write_results
 from maxact_card.run import DEFAULT_MAX_SEQ_LEN, MeasureOptions, run_measure
 
@@ -205,7 +205,7 @@ class Display:
         self.samples = self.batches = self.done_batches = 0
         self._stack = contextlib.ExitStack()
 
-    def __enter__(self) -> Display:  # noqa: PYI034 - Python 3.10 has no typing.Self
+    def __enter__(self) -> Display:
         self._stack = contextlib.ExitStack()
         if self.enabled:
             self.progress = Progress(
