@@ -195,3 +195,22 @@ def test_a_truncated_gguf_is_bad_input(tmp_path: Path) -> None:
         cut.write_bytes(src.read(4096))
     line = _one_line(_invoke("measure", cut, "--device", "cpu"))
     assert "the GGUF file may be truncated or damaged" in line
+
+
+def test_a_missing_corpus_with_several_processes_is_said_once_before_launching(llama: Path, tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from maxact_card import distributed
+
+    def must_not_launch(*args: Any, **kwargs: Any) -> int:
+        raise AssertionError("launched processes for a corpus that does not exist")
+
+    monkeypatch.setattr(distributed, "launch", must_not_launch)
+    line = _one_line(_invoke("measure", llama, "--corpus", tmp_path / "nope.jsonl", "--gpus", "2", "--device", "cpu"))
+    assert "corpus file" in line and "does not exist" in line
+
+
+def test_other_ranks_of_a_launch_stay_quiet(llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MAXACT_CARD_EXIT_FILE", str(tmp_path / "exit"))
+    monkeypatch.setenv("RANK", "1")
+    res = _invoke("measure", llama, "--corpus", tmp_path / "nope.jsonl", "--device", "cpu")
+    assert res.exit_code == 2 and res.stderr == ""

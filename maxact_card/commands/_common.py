@@ -14,7 +14,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 
-from maxact_card.distributed import record_exit
+from maxact_card.distributed import EXIT_FILE_ENV, record_exit
 from maxact_card.errors import EXIT_RUNTIME, EXIT_USAGE, MaxactError, UsageError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -129,6 +129,8 @@ def redact(text: str, secrets: list[str]) -> str:
 
 def _mapped(func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     def report(line: str) -> None:
+        if os.environ.get("RANK", "0") != "0" and os.environ.get(EXIT_FILE_ENV):
+            return  # the other processes of a --gpus launch: rank 0 says it once
         secrets = _secrets(kwargs)
         if _debug():
             print(redact(traceback.format_exc(), secrets), end="", file=sys.stderr)

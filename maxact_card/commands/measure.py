@@ -254,6 +254,9 @@ def launch_if_asked(gpus: int | None, opts: MeasureOptions, command: str) -> Non
     opts.check()
     if gpus == 1:
         return
+    from maxact_card import corpus as corpus_mod
+
+    corpus_mod.load_corpus(opts.corpus)  # a bad corpus is one line here, not one per process
     if opts.device_map:
         raise UsageError("--gpus runs one copy of the model per GPU; it cannot be combined with --device-map",
                          hint="drop --device-map, or drop --gpus to spread one model over the GPUs")
