@@ -68,9 +68,13 @@ def resolve(ref: str, *, revision: str | None, token: str | None, memory_budget_
     path = Path(ref).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         progress.step(f"hashing {path.name} ({size(path.stat().st_size)})")
+        try:
+            digest = sha256_file(path)
+        except OSError as exc:
+            raise UsageError(f"cannot read {ref}: {exc.strerror or exc}", hint="check the file's permissions") from None
         return path.parent, path.name, {
             "id": path.name, "source": "gguf", "revision": None, "commit_sha": None,
-            "weight_files": [{"path": path.name, "sha256": sha256_file(path), "size": path.stat().st_size}],
+            "weight_files": [{"path": path.name, "sha256": digest, "size": path.stat().st_size}],
             "notes": ["weights dequantized from GGUF by transformers"],
         }
     if path.exists() and not path.is_dir():

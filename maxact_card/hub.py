@@ -400,7 +400,11 @@ def _resolve_local(path: Path) -> ResolvedModel:
     weights, _, notes = _choose_weights(names, lambda f: json.loads((path / f).read_text()), str(path))
     total = sum((path / w).stat().st_size for w in weights)
     progress.step(f"hashing {len(weights)} weight file{'s' if len(weights) != 1 else ''} ({size(total)})")
-    files = tuple(WeightFile(w, sha256_file(path / w), (path / w).stat().st_size) for w in weights)
+    try:
+        files = tuple(WeightFile(w, sha256_file(path / w), (path / w).stat().st_size) for w in weights)
+    except OSError as exc:
+        raise UsageError(f"cannot read the weights in {path}: {exc.strerror or exc} ({exc.filename})",
+                         hint="check the files' permissions") from None
     return ResolvedModel(path.resolve(), None, None, None, files, "local", notes)
 
 

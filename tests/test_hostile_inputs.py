@@ -214,3 +214,28 @@ def test_other_ranks_of_a_launch_stay_quiet(llama: Path, tmp_path: Path, monkeyp
     monkeypatch.setenv("RANK", "1")
     res = _invoke("measure", llama, "--corpus", tmp_path / "nope.jsonl", "--device", "cpu")
     assert res.exit_code == 2 and res.stderr == ""
+
+
+def test_unreadable_weights_and_corpus_are_bad_input(llama: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mode 000 files (root reads them anyway, so the refusal is planted where the read happens)."""
+    from maxact_card import hub
+
+    real_read = Path.read_text
+
+    def denied_corpus(self: Path, *args: Any, **kwargs: Any) -> str:
+        if self.name == "corpus.jsonl":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_read(self, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(Path, "read_text", denied_corpus)
+        line = _one_line(_invoke("measure", llama, "--corpus", llama.parent / "corpus.jsonl", "--device", "cpu"))
+    assert "cannot read corpus file" in line and "Permission denied" in line
+
+    def denied(path: Path, **kwargs: Any) -> str:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(hub, "sha256_file", denied)
+    line = _one_line(_invoke("measure", llama, "--corpus", llama.parent / "corpus.jsonl", "--device", "cpu"))
+    assert "cannot read the weights in" in line and "Permission denied" in line

@@ -76,6 +76,8 @@ def _load_file(path: Path) -> Corpus:
         raise UsageError(
             f"corpus file {path} is not UTF-8 (byte {err.start})", hint="re-save the file as UTF-8"
         ) from err
+    except OSError as err:
+        raise UsageError(f"cannot read corpus file {path}: {err.strerror or err}", hint="check its permissions") from None
     corpus_id = f"file:{path.name}"
     if suffix == ".jsonl":
         samples = list(_parse_jsonl(content, str(path), default_id_prefix="line-", seen={}))
