@@ -239,3 +239,22 @@ def test_unreadable_weights_and_corpus_are_bad_input(llama: Path, tmp_path: Path
     monkeypatch.setattr(hub, "sha256_file", denied)
     line = _one_line(_invoke("measure", llama, "--corpus", llama.parent / "corpus.jsonl", "--device", "cpu"))
     assert "cannot read the weights in" in line and "Permission denied" in line
+
+
+@pytest.mark.parametrize("delay", [0.3, 2.5])
+def test_ctrl_c_at_any_moment_is_one_line_and_never_exit_0(llama: Path, delay: float) -> None:
+    """While the command line is still importing (torch), and while it measures."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "maxact_card", "measure", str(llama), "--device", "cpu", "--samples", "263"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 3 and err == "error: interrupted\n", err
