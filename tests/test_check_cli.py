@@ -128,7 +128,40 @@ def test_card_is_written_and_validates(shelf: dict[str, Path], tmp_path: Path) -
     assert "Some words." in text and "<!-- maxact-card:start -->" in text
     report = validate_card(LocalSource(card))
     assert report.ok, report.to_dict()
-    assert "`card.fail_on_stale` | pass" in res.stdout  # the gate checked the card it wrote
+    # the card as given had no section: nothing to be stale (the verdict is never about the card it wrote)
+    assert "`card.fail_on_stale` | skipped" in res.stdout
+    again = invoke(shelf, "--policy", shelf["permissive"], "--card", card, "--format", "markdown")
+    assert again.exit_code == 0 and "`card.fail_on_stale` | pass" in again.stdout, again.stdout
+
+
+def test_a_stale_card_fails_and_gets_the_fresh_section(shelf: dict[str, Path], tmp_path: Path) -> None:
+    """A card whose section came from other weights: FAIL, exit 1, and the fresh section is left in place."""
+    card = tmp_path / "card" / "README.md"
+    card.parent.mkdir()
+    card.write_text("# My model\n", encoding="utf-8")
+    assert invoke(shelf, "--policy", shelf["permissive"], "--card", card).exit_code == 0
+    linked = card.parent / "maxact" / "results.json"
+    other = json.loads(linked.read_text(encoding="utf-8"))
+    other["model"]["weight_files"][0]["sha256"] = "0" * 64  # the section now describes other weights
+    linked.write_text(json.dumps(other), encoding="utf-8")
+    res = invoke(shelf, "--policy", shelf["permissive"], "--card", card)
+    assert res.exit_code == 1, res.stdout + res.stderr
+    assert "FAIL card.fail_on_stale" in res.stdout
+    assert f"the card's maxact section was stale; the fresh one is now in {card}" in res.stderr
+    fresh = json.loads(linked.read_text(encoding="utf-8"))
+    assert fresh["model"]["weight_files"][0]["sha256"] != "0" * 64
+    assert invoke(shelf, "--policy", shelf["permissive"], "--card", card).exit_code == 0  # one commit away
+
+
+def test_a_card_edited_by_hand_is_stale(shelf: dict[str, Path], tmp_path: Path) -> None:
+    card = tmp_path / "card" / "README.md"
+    card.parent.mkdir()
+    card.write_text("# My model\n", encoding="utf-8")
+    assert invoke(shelf, "--policy", shelf["permissive"], "--card", card).exit_code == 0
+    text = card.read_text(encoding="utf-8")
+    card.write_text(text.replace("**Peak |a| = ", "**Peak |a| = 1"), encoding="utf-8")  # other numbers
+    res = invoke(shelf, "--policy", shelf["permissive"], "--card", card)
+    assert res.exit_code == 1 and "FAIL card.fail_on_stale" in res.stdout
 
 
 def test_create_pr_opens_a_pull_request_when_the_gate_passes(

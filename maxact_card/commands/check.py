@@ -20,9 +20,11 @@ from maxact_card.card import (
     CARD_FILE,
     DEFAULT_RESULTS_PATH,
     CheckStatus,
+    SUMMARY_KEY,
     LocalSource,
     decode_card,
     parse_card,
+    read_results,
     relative_link,
     validate_card,
 )
@@ -152,6 +154,7 @@ class CheckOutcome:
     card_path: Path | None = None
     pr_url: str | None = None
     pr_skipped: bool = False
+    card_was_stale: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """What `check --format json` prints."""
@@ -167,19 +170,46 @@ def card_file(card: Path) -> Path:
     return card / CARD_FILE if card.is_dir() else card
 
 
-def card_status(card: Path) -> CardStatus:
-    """Does the local card have a maxact section, and does it still match the results beside it?"""
+def card_status(card: Path, fresh: dict[str, Any] | None = None) -> CardStatus:
+    """Does the local card have a maxact section, and is it up to date?
+
+    Stale: the section does not match the results it links (other numbers), or, given the `fresh`
+    results of this check, those linked results were measured on other weights. A section that
+    matches its results for the same weights is up to date even when it was rendered on another
+    day (the date and library versions in it are the run's, not the model's).
+    """
     report = validate_card(LocalSource(card))
     status = {check.name: check.status for check in report.checks}
     present = status.get("section") is CheckStatus.passed
     compared = [status.get(name) for name in ("section-text", "front-matter", "weights", "chart")]
     if not present or status.get("results") is not CheckStatus.passed:
-        return CardStatus(present=present, stale=None)
+        return CardStatus(present=present, stale=True if present and fresh is not None else None)
     if any(s is CheckStatus.failed for s in compared):
         return CardStatus(present=True, stale=True)
+    if fresh is not None:
+        linked = _linked_results(card)
+        if linked is not None and _weights(linked) != _weights(fresh):
+            return CardStatus(present=True, stale=True)
+        return CardStatus(present=True, stale=False)
     if all(s in (None, CheckStatus.skipped) for s in compared):
         return CardStatus(present=True, stale=None)
     return CardStatus(present=True, stale=False)
+
+
+def _linked_results(card: Path) -> dict[str, Any] | None:
+    """The results a card's section was rendered from (its `maxact:` summary names them)."""
+    parts = parse_card(decode_card(card.read_bytes(), source=str(card)))
+    summary = parts.front_matter.data.get(SUMMARY_KEY) if parts.front_matter else None
+    name = summary.get("results") if isinstance(summary, dict) else None
+    path = card.parent / (name if isinstance(name, str) else DEFAULT_RESULTS_PATH)
+    try:
+        return read_results(path)
+    except UsageError:
+        return None
+
+
+def _weights(results: dict[str, Any]) -> set[tuple[str, str]]:
+    return {(w["path"], w["sha256"]) for w in results["model"]["weight_files"]}
 
 
 def _preflight(request: CheckRequest) -> tuple[Policy, dict[str, Any] | None]:
@@ -256,15 +286,19 @@ def run_check(request: CheckRequest) -> CheckOutcome | None:
     card_path: Path | None = None
     status: CardStatus | None = None
     if request.card is not None:
+        # The verdict describes the card as it was given; then the fresh section is written, so
+        # that fixing a stale card is one commit of what this check left in place.
+        given = card_file(request.card)
+        status = card_status(given, fresh=results) if given.is_file() else CardStatus(present=False, stale=None)
         card_path = _write_card(results, request.card, request.out)
         results_path = results_path or card_path.parent / DEFAULT_RESULTS_PATH
-        status = card_status(card_path)
     verdict = evaluate(results, policy, baseline=baseline, card=status)
     pr_url = None
     pr_skipped = request.create_pr and not verdict.passed
     if request.create_pr and verdict.passed:
         pr_url = _publish(results, results_path, request)
-    return CheckOutcome(results, results_path, verdict, card_path, pr_url, pr_skipped)
+    return CheckOutcome(results, results_path, verdict, card_path, pr_url, pr_skipped,
+                        card_was_stale=bool(status is not None and status.stale))
 
 
 def rule_lines(verdict: Verdict, width: int | None) -> list[str]:
@@ -315,6 +349,9 @@ def _notes(outcome: CheckOutcome) -> None:
         err.print(f"pull request: {outcome.pr_url}", markup=False)
     if outcome.pr_skipped:
         err.print("the gate failed: no pull request was opened", markup=False)
+    if outcome.card_was_stale and outcome.card_path is not None:
+        err.print(f"the card's maxact section was stale; the fresh one is now in {outcome.card_path}: "
+                  "review and commit it", markup=False)
 
 
 @handle_errors
