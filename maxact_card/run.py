@@ -136,8 +136,8 @@ def prepare_tokens(loaded: LoadedModel, opts: MeasureOptions, samples: list[corp
 
 def check_vocabulary(model: torch.nn.Module, samples: list[corpus_mod.Sample], token_ids: list[list[int]]) -> None:
     """Refuse token ids the model's embedding has no row for (pre-tokenised samples can hold any)."""
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    rows = getattr(embeddings, "num_embeddings", None)
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    rows = getattr(get_embeddings() if callable(get_embeddings) else None, "num_embeddings", None)
     if not isinstance(rows, int):
         return
     for sample, ids in zip(samples, token_ids):
