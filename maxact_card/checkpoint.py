@@ -284,8 +284,8 @@ def check_loaded(ref: str, report: dict[str, Any]) -> None:
         raise UsageError(
             f"the weights of {ref} do not match its config: {'; '.join(problems)}; "
             "a missing tensor would be measured as random initialisation",
-            hint="check that config.json belongs to these weights (architecture, layer count, widths) "
-                 "and that no weight file or shard is missing",
+            hint="check that the config (config.json, or a GGUF file's metadata) belongs to these weights "
+                 "(architecture, layer count, widths) and that no weight file or shard is missing",
         )
 
 

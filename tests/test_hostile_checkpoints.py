@@ -104,3 +104,24 @@ def test_the_report_lists_a_few_names_and_counts_the_rest() -> None:
     assert "10 missing (model.layers.0.w, model.layers.1.w, model.layers.2.w, model.layers.3.w and 6 more)" in text
     assert "1 mismatched (lm_head.weight)" in text
     check_loaded("ckpt", {"missing_keys": set(), "unexpected_keys": set(), "mismatched_keys": set()})
+
+
+def test_a_llama_gguf_relabelled_as_another_architecture_is_refused(tmp_path: Path) -> None:
+    """SmolLM2's GGUF with `general.architecture` changed from llama to mamba (same length, patched
+    in place): transformers builds a Mamba model, none of whose tensors the file holds."""
+    import struct
+
+    smollm2 = Path(__file__).resolve().parent.parent / ".cache" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not smollm2.is_file():
+        pytest.skip("python -m maxact_card.examples fetch-smollm2 .cache/smollm2")
+    data = bytearray(smollm2.read_bytes())
+    key = b"general.architecture"
+    at = data.index(key) + len(key)
+    kind, length = struct.unpack_from("<IQ", data, at)
+    assert (kind, length, bytes(data[at + 12: at + 12 + length])) == (8, 5, b"llama")  # a string of 5 bytes
+    data[at + 12: at + 12 + length] = b"mamba"
+    relabelled = tmp_path / "relabelled.gguf"
+    relabelled.write_bytes(data)
+    res = CliRunner().invoke(app, ["measure", str(relabelled), "--samples", "2", "--max-seq-len", "32",
+                                   "--device", "cpu", "--out", str(tmp_path / "r.json")])
+    _refused(res, tmp_path / "r.json", "missing (backbone.layers.0.mixer.")
