@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import enum
 import functools
-import json
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -100,9 +99,11 @@ def md_code(text: str, *, in_table: bool = True) -> str:
     return f"{fence}{pad}{text}{pad}{fence}"
 
 
-def md_token(token: str, *, in_table: bool = True) -> str:
-    """A token as a quoted code span, so leading spaces and control characters stay visible."""
-    return md_code(json.dumps(token, ensure_ascii=False), in_table=in_table)
+def md_token(location: Mapping[str, Any], *, in_table: bool = True) -> str:
+    """A measured token as a quoted code span (leading spaces and control characters visible; the
+    vocabulary's spelling where the text alone is unreadable) and its id: `fmt.token_parts`."""
+    quoted, note = fmt.token_parts(location)
+    return f"{md_code(quoted, in_table=in_table)} ({md_text(note)})"
 
 
 # --- results --------------------------------------------------------------------------------------
@@ -269,7 +270,7 @@ def _component_rows(
                 "site": md_code(entry["site"]),
                 "layer": "–" if entry["layer"] is None else str(entry["layer"]),
                 "channel": str(loc["channel"]),
-                "token": md_token(loc["token"]),
+                "token": md_token(loc),
                 "ratio": fmt.ratio(float(entry["max_abs"]) / median) if median > 0 else "n/a",
             }
         )
@@ -432,7 +433,7 @@ def section_context(results: Mapping[str, Any], *, chart_path: str, results_path
             "site": md_code(glob["site"], in_table=False),
             "module": md_code(glob["module"], in_table=False),
             "channel": str(loc["channel"]),
-            "token": md_token(loc["token"], in_table=False),
+            "token": md_token(loc, in_table=False),
             "position": str(loc["position"]),
             "first_token": loc["position"] == 0,
             "sample_id": md_code(loc["sample_id"], in_table=False),

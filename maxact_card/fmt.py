@@ -5,8 +5,11 @@ Every function is pure and deterministic, so a re-rendered card is byte-identica
 
 from __future__ import annotations
 
+import json
 import math
 import unicodedata
+from collections.abc import Mapping
+from typing import Any
 
 #: From this magnitude on, numbers are written in scientific notation (two significant digits).
 SCI_LARGE = 1e5
@@ -123,6 +126,24 @@ def one_line(text: str) -> str:
     return printable("".join(" " if ch in _LINE_BREAKS else ch for ch in str(text)))
 
 
+def token_parts(location: Mapping[str, Any]) -> tuple[str, str]:
+    """How people see a measured token: its text quoted and escaped (JSON's escapes, then
+    `printable`), or its vocabulary spelling where the text alone reads as nothing (a lone byte of a
+    multi-byte character decodes to U+FFFD); and a note with its id, always. `('" the"', 'id 262')`,
+    `('"Ð"', 'id 155, as the vocabulary spells it')`."""
+    text, piece = str(location.get("token", "")), location.get("piece")
+    readable = bool(text) and "\ufffd" not in text
+    shown = text if readable or not isinstance(piece, str) else piece
+    note = f"id {location.get('token_id')}" + ("" if shown == text else ", as the vocabulary spells it")
+    return printable(json.dumps(shown, ensure_ascii=False)), note
+
+
+def token_label(location: Mapping[str, Any]) -> str:
+    """`token_parts` as one string: `" the" (id 262)`."""
+    quoted, note = token_parts(location)
+    return f"{quoted} ({note})"
+
+
 def layer_ranges(layers: list[int]) -> str:
     """`[1, 2, 3, 7, 9, 10]` → `1–3, 7, 9–10`: a long list of layers kept short."""
     ordered = sorted(set(layers))
@@ -137,4 +158,5 @@ def layer_ranges(layers: list[int]) -> str:
     return ", ".join(parts)
 
 
-__all__ = ["count", "db", "layer_ranges", "number", "one_line", "printable", "ratio", "size"]
+__all__ = ["count", "db", "layer_ranges", "number", "one_line", "printable", "ratio", "size", "token_label",
+           "token_parts"]

@@ -49,28 +49,33 @@ def build_results(
     sample_ids: list[str],
     decode: Callable[[int], str],
     seed: int,
+    spell: Callable[[int], str | None] | None = None,
 ) -> dict[str, Any]:
     """The results document for a finished measurement (one host transfer of every statistic)."""
     state = {name: {k: v.detach().cpu() for k, v in acc.state_dict().items()} for name, acc in measurement.stats.items()}
     offsets = torch.tensor(measurement.offsets(), dtype=torch.int64)
-    decoded: dict[int, str] = {}
+    decoded: dict[int, tuple[str, str | None]] = {}
 
-    def token_text(token_id: int) -> str:
+    def token_text(token_id: int) -> tuple[str, str | None]:
         if token_id not in decoded:
-            decoded[token_id] = decode(token_id)
+            decoded[token_id] = (decode(token_id), spell(token_id) if spell is not None else None)
         return decoded[token_id]
 
     def location(key: int, channel: int, token_id: int) -> dict[str, Any]:
         index = 0xFFFFFFFF - (key & 0xFFFFFFFF)
         sample = int(torch.searchsorted(offsets, torch.tensor([index]), right=True).item()) - 1
-        return {
+        text, piece = token_text(int(token_id))
+        found = {
             "sample": sample,
             "sample_id": sample_ids[sample],
             "position": int(index - offsets[sample]),
             "channel": int(channel),
             "token_id": int(token_id),
-            "token": token_text(int(token_id)),
+            "token": text,
         }
+        if piece is not None:
+            found["piece"] = piece
+        return found
 
     sites_out: list[dict[str, Any]] = []
     missing = list(measurement.site_map.missing)

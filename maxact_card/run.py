@@ -181,6 +181,19 @@ def plan_batches(lengths: list[int], opts: MeasureOptions, budget: int | None = 
     return corpus_mod.batches(lengths, max_batch_tokens=budget)
 
 
+def speller(tokenizer: Any) -> Callable[[int], str | None]:
+    """Token id → its spelling in the tokenizer's vocabulary (`Ġthe`, `Ð`, `<0xD0>`), or None."""
+
+    def spell(token_id: int) -> str | None:
+        try:
+            piece = tokenizer.convert_ids_to_tokens(token_id)
+        except Exception:  # noqa: BLE001 - a tokenizer without a vocabulary to ask
+            return None
+        return piece if isinstance(piece, str) and piece else None
+
+    return spell
+
+
 def decoder(tokenizer: Any) -> Callable[[int], str]:
     """Token id → its text (special tokens kept, so a BOS shows as itself)."""
 
@@ -502,7 +515,8 @@ def assemble(loaded: LoadedModel, opts: MeasureOptions, corpus: corpus_mod.Corpu
     corpus_info = {"id": corpus.id, "sha256": corpus.sha256, "samples": len(samples), "categories": categories,
                    "eval_samples": eval_samples}
     return build_results(measurement, model_info=loaded.info, run_info=run_info, corpus_info=corpus_info,
-                         sample_ids=[s.id for s in samples], decode=decoder(loaded.tokenizer), seed=opts.seed)
+                         sample_ids=[s.id for s in samples], decode=decoder(loaded.tokenizer), seed=opts.seed,
+                         spell=speller(loaded.tokenizer))
 
 
 def _pad_id(tokenizer: Any) -> int:

@@ -96,3 +96,19 @@ def test_the_job_summary_stays_inert(text: str) -> None:
     summary = render_summary(r, evaluate(r))
     assert html_of(summary) == ["<details><summary>All rules</summary>", "</details>"]  # its own only
     assert not any(ch in summary for ch in "\r\u2028\u2029\x1b\x00")
+
+
+def test_a_token_that_decodes_to_a_replacement_character_shows_its_vocabulary_spelling() -> None:
+    from maxact_card.commands.measure import summary_lines
+
+    r = example()
+    loc = r["global"]["location"]
+    loc.update(token="\ufffd", piece="Ð", token_id=155)
+    r["components"]["residual"]["location"].update(token="\ufffd", piece="Ð", token_id=155)
+    validate_results(r, source="planted")
+    card = splice_card(None, r, chart_path="maxact/profile.svg", results_path="maxact/results.json")
+    description = pr_description(r, "org/model", "a" * 40, revision=None, direct=False)
+    terminal = "\n".join(summary_lines(r, None))
+    for text in (card, description, terminal):
+        assert '"Ð"' in text and "id 155, as the vocabulary spells it" in text
+        assert "\ufffd" not in text

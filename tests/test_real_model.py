@@ -47,3 +47,9 @@ def test_smollm2_shows_a_massive_activation_on_the_first_token(tmp_path: Path) -
     # attention-sink positions of the repeated-token edge cases).
     assert {t["location"]["channel"] for t in site["top_k"]} == {residual["location"]["channel"]}
     assert site["top_channels"][0]["channel"] == residual["location"]["channel"]
+    # Lone bytes of multi-byte characters decode to U+FFFD: the results carry the vocabulary's
+    # spelling of each (the multilingual samples hold many), and the card shows that instead.
+    lone = [t["location"] for s in results["sites"] for t in s["top_k"] if "\ufffd" in t["location"]["token"]]
+    assert lone and all(loc.get("piece") and "\ufffd" not in loc["piece"] for loc in lone)
+    card = CliRunner().invoke(app, ["render", str(out)]).stdout
+    assert "\ufffd" not in card

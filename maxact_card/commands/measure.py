@@ -28,7 +28,7 @@ from maxact_card.commands._common import (
 from maxact_card.commands._text import Column, key_values, printable, stdout_width, table
 from maxact_card.documents import check_writable
 from maxact_card.errors import RuntimeFailure, UsageError
-from maxact_card.fmt import count, db, layer_ranges, number, ratio
+from maxact_card.fmt import count, db, layer_ranges, number, ratio, token_label
 from maxact_card.results import dumps, write_results
 from maxact_card.run import DEFAULT_MAX_SEQ_LEN, MeasureOptions, run_measure
 
@@ -103,10 +103,6 @@ ForceOpt = Annotated[bool, typer.Option("--force", help="Load even when the weig
                                         envvar="MAXACT_CARD_FORCE")]
 
 
-def _token(token: str) -> str:
-    return printable(repr(token))
-
-
 def summary_lines(results: dict[str, Any], width: int | None) -> list[str]:
     """The text summary: the peak and where, then per component, the top sites, the INT8/FP8 check
     and the sites not found, each fitted to `width` (None: a pipe, nothing wrapped)."""
@@ -122,7 +118,7 @@ def summary_lines(results: dict[str, Any], width: int | None) -> list[str]:
         ("model", printable(f"{results['model']['id']} ({results['model']['architecture']}, {run['dtype']})")),
         ("global max|a|", peak),
         ("where", printable(f"{g['site']} [{g['module']}], channel {loc['channel']}, sample {loc['sample_id']} "
-                            f"position {loc['position']}, token {loc['token']!r}")),
+                            f"position {loc['position']}, token {token_label(loc)}")),
         ("bootstrap", f"median {number(boot['median'])}, 5-95% [{number(boot['p05'])}, {number(boot['p95'])}]"),
         ("massive", (f"{count(massive['tokens'])} tokens in layers {layer_ranges(massive['layers'])}"
                      if massive["tokens"] else
@@ -137,7 +133,7 @@ def summary_lines(results: dict[str, Any], width: int | None) -> list[str]:
     lines += [""] + table(
         "per component", [Column("component"), Column("max|a|", right=True), Column("site"),
                           Column("channel", right=True), Column("token")],
-        [[name, number(c["max_abs"]), c["site"], str(c["location"]["channel"]), _token(c["location"]["token"])]
+        [[name, number(c["max_abs"]), c["site"], str(c["location"]["channel"]), token_label(c["location"])]
          for name, c in results["components"].items()], width)
     top = sorted(results["sites"], key=lambda s: -s["max_abs"])[:10]
     lines += [""] + table(

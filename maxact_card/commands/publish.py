@@ -310,7 +310,7 @@ def pr_description(
             "site": md_code(glob["site"], in_table=False),
             "module": md_code(glob["module"], in_table=False),
             "channel": str(loc["channel"]),
-            "token": md_token(loc["token"], in_table=False),
+            "token": md_token(loc, in_table=False),
             "position": str(loc["position"]),
             "sample_id": md_code(loc["sample_id"], in_table=False),
             "median": fmt.number(boot["median"]),
