@@ -2,22 +2,23 @@
 
 Importing the command line takes seconds (torch); a Ctrl-C in that time is one line, like every
 other interruption, so nothing heavy is imported before the handler is in place. Python drops a
-KeyboardInterrupt raised inside a finaliser (`__del__`) with a note on stderr and carries on, so
-an interrupted run could finish and exit 0: the handler also remembers the signal, and a run it
-interrupted never exits 0.
+KeyboardInterrupt raised inside a finaliser (`__del__`) with a note on stderr and carries on, and
+libraries turn one into errors of their own: the handler also remembers the signal
+(`errors.INTERRUPTS`), and a run it interrupted reports that, whatever it ended with.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
-_EXIT_RUNTIME = 3  # errors.EXIT_RUNTIME, not imported: this module imports nothing of ours up front
+_EXIT_RUNTIME = 3  # errors.EXIT_RUNTIME
 
 
 def main() -> None:
     """Console-script entry point (see `maxact_card.cli.main`)."""
-    interrupted: list[int] = []
+    from maxact_card.errors import INTERRUPTS as interrupted  # a small module of ours, nothing else
 
     def on_interrupt(signum: int, frame: object) -> None:
         interrupted.append(signum)
@@ -36,12 +37,29 @@ def main() -> None:
         run()
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
-        sys.exit(_EXIT_RUNTIME)
+        _leave(_EXIT_RUNTIME)
     except SystemExit as done:
-        if interrupted and done.code in (0, None):
+        if not interrupted:
+            raise
+        if done.code != _EXIT_RUNTIME:
             print("error: interrupted", file=sys.stderr)
-            sys.exit(_EXIT_RUNTIME)
-        raise
+        _leave(_EXIT_RUNTIME)
+    except BaseException:
+        if not interrupted:  # a real failure outside the command's own error handling
+            raise
+        print("error: interrupted", file=sys.stderr)  # an import broken by the interrupt, say
+        _leave(_EXIT_RUNTIME)
+
+
+def _leave(code: int) -> None:
+    """Exit now, skipping interpreter shutdown: an interrupted run has nothing left to save, and
+    libraries' exit hooks could meet the interrupt again and end the process by the signal instead."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 if __name__ == "__main__":

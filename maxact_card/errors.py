@@ -44,3 +44,9 @@ EXIT_PASS = 0
 EXIT_GATE = 1
 EXIT_USAGE = 2
 EXIT_RUNTIME = 3
+
+
+#: Ctrl-C presses seen by the command line's handler (`maxact_card.__main__`). Libraries turn an
+#: interrupt into errors of their own (transformers reports one during a lazy import as a missing
+#: module), so whatever error a run ends with, an interrupt seen on the way is what it reports.
+INTERRUPTS: list[int] = []

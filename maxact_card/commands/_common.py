@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 
 from maxact_card.distributed import EXIT_FILE_ENV, record_exit
-from maxact_card.errors import EXIT_RUNTIME, EXIT_USAGE, MaxactError, UsageError
+from maxact_card.errors import EXIT_RUNTIME, EXIT_USAGE, INTERRUPTS, MaxactError, UsageError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -131,6 +131,9 @@ def _mapped(func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     def report(line: str) -> None:
         if os.environ.get("RANK", "0") != "0" and os.environ.get(EXIT_FILE_ENV):
             return  # the other processes of a --gpus launch: rank 0 says it once
+        if INTERRUPTS:  # a library's error for what was a Ctrl-C: say what happened
+            print("error: interrupted", file=sys.stderr)
+            raise typer.Exit(EXIT_RUNTIME)
         secrets = _secrets(kwargs)
         if _debug():
             print(redact(traceback.format_exc(), secrets), end="", file=sys.stderr)
