@@ -1081,7 +1081,8 @@ def _check_weights(results: Mapping[str, Any], source: CardSource) -> Check:
         notes.append(f"also present, not measured: {', '.join(extra[:3])}{' …' if len(extra) > 3 else ''}")
     if commit_now and commit_then and commit_now != commit_then:
         notes.append(f"repo moved from {commit_then[:12]} to {commit_now[:12]} without touching the weights")
-    message = f"the {len(recorded)} weight file{'s' if len(recorded) != 1 else ''} match the results' sha256"
+    message = ("the weight file matches the results' sha256" if len(recorded) == 1 else
+               f"all {len(recorded)} weight files match the results' sha256")
     return Check("weights", CheckStatus.passed, message + (f" ({'; '.join(notes)})" if notes else ""))
 
 

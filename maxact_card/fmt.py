@@ -73,9 +73,15 @@ def count(n: float | None) -> str:
 
 
 def ratio(x: float | None) -> str:
-    """A multiple: `2,400×`."""
+    """A multiple, always to `SIG_DIGITS` significant digits below 1,000 so that a column of them
+    reads alike (`442.4×` beside `445.0×`, not `445×`): `2,400×`, `18.75×`."""
     if x is None:
         return "n/a"
+    mag = abs(float(x))
+    if 0 < mag < 1000 and mag >= SCI_SMALL:
+        text = f"{float(x):#.{SIG_DIGITS}g}"
+        if "e" not in text and float(text.replace(",", "")) < 1000:
+            return f"{text.rstrip('.')}×"
     return f"{number(x)}×"
 
 
