@@ -496,6 +496,10 @@ def _change(old: float | None, new: float | None) -> tuple[float | None, float |
     return new - old, peak_growth_pct(old, new)
 
 
+#: Run settings that change the numbers without changing the model, as `diff` names them.
+RUN_SETTINGS = ("dtype", "corpus", "samples", "seed", "max_seq_len", "device")
+
+
 def _identity(results: Mapping[str, Any]) -> dict[str, Any]:
     model, run, corpus = results.get("model", {}), results.get("run", {}), results.get("corpus", {})
     return {
@@ -506,6 +510,10 @@ def _identity(results: Mapping[str, Any]) -> dict[str, Any]:
         "corpus": corpus.get("id"),
         "samples": run.get("samples"),
         "tokens": run.get("tokens"),
+        "seed": run.get("seed"),
+        "max_seq_len": run.get("max_seq_len"),
+        "device": run.get("device"),
+        "weights": sorted((w.get("path"), w.get("sha256")) for w in model.get("weight_files") or ()),
     }
 
 
@@ -621,15 +629,20 @@ def diff_results(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, An
     new_massive = sorted(set(new.get("massive", {}).get("layers", ())))
 
     old_id, new_id = _identity(old), _identity(new)
-    notes = [
-        f"{key} differs: {old_id[key]} → {new_id[key]}; the numbers are not measured alike"
-        for key in ("dtype", "corpus", "samples")
-        if old_id[key] != new_id[key]
-    ]
+    settings = [key for key in RUN_SETTINGS if old_id[key] != new_id[key]]
+    notes = [f"{key} differs: {old_id[key]} → {new_id[key]}" for key in settings]
+    same_weights = bool(old_id["weights"]) and old_id["weights"] == new_id["weights"]
+    if same_weights:
+        notes.append("the weights are the same (every weight file's sha256 agrees)"
+                     + (": the changes come from the run settings above" if settings else ""))
+    elif old_id["weights"] and new_id["weights"]:
+        notes.append("the weights differ" + (", and so do run settings: not all changes are the model's"
+                                             if settings else ""))
     return {
         "diff_version": 1,
         "old": old_id,
         "new": new_id,
+        "same_weights": same_weights,
         "notes": notes,
         "peak": peak,
         "components": components,

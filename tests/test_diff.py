@@ -62,7 +62,8 @@ def test_diff_of_identical_results_changes_nothing() -> None:
     assert diff["peak"]["abs_change"] == 0 and diff["peak"]["pct_change"] == 0
     assert diff["site_counts"] == {"changed": 0, "unchanged": 22, "added": 0, "removed": 0}
     assert diff["massive_layers"]["became"] == diff["massive_layers"]["stopped"] == []
-    assert diff["notes"] == [] and diff["quant"]["policies"] == []
+    assert diff["notes"] == ["the weights are the same (every weight file's sha256 agrees)"]
+    assert diff["same_weights"] and diff["quant"]["policies"] == []
 
 
 def test_diff_of_a_crafted_pair() -> None:
@@ -124,9 +125,29 @@ def test_diff_notes_when_runs_are_not_alike() -> None:
     new["run"]["dtype"] = "float16"
     new["corpus"]["id"] = "my-corpus"
     assert diff_results(example(), new)["notes"] == [
-        "dtype differs: bfloat16 → float16; the numbers are not measured alike",
-        "corpus differs: maxact-builtin-v1 → my-corpus; the numbers are not measured alike",
+        "dtype differs: bfloat16 → float16",
+        "corpus differs: maxact-builtin-v1 → my-corpus",
+        "the weights are the same (every weight file's sha256 agrees): the changes come from the run settings above",
     ]
+
+
+def test_diff_of_the_same_weights_with_another_seed_says_so() -> None:
+    """Two runs of the same weights with another --seed: the notes name the setting, not a model change."""
+    new = example()
+    new["run"]["seed"] = 1
+    new["run"]["device"] = "NVIDIA H200"
+    diff = diff_results(example(), new)
+    assert diff["same_weights"] is True
+    assert diff["notes"] == [
+        f"seed differs: {example()['run']['seed']} → 1",
+        f"device differs: {example()['run']['device']} → NVIDIA H200",
+        "the weights are the same (every weight file's sha256 agrees): the changes come from the run settings above",
+    ]
+    other = example()
+    other["model"]["weight_files"][0]["sha256"] = "f" * 64
+    other["run"]["seed"] = 1
+    assert diff_results(example(), other)["notes"][-1] == (
+        "the weights differ, and so do run settings: not all changes are the model's")
 
 
 def test_diff_from_a_zero_value_has_no_percentage() -> None:
