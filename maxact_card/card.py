@@ -106,6 +106,16 @@ def md_token(location: Mapping[str, Any], *, in_table: bool = True) -> str:
     return f"{md_code(quoted, in_table=in_table)} ({md_text(note)})"
 
 
+def md_sample(peak: Mapping[str, Any]) -> str:
+    """The peak's sample: its id, and where the results carry it, its category and the text around
+    the peak (`global.context`), all as literal Markdown."""
+    text = md_code(peak["location"]["sample_id"], in_table=False)
+    context = peak.get("context")
+    if isinstance(context, Mapping):
+        text += f" ({md_text(context['category'])}: {md_code(context['excerpt'], in_table=False)})"
+    return text
+
+
 # --- results --------------------------------------------------------------------------------------
 def check_results(results: Any, *, source: str = "results") -> None:
     """Raise SchemaError `source::$.json.path: message` (best match first, then how many others)."""
@@ -436,7 +446,7 @@ def section_context(results: Mapping[str, Any], *, chart_path: str, results_path
             "token": md_token(loc, in_table=False),
             "position": str(loc["position"]),
             "first_token": loc["position"] == 0,
-            "sample_id": md_code(loc["sample_id"], in_table=False),
+            "sample_id": md_sample(glob),
         },
         "meaning": _quantizer_sentences(results, sites),
         "bootstrap": {

@@ -514,9 +514,40 @@ def assemble(loaded: LoadedModel, opts: MeasureOptions, corpus: corpus_mod.Corpu
     }
     corpus_info = {"id": corpus.id, "sha256": corpus.sha256, "samples": len(samples), "categories": categories,
                    "eval_samples": eval_samples}
-    return build_results(measurement, model_info=loaded.info, run_info=run_info, corpus_info=corpus_info,
-                         sample_ids=[s.id for s in samples], decode=decoder(loaded.tokenizer), seed=opts.seed,
-                         spell=speller(loaded.tokenizer))
+    results = build_results(measurement, model_info=loaded.info, run_info=run_info, corpus_info=corpus_info,
+                            sample_ids=[s.id for s in samples], decode=decoder(loaded.tokenizer), seed=opts.seed,
+                            spell=speller(loaded.tokenizer))
+    results["global"]["context"] = peak_context(loaded.tokenizer, measurement.token_ids, samples,
+                                                results["global"]["location"])
+    return results
+
+
+def peak_context(tokenizer: Any, token_ids: list[list[int]], samples: list[corpus_mod.Sample],
+                 location: dict[str, Any], *, width: int = 8) -> dict[str, str]:
+    """The peak's sample category and its text around the peak, `width` tokens either side, with
+    the peak's token marked ⟦ ⟧. A token that is a lone byte of a character is marked together with
+    the tokens that complete the character, so that the excerpt reads as text (`⟦Д⟧ій`)."""
+    index, position = location["sample"], location["position"]
+    ids = token_ids[index]
+    start, end = max(0, position - width), min(len(ids), position + 1 + width)
+
+    def text(part: list[int]) -> str:
+        try:
+            return str(tokenizer.decode(part, skip_special_tokens=False))
+        except Exception:  # noqa: BLE001 - an undecodable stretch is shown as its ids
+            return " ".join(f"<id {i}>" for i in part)
+
+    before, whole = text(ids[start:position]), text(ids[start:end])
+    through = text(ids[start:position + 1])
+    for last in range(position + 1, min(end, position + 4) + 1):  # a character is at most 4 bytes
+        through = text(ids[start:last])
+        if not through.endswith("\ufffd"):
+            break
+    if whole.startswith(through) and through.startswith(before):
+        excerpt = f"{before}⟦{through[len(before):]}⟧{whole[len(through):]}"
+    else:  # a tokenizer whose pieces do not concatenate: mark the token's own text
+        excerpt = f"{before}⟦{location['token']}⟧{text(ids[position + 1:end])}"
+    return {"category": samples[index].category, "excerpt": excerpt[:400]}
 
 
 def _pad_id(tokenizer: Any) -> int:

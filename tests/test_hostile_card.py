@@ -36,6 +36,7 @@ def planted(text: str) -> dict[str, Any]:
     r["model"]["id"] = "org/" + text
     r["corpus"]["id"] = "file:c" + text
     r["run"]["device"] = "d" + text
+    r["global"]["context"] = {"category": "cat" + text, "excerpt": f"before {text} ⟦{text}⟧ after"}
     for w in r["model"]["weight_files"]:
         w["path"] = "w" + text
     for comp in r["components"].values():

@@ -95,3 +95,15 @@ def test_the_display_counts_batches() -> None:
         display.step("writing")
         assert display.progress.tasks[-1].total is None and len(display.progress.tasks) == 1
     assert not progress.shown()
+
+
+def test_the_peak_carries_its_sample_category_and_the_text_around_it(checkpoint: Path) -> None:
+    from maxact_card.card import render_section
+
+    results = run_measure(_options(checkpoint))
+    assert results is not None
+    context, loc = results["global"]["context"], results["global"]["location"]
+    assert context["category"] == "default"  # a .jsonl corpus without categories
+    assert context["excerpt"].count("⟦") == 1 and context["excerpt"].count("⟧") == 1
+    section = render_section(results, chart_path="maxact/profile.svg", results_path="maxact/results.json")
+    assert f"`{loc['sample_id']}` (default: `" in section

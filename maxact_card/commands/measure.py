@@ -119,6 +119,8 @@ def summary_lines(results: dict[str, Any], width: int | None) -> list[str]:
         ("global max|a|", peak),
         ("where", printable(f"{g['site']} [{g['module']}], channel {loc['channel']}, sample {loc['sample_id']} "
                             f"position {loc['position']}, token {token_label(loc)}")),
+        *([("context", printable(f"{g['context']['category']}: {g['context']['excerpt']}"))]
+          if g.get("context") else []),
         ("bootstrap", f"median {number(boot['median'])}, 5-95% [{number(boot['p05'])}, {number(boot['p95'])}]"),
         ("massive", (f"{count(massive['tokens'])} tokens in layers {layer_ranges(massive['layers'])}"
                      if massive["tokens"] else
