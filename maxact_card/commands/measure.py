@@ -203,7 +203,7 @@ class Display:
         self.samples = self.batches = self.done_batches = 0
         self._stack = contextlib.ExitStack()
 
-    def __enter__(self) -> Display:
+    def __enter__(self) -> Display:  # noqa: PYI034 - Python 3.10 has no typing.Self
         self._stack = contextlib.ExitStack()
         if self.enabled:
             self.progress = Progress(
