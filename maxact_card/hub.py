@@ -579,10 +579,22 @@ def publish(
     if direct:
         return PublishOutcome("committed", commit.commit_url, None, diff, names)
     if pr is not None:
+        with _hub_errors(hub, repo_id, base, writing=True):
+            _refresh_pr(hub, repo_id, pr, title, description)
         return PublishOutcome("updated", pr_url, pr_num, diff, names)
     if commit.pr_url is None:  # the Hub found nothing to change and opened no PR
         return PublishOutcome("unchanged", None, None, diff, names)
     return PublishOutcome("opened", commit.pr_url, commit.pr_num, diff, names)
+
+
+def _refresh_pr(hub: _Hub, repo_id: str, pr: DiscussionWithDetails, title: str, description: str) -> None:
+    """An updated PR says what it now holds: its title and its opening comment (the description)
+    are replaced when the new results changed them."""
+    if pr.title != title:
+        hub.api.rename_discussion(repo_id, pr.num, title)
+    opening = next((e for e in pr.events if e.type == "comment"), None)
+    if opening is not None and getattr(opening, "content", None) != description:
+        hub.api.edit_discussion_comment(repo_id, pr.num, opening.id, description)
 
 
 def _open_card_pr(hub: _Hub, repo_id: str, base: str) -> DiscussionWithDetails | None:

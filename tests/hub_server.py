@@ -356,6 +356,8 @@ class HubServer:
             return _json({"files": files})
         if method == "POST" and kind == "commit" and arg:
             return self._receive_commit(repo, arg, query.get("create_pr") == "1", body, user)
+        if method == "POST" and kind == "discussions" and arg:
+            return self._change_discussion(repo, int(arg), rest[2:], json.loads(body or b"{}"), user)
         if method == "POST" and kind == "discussions" and not arg:
             data = json.loads(body)
             if data.get("pullRequest"):
@@ -519,6 +521,34 @@ class HubServer:
         start = int(query.get("p", 0)) * _PAGE
         page = [self._summary(repo, d) for d in found[start : start + _PAGE]]
         return _json({"count": len(found), "start": start, "discussions": page})
+
+    def _change_discussion(self, repo: Repo, num: int, what: list[str], data: dict, user: str) -> Reply:
+        """Rename a discussion, or edit one of its comments, as huggingface_hub's `rename_discussion`
+        (POST .../discussions/{num}/title {"title"}, answered {"newTitle": event}) and
+        `edit_discussion_comment` (POST .../discussions/{num}/comment/{id}/edit {"content"}, answered
+        {"updatedComment": event}) call them (hf_api.py, `_post_discussion_changes`). Only the
+        author of the discussion (or of the comment) or a member of the repo may."""
+        d = repo.discussions.get(num)
+        if d is None:
+            raise HubHTTPError(404, "Discussion not found")
+        if what == ["title"]:
+            if user != d.author and not self._member(repo, user):
+                raise HubHTTPError(403, "Only the author or a member can rename this discussion")
+            event = _event("title-change", user, {"from": d.title, "to": data["title"]})
+            d.title = data["title"]
+            d.events.append(event)
+            return _json({"newTitle": event})
+        if len(what) == 3 and what[0] == "comment" and what[2] == "edit":
+            comment = next((e for e in d.events if e["type"] == "comment" and e["id"] == what[1]), None)
+            if comment is None:
+                raise HubHTTPError(404, "Comment not found")
+            if user != comment["author"]["name"]:
+                raise HubHTTPError(403, "Only the author can edit this comment")
+            comment["data"].update(edited=True, latest={"raw": data["content"]})
+            if comment is next(e for e in d.events if e["type"] == "comment"):
+                d.description = data["content"]  # the opening comment is the description
+            return _json({"updatedComment": comment})
+        raise HubHTTPError(404, "Sorry, we can't find the page you are looking for.")
 
     def _details(self, repo: Repo, num: int) -> Reply:
         d = repo.discussions.get(num)

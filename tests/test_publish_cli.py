@@ -311,3 +311,25 @@ def test_bad_input(hub: HubServer, files: dict[str, bytes], tmp_path: Path) -> N
     assert markdown.exit_code == 2 and "text or json" in markdown.stderr
     unknown = cli("org/absent", "--results", str(path), "--token", WRITE)
     assert unknown.exit_code == 2 and "org/absent" in unknown.stderr
+
+
+def test_an_updated_pull_request_gets_the_new_title_and_description(
+    hub: HubServer, files: dict[str, bytes], tmp_path: Path
+) -> None:
+    """New numbers: the PR's title and opening description say them too, not only its files."""
+    assert publish(write(tmp_path, make_results(hub, files))).exit_code == 0
+    first = hub.repo_state(REPO)["pull_requests"][1]["description"]
+    changed = make_results(hub, files)
+    from tests.test_gate import scaled_peak
+
+    changed = scaled_peak(changed, 45_000.0)
+    validate_results(changed)
+    result = publish(write(tmp_path, changed, "changed.json"))
+    assert result.exit_code == 0, result.stderr
+    pr = hub.repo_state(REPO)["pull_requests"][1]
+    assert pr["title"] == "[maxact-card] Maximum activations: 45,000 at blocks.3.hook_resid_post"
+    assert "**45,000**" in pr["description"] and "**36,012**" in first and pr["description"] != first
+    from huggingface_hub import HfApi  # the client reads it back the same way
+
+    seen = HfApi(endpoint=hub.url, token=WRITE).get_discussion_details(REPO, 1)
+    assert seen.title == pr["title"] and seen.events[0].content == pr["description"]
