@@ -111,6 +111,7 @@ class PublishOutcome:
     pr_num: int | None
     card_diff: str
     files: tuple[str, ...]
+    saw_open_prs: bool = True  # a dry run without a token cannot list the account's open PRs
 
 
 # ---- environment ---------------------------------------------------------------------------
@@ -559,7 +560,7 @@ def publish(
         diff = _card_diff(old_card, wanted["README.md"].decode("utf-8"))
         pr_url, pr_num = (pr.url, pr.num) if pr is not None else (None, None)
         if dry_run:
-            return PublishOutcome("dry-run", pr_url, pr_num, diff, names)
+            return PublishOutcome("dry-run", pr_url, pr_num, diff, names, saw_open_prs=has_token)
         remote = {s.rfilename: (s.lfs.sha256 if s.lfs else s.blob_id) for s in info.siblings or []}
         if all(
             remote.get(p) in (_git_blob_id(data), hashlib.sha256(data).hexdigest())
@@ -585,6 +586,40 @@ def publish(
     if commit.pr_url is None:  # the Hub found nothing to change and opened no PR
         return PublishOutcome("unchanged", None, None, diff, names)
     return PublishOutcome("opened", commit.pr_url, commit.pr_num, diff, names)
+
+
+def check_publish_target(repo_id: str, branch: str, token: str | None, *, dry_run: bool = False) -> None:
+    """Before any long work: can a card be published to `branch` of `repo_id` with this token?
+
+    A pull request can only target a branch (huggingface_hub's create_commit refuses a tag, a
+    commit sha or refs/pr/N as the revision of a new PR), so `branch` must be one; the repo must
+    exist for this token; and, unless `dry_run`, the token must be one that may write.
+    """
+    hub = _Hub.from_env(token)
+    if hub.offline:
+        raise UsageError("HF_HUB_OFFLINE is set; publishing needs the Hub", hint="unset HF_HUB_OFFLINE")
+    has_token = (token or get_token()) is not None
+    if not has_token and not dry_run:
+        raise UsageError("publishing needs a Hub token with write access", hint="pass --token or set HF_TOKEN")
+    with _hub_errors(hub, repo_id, branch, writing=True):
+        if has_token:
+            role = ((hub.api.whoami(cache=True).get("auth") or {}).get("accessToken") or {}).get("role")
+            if role == "read" and not dry_run:
+                raise UsageError(f"this token can only read; publishing to {repo_id} needs write access",
+                                 hint=f"create a token with write permission at {hub.endpoint}/settings/tokens "
+                                      "and pass it with --token")
+        refs = hub.api.list_repo_refs(repo_id)
+    branches = {b.name for b in refs.branches}
+    if branch not in branches:
+        kind = ("a tag" if branch in {t.name for t in refs.tags} else
+                "a pull request" if branch.startswith("refs/pr/") else
+                "a commit" if re.fullmatch(r"[0-9a-f]{40}", branch) else "not a branch")
+        raise UsageError(
+            f"{branch!r} in {repo_id} is {kind}; a pull request can only target a branch "
+            f"({', '.join(sorted(branches)) or 'none'})",
+            hint="measure any revision with --revision, and name the branch that receives the card "
+                 "(check --pr-base, publish --revision)",
+        )
 
 
 def _refresh_pr(hub: _Hub, repo_id: str, pr: DiscussionWithDetails, title: str, description: str) -> None:

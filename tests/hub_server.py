@@ -339,6 +339,21 @@ class HubServer:
         kind, arg = (rest + ["", ""])[:2]
         if method == "GET" and kind in ("", "revision"):
             return self._info(repo, arg or "main", query)
+        if method == "GET" and kind == "refs" and not arg:
+            # list_repo_refs (hf_api.py): GET /api/{type}s/{repo}/refs[?include_prs=1] answers
+            # {"branches", "tags", "converts"[, "pullRequests"]}, each entry {"name", "ref", "targetCommit"}
+            def ref(name: str, full: str, sha: str) -> dict[str, str]:
+                return {"name": name, "ref": full, "targetCommit": sha}
+
+            out: dict[str, Any] = {
+                "branches": [ref(b, f"refs/heads/{b}", sha) for b, sha in sorted(repo.branches.items())],
+                "tags": [ref(t, f"refs/tags/{t}", sha) for t, sha in sorted(repo.tags.items())],
+                "converts": [],
+            }
+            if query.get("include_prs"):
+                out["pullRequests"] = [ref(f"refs/pr/{d.num}", f"refs/pr/{d.num}", d.head or "")
+                                       for d in repo.discussions.values() if d.is_pr]
+            return _json(out)
         if method == "GET" and kind == "tree" and arg:
             return self._tree(repo, arg, "/".join(rest[2:]), query)
         if method == "POST" and kind == "paths-info" and arg:

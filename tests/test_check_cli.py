@@ -269,3 +269,46 @@ def test_a_card_that_cannot_take_the_section_fails_before_measuring(
     assert "broken markers" in res.stderr or "front matter" in res.stderr
     assert card.read_text(encoding="utf-8") == card_text
     assert not (tmp_path / "maxact").exists()  # nothing written beside it
+
+
+def test_create_pr_measures_a_tag_and_opens_the_pull_request_against_the_branch(
+    shelf: dict[str, Path], hub_server: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--revision v1.0` is what is measured; the PR goes to main (or --pr-base), pinned to v1.0's commit."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    sha = hub_server.create_repo("org/tagged", tiny_llama_files(tmp_path))
+    hub_server.create_tag("org/tagged", "v1.0")
+    hub_server.add_token("hf_write", "alice", write=True)
+    base = ["check", "org/tagged", "--revision", "v1.0", "--corpus", str(shelf["corpus"]), "--device", "cpu",
+            "--token", "hf_write", "--policy", str(shelf["permissive"]), "--create-pr", "--format", "json"]
+    res = CliRunner().invoke(app, base)
+    assert res.exit_code == 0, res.stderr
+    assert json.loads(res.stdout)["pr_url"].endswith("/org/tagged/discussions/1")
+    pr = hub_server.repo_state("org/tagged")["pull_requests"][1]
+    assert pr["base"] == "main"
+    published = json.loads(hub_server.read("org/tagged", "maxact/results.json", "refs/pr/1") or b"null")
+    assert published["model"]["revision"] == "v1.0" and published["model"]["commit_sha"] == sha
+
+
+@pytest.mark.parametrize(("extra", "token", "says"), [
+    (["--pr-base", "v1.0"], "hf_write", "'v1.0' in org/tagged is a tag; a pull request can only target a branch"),
+    (["--pr-base", "nope"], "hf_write", "'nope' in org/tagged is not a branch"),
+    ([], "hf_read", "this token can only read"),
+    ([], None, "publishing needs a Hub token with write access"),
+])
+def test_create_pr_that_cannot_be_published_fails_before_measuring(
+    shelf: dict[str, Path], hub_server: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    extra: list[str], token: str | None, says: str,
+) -> None:
+    monkeypatch.setattr(check_cmd, "run_measure", _must_not_run)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # no cached login either
+    hub_server.create_repo("org/tagged", tiny_llama_files(tmp_path))
+    hub_server.create_tag("org/tagged", "v1.0")
+    hub_server.add_token("hf_write", "alice", write=True)
+    hub_server.add_token("hf_read", "bob", write=False)
+    argv = ["check", "org/tagged", "--device", "cpu", "--create-pr", *extra] + (["--token", token] if token else [])
+    res = CliRunner().invoke(app, argv)
+    assert res.exit_code == 2, res.stdout + res.stderr
+    assert says in res.stderr and len(res.stderr.splitlines()) == 1

@@ -333,3 +333,27 @@ def test_an_updated_pull_request_gets_the_new_title_and_description(
 
     seen = HfApi(endpoint=hub.url, token=WRITE).get_discussion_details(REPO, 1)
     assert seen.title == pr["title"] and seen.events[0].content == pr["description"]
+
+
+def test_a_dry_run_without_a_token_says_it_cannot_see_open_pull_requests(
+    hub: HubServer, files: dict[str, bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # no cached login
+    path = write(tmp_path, make_results(hub, files))
+    assert publish(path).exit_code == 0  # a PR is open now, which only its author's token can find
+    result = cli(REPO, "--results", str(path), "--dry-run")
+    assert result.exit_code == 0, result.stderr
+    assert "without a token the open pull requests of org/tiny cannot be seen" in result.stdout
+    assert "would open a pull request" not in result.stdout
+
+
+def test_publishing_to_a_tag_is_refused_before_anything_is_sent(
+    hub: HubServer, files: dict[str, bytes], tmp_path: Path
+) -> None:
+    hub.create_tag(REPO, "v1.0")
+    before = hub.repo_state(REPO)
+    result = publish(write(tmp_path, make_results(hub, files)), "--revision", "v1.0")
+    assert result.exit_code == 2
+    assert "'v1.0' in org/tiny is a tag; a pull request can only target a branch" in result.stderr
+    assert hub.repo_state(REPO) == before

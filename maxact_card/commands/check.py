@@ -121,6 +121,15 @@ CreatePrOpt = Annotated[
         envvar="MAXACT_CARD_CREATE_PR",
     ),
 ]
+PrBaseOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--pr-base",
+        help="Branch the --create-pr pull request targets (default: main); --revision only says what is measured.",
+        envvar="MAXACT_CARD_PR_BASE",
+        show_default=False,
+    ),
+]
 VerdictOutOpt = Annotated[
     Path | None,
     typer.Option(
@@ -142,6 +151,7 @@ class CheckRequest:
     out: Path | None = None
     card: Path | None = None
     create_pr: bool = False
+    pr_base: str | None = None
 
 
 @dataclass(frozen=True)
@@ -235,6 +245,10 @@ def _preflight(request: CheckRequest) -> tuple[Policy, dict[str, Any] | None]:
                 f"--create-pr needs a Hub repo id org/name, not {request.measure.model!r}",
                 hint="check the repo id, or drop --create-pr and use --card for a local card",
             )
+        from maxact_card.hub import check_publish_target
+
+        # the repo, the token's right to write and the branch, before the model is even loaded
+        check_publish_target(request.measure.model, request.pr_base or "main", request.measure.token)
     return policy, baseline
 
 
@@ -257,7 +271,8 @@ def _publish(results: dict[str, Any], results_path: Path | None, request: CheckR
     opts = request.measure
 
     def publish(path: Path) -> str | None:
-        outcome = run_publish(opts.model, path, revision=opts.revision, direct=False, dry_run=False,
+        # the measured revision is in the results; the PR goes to the branch that receives the card
+        outcome = run_publish(opts.model, path, revision=request.pr_base, direct=False, dry_run=False,
                               allow_stale=False, token=opts.token)  # fmt: skip
         return outcome.url
 
@@ -362,6 +377,7 @@ def check_cmd(
     out: OutOpt = None,
     card: CardOpt = None,
     create_pr: CreatePrOpt = False,
+    pr_base: PrBaseOpt = None,
     verdict_out: VerdictOutOpt = None,
     fmt: FormatOpt = OutputFormat.text,
     revision: RevisionOpt = None,
@@ -399,7 +415,7 @@ def check_cmd(
             state_dir=state_dir, resume=resume,
             checkpoint_every=checkpoint_every,
         ),
-        policy_path=policy, baseline=baseline, out=out, card=card, create_pr=create_pr,
+        policy_path=policy, baseline=baseline, out=out, card=card, create_pr=create_pr, pr_base=pr_base,
     )  # fmt: skip
     check_writable(verdict_out, "--verdict-out")
     launch_if_asked(gpus, request.measure, "check")

@@ -358,6 +358,7 @@ def run_publish(
     if not _REPO_ID.fullmatch(repo_id) or ".." in repo_id:
         raise UsageError(f"{repo_id!r} is not a Hub repo id", hint="pass the model repo as org/name")
     results = read_results(results_path)
+    hub.check_publish_target(repo_id, revision or "main", token, dry_run=dry_run)
     commit = check_weights(results, repo_id, revision, token, allow_stale=allow_stale)
     if results["model"].get("source") == "hub" and results["model"]["id"] != repo_id:
         stderr_console().print(
@@ -392,6 +393,9 @@ def outcome_text(outcome: hub.PublishOutcome, repo_id: str, revision: str | None
         lines.append(outcome.card_diff.rstrip("\n") if outcome.card_diff else "(README.md unchanged)")
         if pr:
             lines.append(f"dry run: nothing written; would update {pr}: {outcome.url}")
+        elif not direct and not outcome.saw_open_prs:
+            lines.append(f"dry run: nothing written; without a token the open pull requests of {repo_id} "
+                         "cannot be seen: publishing would open one, or update the one you opened")
         else:
             how = "commit to" if direct else "open a pull request against"
             lines.append(f"dry run: nothing written; would {how} {repo_id}@{branch}")
@@ -420,6 +424,7 @@ def outcome_json(outcome: hub.PublishOutcome) -> str:
     }
     if outcome.action == "dry-run":
         doc["card_diff"] = outcome.card_diff
+        doc["saw_open_prs"] = outcome.saw_open_prs
     return json.dumps(doc, indent=1) + "\n"
 
 
