@@ -19,8 +19,8 @@ import typer
 from maxact_card.card import (
     CARD_FILE,
     DEFAULT_RESULTS_PATH,
-    CheckStatus,
     SUMMARY_KEY,
+    CheckStatus,
     LocalSource,
     decode_card,
     parse_card,
