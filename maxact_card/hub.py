@@ -45,6 +45,7 @@ from huggingface_hub.errors import (
     RevisionResolutionError,
     SafetensorsParsingError,
 )
+from huggingface_hub.utils import build_hf_headers, get_session
 
 from maxact_card import progress
 from maxact_card.documents import sha256_file
@@ -556,6 +557,7 @@ def publish(
         current = _read(hub, repo_id, "README.md", head)
         old_card = current.decode("utf-8") if current is not None else None
         wanted = {"README.md": build_card(old_card).encode("utf-8"), **files}
+        _validate_metadata(hub, repo_id, target, wanted["README.md"].decode("utf-8"))
         names = tuple(wanted)
         diff = _card_diff(old_card, wanted["README.md"].decode("utf-8"))
         pr_url, pr_num = (pr.url, pr.num) if pr is not None else (None, None)
@@ -586,6 +588,27 @@ def publish(
     if commit.pr_url is None:  # the Hub found nothing to change and opened no PR
         return PublishOutcome("unchanged", None, None, diff, names)
     return PublishOutcome("opened", commit.pr_url, commit.pr_num, diff, names)
+
+
+def _validate_metadata(hub: _Hub, repo_id: str, target: str, card: str) -> None:
+    """Ask the Hub whether it accepts the card's metadata, as RepoCard.validate does (POST
+    /api/validate-yaml; 400 with the reasons when it does not), so that a card the Hub would refuse
+    fails with the Hub's own words before anything is written. Any other answer is left to the
+    commit itself."""
+    response = get_session().post(
+        f"{hub.endpoint}/api/validate-yaml", json={"repoType": "model", "content": card},
+        headers=build_hf_headers(token=hub.token),
+    )
+    if response.status_code != 400:
+        return
+    try:
+        errors = [str(e.get("message", e)) for e in response.json().get("errors", [])]
+    except (ValueError, AttributeError):
+        errors = [response.text.strip()[:300]]
+    raise UsageError(
+        f"the Hub rejects the metadata of README.md in {repo_id}@{target}: {'; '.join(errors) or 'no reason given'}",
+        hint="fix the front matter (the YAML between the --- lines) on that branch, then publish again",
+    )
 
 
 def check_publish_target(repo_id: str, branch: str, token: str | None, *, dry_run: bool = False) -> None:

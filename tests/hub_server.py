@@ -611,11 +611,31 @@ def _front_matter(text: str) -> Any:
 
 
 def _validate_yaml(content: str) -> Reply:
-    try:
-        _front_matter(content)
-    except yaml.YAMLError as exc:
-        _, headers, body = _json({"errors": [{"message": f"Invalid YAML: {exc}"}], "warnings": []})
+    """POST /api/validate-yaml, which RepoCard.validate calls (repocard.py; a 400 makes the client
+    raise ValueError with the reply's text). Like the Hub, it rejects YAML that does not parse and
+    model-card metadata that does not fit the Hub's card spec (docs: hub/model-cards, "Model card
+    metadata"): a `license` that is not a string identifier, a `model-index` that is not a list
+    of entries with a `name` and a list of `results`."""
+
+    def bad(message: str) -> Reply:
+        _, headers, body = _json({"errors": [{"message": message}], "warnings": []})
         return 400, headers, body
+
+    try:
+        data = _front_matter(content)
+    except yaml.YAMLError as exc:
+        return bad(f"Invalid YAML: {exc}")
+    if not isinstance(data, dict):
+        return _json({"errors": [], "warnings": []})
+    if "license" in data and not isinstance(data["license"], str):
+        return bad('"license" must be a string')
+    index = data.get("model-index")
+    if index is not None and not (
+        isinstance(index, list)
+        and all(isinstance(e, dict) and isinstance(e.get("name"), str) and isinstance(e.get("results"), list)
+                for e in index)
+    ):
+        return bad('"model-index" must be an array of objects with a "name" and "results"')
     return _json({"errors": [], "warnings": []})
 
 

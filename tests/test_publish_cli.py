@@ -357,3 +357,18 @@ def test_publishing_to_a_tag_is_refused_before_anything_is_sent(
     assert result.exit_code == 2
     assert "'v1.0' in org/tiny is a tag; a pull request can only target a branch" in result.stderr
     assert hub.repo_state(REPO) == before
+
+
+@pytest.mark.parametrize(("front_matter", "says"), [
+    ("license: [mit, apache-2.0]", '"license" must be a string'),
+    ("model-index: {name: x}", '"model-index" must be an array'),
+])
+def test_a_card_the_hub_rejects_is_one_line_with_the_hubs_reason(
+    hub: HubServer, files: dict[str, bytes], tmp_path: Path, front_matter: str, says: str
+) -> None:
+    hub.commit(REPO, {"README.md": f"---\n{front_matter}\n---\n# Tiny\n".encode()})
+    before = hub.repo_state(REPO)
+    result = publish(write(tmp_path, make_results(hub, files)))
+    assert result.exit_code == 2, result.stdout + result.stderr
+    assert result.stderr.startswith(f"error: the Hub rejects the metadata of README.md in {REPO}@main: {says}")
+    assert len(result.stderr.splitlines()) == 1 and hub.repo_state(REPO) == before
