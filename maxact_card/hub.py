@@ -181,6 +181,19 @@ def _translate(
         f"the Hub at {hub.endpoint} is unreachable",
         hint="check the network or set HF_HUB_OFFLINE=1 to use the cache",
     )
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(exc, (LocalEntryNotFoundError, RevisionResolutionError)) and cause is not None and cause is not exc:
+        # a failed HEAD of a file reaches us wrapped: say what the Hub answered, not "unreachable"
+        inner = _translate(cause, hub, repo_id, revision, writing)
+        if inner is not None:
+            return inner
+    if type(exc).__name__ == "XetDownloadError":  # huggingface_hub.errors from 1.x on
+        return RuntimeFailure(
+            f"downloading {where} from the Hub's Xet storage failed",
+            hint="run again, or set HF_HUB_DISABLE_XET=1 to download over plain HTTP",
+        )
+    if type(exc).__name__ == "DisabledRepoError":
+        return UsageError(f"{repo_id} is disabled on {hub.endpoint}", hint="its author has disabled access to it")
     if isinstance(exc, GatedRepoError):
         return UsageError(
             f"{repo_id} is gated and this token has no access",

@@ -118,6 +118,10 @@ class HubServer:
         self.tokens: dict[str, tuple[str, bool]] = {}  # token -> (user, write)
         self.received: list[Received] = []
         self.fail_status: int | None = None  # set to e.g. 503 to answer every request with it
+        # file name -> status for its resolve requests only (HEAD and GET), e.g. {"config.json": 429}:
+        # the Hub rate-limits or refuses single files too, and the client wraps a failed HEAD in
+        # LocalEntryNotFoundError (file_download.py, _get_metadata_or_catch_error)
+        self.fail_files: dict[str, int] = {}
         self._lock = threading.RLock()
         self._counter = 0
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
@@ -438,6 +442,8 @@ class HubServer:
     def _resolve_file(
         self, method: str, repo: Repo, revision: str, path: str, headers: Mapping[str, str], user: str | None
     ) -> Reply:
+        if path in self.fail_files:
+            raise HubHTTPError(self.fail_files[path], "Too many requests" if self.fail_files[path] == 429 else "Refused")
         if repo.gated and not self._member(repo, user):
             status = 403 if user else 401
             raise HubHTTPError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import Any
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -34,3 +35,26 @@ def test_measure_pulls_only_what_it_needs_and_records_the_commit(hub_server: Hub
     downloaded = set(hub_server.downloads("org/tiny"))
     assert "model.safetensors" in downloaded and "config.json" in downloaded
     assert not {p for p in downloaded if p.endswith((".bin", ".onnx", ".gguf", ".png", ".jpg"))}
+
+
+def test_a_refused_file_download_says_what_the_hub_answered(hub_server: HubServer, tmp_path: Path,
+                                                            monkeypatch: Any) -> None:
+    """A HEAD answered 429 reaches us wrapped in LocalEntryNotFoundError: we say rate limiting, not
+    that the Hub is unreachable."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    hub_server.create_repo("org/limited", files=tiny_llama_files(tmp_path / "build"))
+    hub_server.fail_files["config.json"] = 429
+    result = CliRunner().invoke(app, ["measure", "org/limited", "--device", "cpu"])
+    assert result.exit_code == 3, result.output
+    assert result.stderr.startswith("error: the Hub at ") and "is rate limiting requests" in result.stderr
+
+
+def test_xet_and_disabled_repo_errors_are_named() -> None:
+    from huggingface_hub import errors
+
+    from maxact_card.hub import _Hub, _translate
+
+    hub = _Hub.from_env(None)
+    if hasattr(errors, "XetDownloadError"):
+        found = _translate(errors.XetDownloadError("boom"), hub, "org/m", "main", False)
+        assert found is not None and "Xet storage failed" in found.message and "HF_HUB_DISABLE_XET=1" in (found.hint or "")
