@@ -251,3 +251,31 @@ def test_non_finite_numbers_are_never_written(measured: dict[str, Any]) -> None:
     doc["sites"][0]["mean"] = float("nan")
     with pytest.raises(ValueError):
         dumps(doc)
+
+
+def test_the_results_of_the_deepest_model_we_support_stay_far_below_the_hubs_file_limit(tmp_path: Path) -> None:
+    """The Hub takes regular (non-LFS) files up to 10 MiB. A DeepSeek-V3-shaped model (61 layers,
+    MoE from layer 3, tiny widths: the width of a site does not change how much it records)
+    has 249 sites; its results with --quant must stay well under that limit."""
+    import torch
+    import transformers
+
+    from tests import factory
+
+    cfg = transformers.AutoConfig.for_model(
+        "deepseek_v3", vocab_size=len(factory.tokenizer()), hidden_size=64, intermediate_size=128,
+        moe_intermediate_size=32, num_hidden_layers=61, num_attention_heads=4, num_key_value_heads=4,
+        n_routed_experts=16, num_experts_per_tok=4, n_shared_experts=1, first_k_dense_replace=3, q_lora_rank=32,
+        kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_group=4, topk_group=2,
+        max_position_embeddings=512,
+    )
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "ckpt")
+    factory.tokenizer().save_pretrained(tmp_path / "ckpt")
+    factory.write_corpus(tmp_path / "c.jsonl")
+    out = tmp_path / "r.json"
+    res = CliRunner().invoke(app, ["measure", str(tmp_path / "ckpt"), "--corpus", str(tmp_path / "c.jsonl"),
+                                   "--device", "cpu", "--quant", "--out", str(out)])
+    assert res.exit_code == 0, res.stderr
+    assert len(load_results(out)["sites"]) >= 240
+    assert out.stat().st_size < 4 * 1024 * 1024  # 1.5 MB when written
