@@ -67,7 +67,7 @@ def resolve(ref: str, *, revision: str | None, token: str | None, memory_budget_
     """Files on disk for `ref`, the gguf file name if any, and the provenance fields of the results."""
     path = Path(ref).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        progress.step(f"hashing {path.name} ({size(path.stat().st_size)})")
+        progress.step(f"hashing {path.name} ({size(path.stat().st_size)})", "hash")
         try:
             digest = sha256_file(path)
         except OSError as exc:
@@ -122,7 +122,7 @@ def load(ref: str, *, revision: str | None = None, token: str | None = None, dty
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
-    progress.step("reading the config" + (f" of {gguf_file}" if gguf_file else ""))
+    progress.step("reading the config" + (f" of {gguf_file}" if gguf_file else ""), "config")
     try:
         config = AutoConfig.from_pretrained(local_dir, **kwargs)
     except ValueError as exc:
@@ -144,7 +144,8 @@ def load(ref: str, *, revision: str | None = None, token: str | None = None, dty
     load_kwargs: dict[str, Any] = dict(kwargs, dtype=torch_dtype)
     if device_map:
         load_kwargs["device_map"] = device_map
-    progress.step(f"loading the model ({chosen}" + (f", to {dev})" if not device_map else f", device map {device_map})"))
+    progress.step(f"loading the model ({chosen}" + (f", to {dev})" if not device_map else f", device map {device_map})"),
+                  "load")
     model = _load_model(ref, local_dir, config, load_kwargs, transformers, AutoModelForCausalLM)
     if not device_map:
         try:
@@ -153,7 +154,7 @@ def load(ref: str, *, revision: str | None = None, token: str | None = None, dty
             raise RuntimeFailure(f"{ref} does not fit in the memory of {dev}",
                                  hint="use --device-map auto, a smaller --dtype or --device cpu") from None
     model.eval()
-    progress.step("loading the tokenizer")
+    progress.step("loading the tokenizer", "load")
     try:
         tokenizer = AutoTokenizer.from_pretrained(local_dir, **kwargs)
     except Exception as exc:  # noqa: BLE001 - tokenizer loaders raise many kinds of errors

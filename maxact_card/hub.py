@@ -364,7 +364,7 @@ def resolve_model(
     hub = _Hub.from_env(token)
     if hub.offline:
         return _resolve_cached(hub, model, revision)
-    progress.step(f"resolving {model}" + (f"@{revision}" if revision else ""))
+    progress.step(f"resolving {model}" + (f"@{revision}" if revision else ""), "resolve")
     with _hub_errors(hub, model, revision):
         # resolve_revision also records revision -> sha in the cache, where HF_HUB_OFFLINE runs find it
         sha = hub.api.resolve_revision(model, revision=revision, cache_dir=hub.cache_dir).resolved
@@ -387,7 +387,7 @@ def resolve_model(
                 )
         wanted = [f for f in MODEL_FILES if f in siblings] + list(indexes) + list(weights)
         total = sum(siblings[f].size or 0 for f in wanted)
-        progress.step(f"downloading {len(wanted)} files ({size(total)}) or finding them in the cache")
+        progress.step(f"downloading {len(wanted)} files ({size(total)}) or finding them in the cache", "download")
         folder = Path(
             snapshot_download(
                 model,
@@ -414,7 +414,7 @@ def _resolve_local(path: Path) -> ResolvedModel:
     names = {p.name for p in path.iterdir() if p.is_file()}
     weights, _, notes = _choose_weights(names, lambda f: json.loads((path / f).read_text()), str(path))
     total = sum((path / w).stat().st_size for w in weights)
-    progress.step(f"hashing {len(weights)} weight file{'s' if len(weights) != 1 else ''} ({size(total)})")
+    progress.step(f"hashing {len(weights)} weight file{'s' if len(weights) != 1 else ''} ({size(total)})", "hash")
     try:
         files = tuple(WeightFile(w, sha256_file(path / w), (path / w).stat().st_size) for w in weights)
     except OSError as exc:

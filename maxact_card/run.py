@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import platform
 import signal
@@ -128,7 +129,7 @@ def prepare_tokens(loaded: LoadedModel, opts: MeasureOptions, samples: list[corp
                    builtin: bool) -> tuple[list[list[int]], bool]:
     """Tokenise the selected samples; the built-in corpus is cut to --max-seq-len unless told otherwise."""
     truncate = opts.truncate if opts.truncate is not None else builtin
-    progress.step(f"tokenizing {len(samples):,} samples")
+    progress.step(f"tokenizing {len(samples):,} samples", "tokenize")
     token_ids = corpus_mod.tokenize(samples, loaded.tokenizer, opts.max_seq_len, truncate=truncate)
     check_vocabulary(loaded.model, samples, token_ids)
     return token_ids, truncate
@@ -214,10 +215,11 @@ def run_measure(opts: MeasureOptions) -> dict[str, Any] | None:
     announced through `progress` (rank 0's only).
     """
     world = distributed.world_from_env()
-    if not world.is_main:
-        with progress.listening(None):
-            return _measure(opts, world)
-    return _measure(opts, world)
+    with progress.timing() as clock, (progress.listening(None) if not world.is_main else contextlib.nullcontext()):
+        results = _measure(opts, world)
+        if results is not None:
+            results["run"]["phases"] = clock.stop()
+        return results
 
 
 def _measure(opts: MeasureOptions, world: distributed.World) -> dict[str, Any] | None:
@@ -225,7 +227,7 @@ def _measure(opts: MeasureOptions, world: distributed.World) -> dict[str, Any] |
     if world.distributed and opts.device_map:
         raise UsageError("--device-map spreads one model over the GPUs; it cannot be combined with several processes",
                          hint="use either --device-map auto (one process) or torchrun/--gpus (one model per GPU)")
-    progress.step("reading the corpus")
+    progress.step("reading the corpus", "corpus")
     corpus = corpus_mod.load_corpus(opts.corpus)
     samples = corpus_mod.select(corpus, opts.samples, opts.seed)
     held_out: list[corpus_mod.Sample] = []
@@ -296,7 +298,7 @@ class _Run:
         plan = plan_batches([len(t) for t in token_ids], opts, budget)
         if opts.state_dir:
             self.store = self._open_state(Path(opts.state_dir), truncate)
-        progress.step("finding the sites")
+        progress.step("finding the sites", "discover")
         measurement = prepare(loaded.model, token_ids, device=loaded.device, top_k=opts.top_k)
         stats = measurement.stats
 
@@ -370,7 +372,7 @@ class _Run:
             self.resumed = True
         shard = self.world.shard(plan)
         progress.start_pass(label, sum(len(b) for b in shard), sum(len(token_ids[i]) for b in shard for i in b),
-                            len(shard))
+                            len(shard), phase=name)
         every = self.opts.checkpoint_every
         store, stop = self.store, self.stop
 

@@ -71,7 +71,7 @@ def test_a_run_announces_its_steps_and_each_batch_of_both_passes(checkpoint: Pat
 
 def test_with_no_listener_nothing_is_announced(checkpoint: Path) -> None:
     assert not progress.shown()
-    progress.step("nobody hears this")  # and nothing fails
+    progress.step("nobody hears this", "corpus")  # and nothing fails
 
 
 def test_the_display_stays_off_the_pipe(checkpoint: Path) -> None:
@@ -107,3 +107,15 @@ def test_the_peak_carries_its_sample_category_and_the_text_around_it(checkpoint:
     assert context["excerpt"].count("⟦") == 1 and context["excerpt"].count("⟧") == 1
     section = render_section(results, chart_path="maxact/profile.svg", results_path="maxact/results.json")
     assert f"`{loc['sample_id']}` (default: `" in section
+
+
+def test_the_results_record_where_the_time_went(checkpoint: Path) -> None:
+    from maxact_card.commands.measure import phases_line, summary_lines
+
+    results = run_measure(_options(checkpoint, quant=True))
+    assert results is not None
+    phases = results["run"]["phases"]
+    assert list(phases) == ["corpus", "hash", "config", "load", "tokenize", "discover", "measure", "quant"]
+    assert all(seconds >= 0 for seconds in phases.values()) and phases["measure"] > 0
+    line = next(line for line in summary_lines(results, None) if line.startswith("time"))
+    assert line.endswith(phases_line(phases)) and "measure " in line and "(total " in line

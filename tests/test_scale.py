@@ -27,7 +27,7 @@ from maxact_card.state import StateDir
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
 TIMING = {("run", "wall_time_s"), ("run", "tokens_per_s"), ("run", "started_at"), ("run", "world_size"),
-          ("quant", "wall_time_s")}
+          ("run", "phases"), ("quant", "wall_time_s")}
 
 
 @pytest.fixture(scope="module")
