@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,17 +65,15 @@ def _looks_like_path(ref: str) -> bool:
 
 def resolve(ref: str, *, revision: str | None, token: str | None, memory_budget_bytes: int | None,
             force: bool) -> tuple[Path, str | None, dict[str, Any]]:
-    """Files on disk for `ref`, the gguf file name if any, and the provenance fields of the results."""
+    """Files on disk for `ref`, the gguf file name if any, and the provenance fields of the results.
+
+    Weight files on local disk are not hashed here: their `sha256` is empty, and `HashInBackground`
+    fills it while the model loads (files from the Hub come with the Hub's sha256)."""
     path = Path(ref).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        progress.step(f"hashing {path.name} ({size(path.stat().st_size)})", "hash")
-        try:
-            digest = sha256_file(path)
-        except OSError as exc:
-            raise UsageError(f"cannot read {ref}: {exc.strerror or exc}", hint="check the file's permissions") from None
         return path.parent, path.name, {
             "id": path.name, "source": "gguf", "revision": None, "commit_sha": None,
-            "weight_files": [{"path": path.name, "sha256": digest, "size": path.stat().st_size}],
+            "weight_files": [{"path": path.name, "sha256": "", "size": path.stat().st_size}],
             "notes": ["weights dequantized from GGUF by transformers"],
         }
     if path.exists() and not path.is_dir():
@@ -85,7 +84,8 @@ def resolve(ref: str, *, revision: str | None, token: str | None, memory_budget_
         raise UsageError(f"model path {ref} does not exist", hint="pass a checkpoint directory, a .gguf file or a Hub repo id org/name")
     if path.is_dir() and not (path / "config.json").is_file():
         raise UsageError(f"{ref} has no config.json", hint="point at the folder save_pretrained wrote (it holds config.json)")
-    resolved = hub.resolve_model(ref, revision=revision, token=token, memory_budget_bytes=memory_budget_bytes, force=force)
+    resolved = hub.resolve_model(ref, revision=revision, token=token, memory_budget_bytes=memory_budget_bytes,
+                                 force=force, hash_local=False)
     info = {
         "id": resolved.repo_id or str(Path(ref)),
         "source": resolved.source,
@@ -95,6 +95,32 @@ def resolve(ref: str, *, revision: str | None, token: str | None, memory_budget_
         "notes": list(resolved.notes),
     }
     return resolved.local_dir, None, info
+
+
+class HashInBackground:
+    """The sha256 of the weight files still without one, computed in threads while the model loads
+    (hashlib releases the GIL on large reads, and the loader reads the same files: one of the two
+    finds them in the page cache). `finish` waits for them and fills `weight_files` in place."""
+
+    def __init__(self, ref: str, folder: Path, weight_files: list[dict[str, Any]]) -> None:
+        self.ref = ref
+        self.files = [w for w in weight_files if not w["sha256"]]
+        self.pool = ThreadPoolExecutor(max_workers=max(1, min(4, len(self.files))), thread_name_prefix="sha256")
+        self.futures = [self.pool.submit(sha256_file, folder / w["path"]) for w in self.files]
+
+    def finish(self) -> None:
+        if not all(f.done() for f in self.futures):
+            total = sum(w["size"] for w in self.files)
+            progress.step(f"hashing {len(self.files)} weight file{'s' if len(self.files) != 1 else ''} "
+                          f"({size(total)})", "hash")
+        try:
+            for w, future in zip(self.files, self.futures):
+                w["sha256"] = future.result()
+        except OSError as exc:
+            raise UsageError(f"cannot read the weights of {self.ref}: {exc.strerror or exc} ({exc.filename})",
+                             hint="check the files' permissions") from None
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _config_dtype(config: Any) -> str:
@@ -108,10 +134,8 @@ def _config_dtype(config: Any) -> str:
 def load(ref: str, *, revision: str | None = None, token: str | None = None, dtype: str | None = "auto",
          device: str = "auto", device_map: str | None = None, trust_remote_code: bool = False,
          memory_budget_bytes: int | None = None, force: bool = False) -> LoadedModel:
-    """Resolve and load model and tokenizer; every failure is a typed one-line error."""
-    import transformers
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
+    """Resolve and load model and tokenizer (the weights hashed meanwhile); every failure is a typed
+    one-line error."""
     dtype_name = parse_dtype(dtype)
     dev = pick_device(device)
     if device_map:
@@ -119,6 +143,19 @@ def load(ref: str, *, revision: str | None = None, token: str | None = None, dty
     quiet_libraries()
     local_dir, gguf_file, info = resolve(ref, revision=revision, token=token,
                                          memory_budget_bytes=memory_budget_bytes, force=force)
+    hashing = HashInBackground(ref, local_dir, info["weight_files"])
+    try:
+        return _load(ref, local_dir, gguf_file, info, hashing, dtype_name=dtype_name, dev=dev,
+                     device_map=device_map, trust_remote_code=trust_remote_code)
+    finally:
+        hashing.pool.shutdown(wait=False, cancel_futures=True)  # a failed load leaves nothing running
+
+
+def _load(ref: str, local_dir: Path, gguf_file: str | None, info: dict[str, Any], hashing: HashInBackground, *,
+          dtype_name: str, dev: torch.device, device_map: str | None, trust_remote_code: bool) -> LoadedModel:
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
@@ -160,6 +197,7 @@ def load(ref: str, *, revision: str | None = None, token: str | None = None, dty
     except Exception as exc:  # noqa: BLE001 - tokenizer loaders raise many kinds of errors
         raise UsageError(f"cannot load the tokenizer of {ref}: {type(exc).__name__}",
                          hint="the checkpoint needs tokenizer files (tokenizer.json or tokenizer.model)") from None
+    hashing.finish()
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     info.update({
         "architecture": (getattr(config, "architectures", None) or [type(model).__name__])[0],

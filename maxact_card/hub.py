@@ -342,8 +342,12 @@ def resolve_model(
     token: str | None = None,
     memory_budget_bytes: int | None = None,
     force: bool = False,
+    hash_local: bool = True,
 ) -> ResolvedModel:
     """Make `model` (a local directory or a Hub repo id) available on disk with the files needed to load it.
+
+    A local folder's weights are hashed here unless `hash_local` is False (their sha256 is then
+    empty, for the caller to fill); the Hub gives the sha256 of LFS files itself.
 
     From the Hub: the revision (branch, tag, commit sha or refs/pr/N) is pinned to its commit sha
     first, and only config, tokenizer and weight files of that commit are downloaded. With
@@ -356,7 +360,7 @@ def resolve_model(
             raise UsageError(
                 f"--revision applies to Hub repos, and {model} is a local path", hint="drop --revision"
             )
-        return _resolve_local(path)
+        return _resolve_local(path, hashed=hash_local)
     if not is_repo_id(model):
         raise UsageError(
             f"no such directory: {model}", hint="pass a local model directory or a Hub repo id org/name"
@@ -406,17 +410,18 @@ def resolve_model(
     return ResolvedModel(folder, model, revision or "main", sha, tuple(files), "hub", notes)
 
 
-def _resolve_local(path: Path) -> ResolvedModel:
+def _resolve_local(path: Path, *, hashed: bool = True) -> ResolvedModel:
+    """A local model folder; its weights hashed here, or (`hashed=False`) left with an empty sha256
+    for the caller to fill, so that hashing can run beside the loading."""
     if not path.is_dir():
         raise UsageError(
             f"{path} is not a directory", hint="pass the model's directory (with config.json) or org/name"
         )
     names = {p.name for p in path.iterdir() if p.is_file()}
     weights, _, notes = _choose_weights(names, lambda f: json.loads((path / f).read_text()), str(path))
-    total = sum((path / w).stat().st_size for w in weights)
-    progress.step(f"hashing {len(weights)} weight file{'s' if len(weights) != 1 else ''} ({size(total)})", "hash")
     try:
-        files = tuple(WeightFile(w, sha256_file(path / w), (path / w).stat().st_size) for w in weights)
+        files = tuple(WeightFile(w, sha256_file(path / w) if hashed else "", (path / w).stat().st_size)
+                      for w in weights)
     except OSError as exc:
         raise UsageError(f"cannot read the weights in {path}: {exc.strerror or exc} ({exc.filename})",
                          hint="check the files' permissions") from None

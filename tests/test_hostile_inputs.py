@@ -219,7 +219,7 @@ def test_other_ranks_of_a_launch_stay_quiet(llama: Path, tmp_path: Path, monkeyp
 def test_unreadable_weights_and_corpus_are_bad_input(llama: Path, tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """Mode 000 files (root reads them anyway, so the refusal is planted where the read happens)."""
-    from maxact_card import hub
+    from maxact_card import checkpoint
 
     real_read = Path.read_text
 
@@ -236,9 +236,9 @@ def test_unreadable_weights_and_corpus_are_bad_input(llama: Path, tmp_path: Path
     def denied(path: Path, **kwargs: Any) -> str:
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(hub, "sha256_file", denied)
+    monkeypatch.setattr(checkpoint, "sha256_file", denied)
     line = _one_line(_invoke("measure", llama, "--corpus", llama.parent / "corpus.jsonl", "--device", "cpu"))
-    assert "cannot read the weights in" in line and "Permission denied" in line
+    assert "cannot read the weights of" in line and "Permission denied" in line
 
 
 @pytest.mark.parametrize("delay", [0.3, 2.5])
