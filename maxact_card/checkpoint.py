@@ -140,6 +140,7 @@ def load(ref: str, *, revision: str | None = None, token: str | None = None, dty
     dev = pick_device(device)
     if device_map:
         _check_device_map(device_map)
+    progress.step("importing transformers", "import")
     quiet_libraries()
     local_dir, gguf_file, info = resolve(ref, revision=revision, token=token,
                                          memory_budget_bytes=memory_budget_bytes, force=force)

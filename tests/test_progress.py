@@ -50,6 +50,7 @@ def test_a_run_announces_its_steps_and_each_batch_of_both_passes(checkpoint: Pat
     steps = [e[1] for e in recorder.events if e[0] == "step"]
     assert steps == [  # the weights are hashed beside the loading: a tiny file is done by then
         "reading the corpus",
+        "importing transformers",
         "reading the config",
         "loading the model (float32, to cpu)",
         "loading the tokenizer",
@@ -113,7 +114,7 @@ def test_the_results_record_where_the_time_went(checkpoint: Path) -> None:
     results = run_measure(_options(checkpoint, quant=True))
     assert results is not None
     phases = results["run"]["phases"]
-    assert list(phases) == ["corpus", "config", "load", "tokenize", "discover", "measure", "quant"]
+    assert list(phases) == ["corpus", "import", "config", "load", "tokenize", "discover", "measure", "quant"]
     assert all(seconds >= 0 for seconds in phases.values()) and phases["measure"] > 0
     line = next(line for line in summary_lines(results, None) if line.startswith("time"))
     assert line.endswith(phases_line(phases)) and "measure " in line and "(total " in line
