@@ -59,12 +59,10 @@ def _usage_error(exc: BaseException) -> bool:
 
 
 def main() -> None:
-    """Console-script entry point: usage errors and an early Ctrl-C are one line, like every error."""
+    """Run the command line: usage errors are one line, like every error. The console script and
+    `python -m maxact_card` call this through `maxact_card.__main__`, which reports a Ctrl-C."""
     try:
         code = typer.main.get_command(app).main(prog_name="maxact-card", standalone_mode=False)
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        sys.exit(EXIT_RUNTIME)
     except Exception as exc:
         if not _usage_error(exc):
             if type(exc).__name__ == "Abort":  # Click's name for Ctrl-C or end of input at a prompt
