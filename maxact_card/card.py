@@ -920,6 +920,8 @@ class ValidationReport:
     card: str
     results: str
     checks: tuple[Check, ...] = field(default_factory=tuple)
+    #: the results the card was checked against, when they were valid (not part of `to_dict`)
+    results_doc: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -1242,7 +1244,7 @@ def validate_card(source: CardSource, *, results_file: tuple[str, bytes] | None 
         )
     else:
         checks.append(Check("chart", CheckStatus.passed, f"{chart_path} matches the results"))
-    return ValidationReport(source.label, source.card_name, results_name, tuple(checks))
+    return ValidationReport(source.label, source.card_name, results_name, tuple(checks), results)
 
 
 __all__ = [

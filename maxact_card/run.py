@@ -195,16 +195,18 @@ def speller(tokenizer: Any) -> Callable[[int], str | None]:
     return spell
 
 
+def decode_ids(tokenizer: Any, ids: list[int]) -> str:
+    """Token ids → their text (special tokens kept, so a BOS shows as itself); ids that will not
+    decode are shown by number."""
+    try:
+        return str(tokenizer.decode(ids, skip_special_tokens=False))
+    except Exception:  # noqa: BLE001 - an undecodable id is shown by number
+        return " ".join(f"<id {i}>" for i in ids)
+
+
 def decoder(tokenizer: Any) -> Callable[[int], str]:
-    """Token id → its text (special tokens kept, so a BOS shows as itself)."""
-
-    def decode(token_id: int) -> str:
-        try:
-            return str(tokenizer.decode([token_id], skip_special_tokens=False))
-        except Exception:  # noqa: BLE001 - an undecodable id is shown by number
-            return f"<id {token_id}>"
-
-    return decode
+    """Token id → its text (`decode_ids` of one id)."""
+    return lambda token_id: decode_ids(tokenizer, [token_id])
 
 
 def run_measure(opts: MeasureOptions) -> dict[str, Any] | None:
@@ -534,13 +536,10 @@ def peak_context(tokenizer: Any, token_ids: list[list[int]], samples: list[corpu
     start, end = max(0, position - width), min(len(ids), position + 1 + width)
 
     def text(part: list[int]) -> str:
-        try:
-            return str(tokenizer.decode(part, skip_special_tokens=False))
-        except Exception:  # noqa: BLE001 - an undecodable stretch is shown as its ids
-            return " ".join(f"<id {i}>" for i in part)
+        return decode_ids(tokenizer, part)
 
     before, whole = text(ids[start:position]), text(ids[start:end])
-    through = text(ids[start:position + 1])
+    through = ""
     for last in range(position + 1, min(end, position + 4) + 1):  # a character is at most 4 bytes
         through = text(ids[start:last])
         if not through.endswith("\ufffd"):

@@ -19,12 +19,10 @@ import typer
 from maxact_card.card import (
     CARD_FILE,
     DEFAULT_RESULTS_PATH,
-    SUMMARY_KEY,
     CheckStatus,
     LocalSource,
     decode_card,
     parse_card,
-    read_results,
     relative_link,
     validate_card,
 )
@@ -197,25 +195,13 @@ def card_status(card: Path, fresh: dict[str, Any] | None = None) -> CardStatus:
     if any(s is CheckStatus.failed for s in compared):
         return CardStatus(present=True, stale=True)
     if fresh is not None:
-        linked = _linked_results(card)
+        linked = report.results_doc  # the results the section was rendered from, as validate read them
         if linked is not None and _weights(linked) != _weights(fresh):
             return CardStatus(present=True, stale=True)
         return CardStatus(present=True, stale=False)
     if all(s in (None, CheckStatus.skipped) for s in compared):
         return CardStatus(present=True, stale=None)
     return CardStatus(present=True, stale=False)
-
-
-def _linked_results(card: Path) -> dict[str, Any] | None:
-    """The results a card's section was rendered from (its `maxact:` summary names them)."""
-    parts = parse_card(decode_card(card.read_bytes(), source=str(card)))
-    summary = parts.front_matter.data.get(SUMMARY_KEY) if parts.front_matter else None
-    name = summary.get("results") if isinstance(summary, dict) else None
-    path = card.parent / (name if isinstance(name, str) else DEFAULT_RESULTS_PATH)
-    try:
-        return read_results(path)
-    except UsageError:
-        return None
 
 
 def _weights(results: dict[str, Any]) -> set[tuple[str, str]]:
