@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from maxact_card.commands._text import printable
+from maxact_card.fmt import printable
 from maxact_card.gate import Verdict, format_value, render_summary
 
 

@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 import maxact_card
 from maxact_card.cli import app
 from maxact_card.commands import check, measure
-from maxact_card.commands._text import Column, printable, table
+from maxact_card.commands._text import Column, table
+from maxact_card.fmt import printable
 from maxact_card.gate import RuleOutcome, Verdict, evaluate
 from maxact_card.policy import DEFAULT_POLICY
 

@@ -4,7 +4,7 @@ On a terminal a table fits its width: columns keep their text whole, and the one
 `wrap` (a message) takes what is left, continued under itself. Where even that does not fit, each
 row is printed as a block of `title: value` lines. Piped output is never wrapped or padded past its
 text, so a log line stays one greppable line. Cells are single lines: whatever a model, tokenizer
-or file controls is made printable with `printable` before it gets here.
+or file controls is made printable with `fmt.printable` before it gets here.
 """
 
 from __future__ import annotations
@@ -15,9 +15,7 @@ import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from maxact_card.fmt import printable
-
-__all__ = ["Column", "key_values", "printable", "stdout_width", "table"]
+__all__ = ["Column", "key_values", "stdout_width", "table"]
 
 GAP = "  "
 #: A wrapped column narrower than this reads worse than the stacked layout.

@@ -36,7 +36,7 @@ from maxact_card.commands._common import (
     handle_errors,
     stderr_console,
 )
-from maxact_card.commands._text import Column, printable, stdout_width, table
+from maxact_card.commands._text import Column, stdout_width, table
 from maxact_card.commands.measure import (
     BatchSizeOpt,
     BatchTokensOpt,
@@ -68,6 +68,7 @@ from maxact_card.commands.measure import (
 from maxact_card.commands.render import CardOpt, run_render
 from maxact_card.documents import atomic_write_text, check_writable, validate_results, write_results
 from maxact_card.errors import EXIT_GATE, UsageError
+from maxact_card.fmt import printable
 from maxact_card.gate import CardStatus, Verdict, evaluate, format_value, load_baseline, render_summary
 from maxact_card.policy import DEFAULT_POLICY, FP16_MAX, Policy, load_policy
 from maxact_card.run import DEFAULT_MAX_SEQ_LEN, MeasureOptions, run_measure

@@ -25,10 +25,10 @@ from maxact_card.commands._common import (
     handle_errors,
     stderr_console,
 )
-from maxact_card.commands._text import Column, key_values, printable, stdout_width, table
+from maxact_card.commands._text import Column, key_values, stdout_width, table
 from maxact_card.documents import check_writable
 from maxact_card.errors import RuntimeFailure, UsageError
-from maxact_card.fmt import count, db, layer_ranges, number, ratio, token_label
+from maxact_card.fmt import count, db, layer_ranges, number, printable, ratio, token_label
 from maxact_card.results import dumps, write_results
 from maxact_card.run import DEFAULT_MAX_SEQ_LEN, MeasureOptions, run_measure
 
