@@ -59,6 +59,18 @@ def parse_dtype(dtype: str | None) -> str:
     return value
 
 
+def _quiet_gguf_loader() -> None:
+    """transformers' GGUF loader draws its own tqdm bar, which `quiet_libraries`' switch does not
+    reach. Imported only for a GGUF file: the module costs a quarter of a second to import."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_loader
+    except Exception:  # noqa: BLE001 - no GGUF support installed: no bar to silence
+        return
+    bar = getattr(gguf_loader, "tqdm", None)
+    if bar is not None and not isinstance(bar, functools.partial):
+        gguf_loader.tqdm = functools.partial(bar, disable=True)
+
+
 def _looks_like_path(ref: str) -> bool:
     return ref.startswith((".", "/", "~")) or ref.endswith(".gguf") or ref.count("/") > 1
 
@@ -160,6 +172,7 @@ def _load(ref: str, local_dir: Path, gguf_file: str | None, info: dict[str, Any]
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
+        _quiet_gguf_loader()
     progress.step("reading the config" + (f" of {gguf_file}" if gguf_file else ""), "config")
     try:
         config = AutoConfig.from_pretrained(local_dir, **kwargs)
@@ -250,15 +263,6 @@ def quiet_libraries() -> None:
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
-    # transformers' GGUF loader draws its own tqdm bar, which the switch above does not reach
-    try:
-        from transformers import modeling_gguf_pytorch_utils as gguf_loader
-    except Exception:  # noqa: BLE001 - no GGUF support installed: no bar to silence
-        pass
-    else:
-        bar = getattr(gguf_loader, "tqdm", None)
-        if bar is not None and not isinstance(bar, functools.partial):
-            gguf_loader.tqdm = functools.partial(bar, disable=True)
     if not (sys.stderr.isatty() and progress.shown()):
         huggingface_hub.utils.disable_progress_bars()
     if not sys.stderr.isatty():
