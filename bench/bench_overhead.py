@@ -30,8 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from maxact_card.corpus import batches as make_batches  # noqa: E402
-from maxact_card.fusion import fused_forward  # noqa: E402
-from maxact_card.measure import base_model, measure, needs_attention_mask, pad_batch  # noqa: E402
+from maxact_card.model.fusion import fused_forward  # noqa: E402
+from maxact_card.measure.loop import base_model, measure, needs_attention_mask, pad_batch  # noqa: E402
 from maxact_card.switches import turned_off  # noqa: E402
 
 # Shapes from the public config.json files of these models.
@@ -102,9 +102,9 @@ def time_hooked(model: torch.nn.Module, token_ids: list[list[int]], plan: list[l
 def quant_pass(model: torch.nn.Module, token_ids: list[list[int]], plan: list[list[int]], device: torch.device):  # type: ignore[no-untyped-def]
     """The --quant held-out pass: every policy at every residual and down_proj-input site."""
     from maxact_card import quant
-    from maxact_card.measure import run_hooked
-    from maxact_card.sites import discover
-    from maxact_card.stats import HIST_BINS, abs_hist_keys
+    from maxact_card.measure.loop import run_hooked
+    from maxact_card.measure.sites import discover
+    from maxact_card.measure.stats import HIST_BINS, abs_hist_keys
 
     sites = [s for s in discover(model).sites if s.component in ("residual", "down_proj_input")]
     hist = torch.zeros(HIST_BINS, dtype=torch.int64)
@@ -130,8 +130,8 @@ def floor_pass(model: torch.nn.Module, token_ids: list[list[int]], plan: list[li
     tensor once with one reduction (read=True: what any statistics must at least pay in memory traffic).
     A SwiGLU gate is left out of both: the measurement reads it in the kernel that makes the product, which
     the bare forward makes too. The loop's wall time, as `time_hooked` compares it."""
-    from maxact_card.measure import run_hooked
-    from maxact_card.sites import discover
+    from maxact_card.measure.loop import run_hooked
+    from maxact_card.measure.sites import discover
 
     sites = [s for s in discover(model).sites if s.component != "gate"]
 
@@ -190,7 +190,7 @@ def peak(fn, device: torch.device) -> float:  # type: ignore[no-untyped-def]
 
 def setup_costs(model: torch.nn.Module, token_ids: list[list[int]], device: torch.device) -> None:
     """What a run pays besides the batches: building the accumulators once, and the snapshot before each batch."""
-    from maxact_card.measure import Accumulators, prepare
+    from maxact_card.measure.loop import Accumulators, prepare
 
     def timed(fn) -> float:  # type: ignore[no-untyped-def]
         sync(device)
@@ -280,7 +280,7 @@ def main() -> None:
     lengths = lengths_for(args.samples, args.min_len, args.max_len, seed=0)
     token_ids = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
     if args.max_batch_tokens == "auto":
-        from maxact_card.budget import auto_batch_tokens
+        from maxact_card.measure.budget import auto_batch_tokens
 
         budget = auto_batch_tokens(model, device, dtype, args.max_len)
     else:

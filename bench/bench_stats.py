@@ -31,7 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from maxact_card import quant, stats  # noqa: E402
+from maxact_card import quant  # noqa: E402
+from maxact_card.measure import stats
 from maxact_card.switches import turned_off  # noqa: E402
 
 

@@ -382,7 +382,7 @@ FAKE_CHECK = textwrap.dedent(
     import json, os, sys
     from pathlib import Path
     from maxact_card.gate import evaluate
-    from maxact_card.policy import load_policy
+    from maxact_card.gate.policy import load_policy
 
     argv = sys.argv[1:]
     if argv == ["--help"]:

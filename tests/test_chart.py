@@ -9,7 +9,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
-from maxact_card.chart import render_chart
+from maxact_card.card.chart import render_chart
 from tests.goldens import assert_golden
 
 HERE = Path(__file__).parent

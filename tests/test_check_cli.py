@@ -14,7 +14,7 @@ from maxact_card.cli import app
 from maxact_card.commands import check as check_cmd
 from maxact_card.errors import RuntimeFailure
 from maxact_card.gate import format_value
-from maxact_card.results import load_results
+from maxact_card.measure.results import load_results
 from tests import factory
 from tests.hub_server import HubServer, tiny_llama_files
 

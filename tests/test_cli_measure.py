@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from maxact_card.cli import app
 from maxact_card.fmt import number
-from maxact_card.results import load_results
+from maxact_card.measure.results import load_results
 from tests import factory
 from tests.factory import TEXTS, write_corpus
 
@@ -327,7 +327,7 @@ def test_unexpected_exception_is_exit_3_with_one_line(
     def boom(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("kernel exploded\nsecond line of detail")
 
-    monkeypatch.setattr("maxact_card.run.run_measurement", boom)
+    monkeypatch.setattr("maxact_card.measure.run.run_measurement", boom)
     args = [
         "measure",
         str(shelf / "llama"),

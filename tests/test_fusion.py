@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from maxact_card import fusion
-from maxact_card.measure import base_model, measure
-from maxact_card.stats import SiteStats
+from maxact_card.model import fusion
+from maxact_card.measure.loop import base_model, measure
+from maxact_card.measure.stats import SiteStats
 from tests import factory
 
 CPU = torch.device("cpu")
@@ -370,8 +370,8 @@ def test_the_families_gated_mlps(arch: str, mlps: str | None) -> None:
 def test_gated_sites_are_read_once_through_the_mlp(monkeypatch: pytest.MonkeyPatch) -> None:
     """With the MLP swapped, the gate and down_proj-input sites reach their consumers through the MLP's
     reader, once per batch, with the tensors the hooks would have given; their hooks stay quiet."""
-    from maxact_card import measure as measure_mod
-    from maxact_card.sites import discover
+    from maxact_card.measure import loop as measure_mod
+    from maxact_card.measure.sites import discover
 
     model = _bf16("qwen3")
     ids = _ids(batch=4, length=9, seed=2).tolist()

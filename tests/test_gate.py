@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 import maxact_card
-from maxact_card import action_outputs
+from maxact_card.commands import action_outputs
 from maxact_card.errors import EXIT_USAGE, SchemaError, UsageError
 from maxact_card.gate import (
     CardStatus,
@@ -25,7 +25,7 @@ from maxact_card.gate import (
     render_summary,
     validate_results,
 )
-from maxact_card.policy import CardRules, Policy, QuantRules
+from maxact_card.gate.policy import CardRules, Policy, QuantRules
 
 EXAMPLE = Path(__file__).parent / "data" / "results_example.json"
 PEAK = 36011.5
@@ -602,7 +602,7 @@ def test_render_summary_failing_lists_each_failed_rule() -> None:
     assert "Model card section preview" not in text  # no section
 
 
-# --- the action's post-processing (python -m maxact_card.action_outputs) ---------------------------
+# --- the action's post-processing (python -m maxact_card.commands.action_outputs) ---------------------------
 
 
 def _run_outputs(

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from maxact_card.checkpoint import check_loaded
+from maxact_card.model.checkpoint import check_loaded
 from maxact_card.cli import app
 from maxact_card.errors import UsageError
 from tests import factory

@@ -199,7 +199,7 @@ def test_a_truncated_gguf_is_bad_input(tmp_path: Path) -> None:
 
 def test_a_missing_corpus_with_several_processes_is_said_once_before_launching(llama: Path, tmp_path: Path,
                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    from maxact_card import distributed
+    from maxact_card.measure import distributed
 
     def must_not_launch(*args: Any, **kwargs: Any) -> int:
         raise AssertionError("launched processes for a corpus that does not exist")
@@ -219,7 +219,7 @@ def test_other_ranks_of_a_launch_stay_quiet(llama: Path, tmp_path: Path, monkeyp
 def test_unreadable_weights_and_corpus_are_bad_input(llama: Path, tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """Mode 000 files (root reads them anyway, so the refusal is planted where the read happens)."""
-    from maxact_card import checkpoint
+    from maxact_card.model import checkpoint
 
     real_read = Path.read_text
 

@@ -22,8 +22,8 @@ import torch
 
 triton = pytest.importorskip("triton", reason="Triton is not installed: the fused kernels cannot run")
 
-from maxact_card import stats
-from maxact_card.stats import (
+from maxact_card.measure import stats
+from maxact_card.measure.stats import (
     _PAD_KEY,
     HIST_BINS,
     HIST_NONFINITE,
@@ -488,14 +488,14 @@ def test_cuda_gated_update_equals_the_product_then_an_update(massive: bool, widt
 def test_cuda_measurement_through_the_gated_kernel_equals_the_hooks(monkeypatch: pytest.MonkeyPatch) -> None:
     """A bf16 Llama measured with its MLPs swapped (the gate's statistics folded into the product's
     kernel) and with them kept (MAXACT_CARD_GATED=0): every statistic of every site the same."""
-    from maxact_card.measure import measure
+    from maxact_card.measure.loop import measure
     from tests import factory
 
     model = factory.build_model("llama").to("cuda", torch.bfloat16)
     gen = torch.Generator().manual_seed(4)
     ids = [torch.randint(3, factory.VOCAB, (n,), generator=gen).tolist() for n in (40, 17, 64, 33, 9, 50)]
     plan = [[0, 1, 2], [3, 4, 5]]
-    from maxact_card import measure as measure_mod
+    from maxact_card.measure import loop as measure_mod
 
     folded: list[bool] = []
     real = measure_mod.gated_update

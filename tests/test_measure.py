@@ -13,9 +13,9 @@ from typer.testing import CliRunner
 
 from maxact_card import corpus as corpus_mod
 from maxact_card.cli import app
-from maxact_card.measure import measure
-from maxact_card.results import TOP_CHANNELS, bootstrap_max, build_results
-from maxact_card.stats import BatchContext, SiteStats, nonfinite_count
+from maxact_card.measure.loop import measure
+from maxact_card.measure.results import TOP_CHANNELS, bootstrap_max, build_results
+from maxact_card.measure.stats import BatchContext, SiteStats, nonfinite_count
 from tests import factory
 from tests.factory import TEXTS, write_corpus
 
@@ -418,7 +418,7 @@ def test_padded_batches_give_the_same_statistics(
 
 def _forward_masks(model: Any, ids: list[list[int]], batches: list[list[int]]) -> list[torch.Tensor | None]:
     """The attention_mask each forward of a measurement received."""
-    from maxact_card.measure import base_model
+    from maxact_card.measure.loop import base_model
 
     seen: list[torch.Tensor | None] = []
     handle = base_model(model).register_forward_pre_hook(
@@ -452,7 +452,7 @@ def test_a_causal_model_runs_without_the_attention_mask(
 
 
 def test_bidirectional_attention_keeps_the_mask(varied_ids: list[list[int]]) -> None:
-    from maxact_card.measure import base_model, needs_attention_mask
+    from maxact_card.measure.loop import base_model, needs_attention_mask
 
     causal = _llama(layers=2, seed=3)
     assert needs_attention_mask(causal, CPU) is False
@@ -470,7 +470,7 @@ def test_bidirectional_attention_keeps_the_mask(varied_ids: list[list[int]]) -> 
 def test_a_leak_without_the_mask_keeps_it() -> None:
     """A model whose flags all say causal, but whose first layer mixes every position in when it gets
     no mask (as a bidirectional attention would): the probe sees the padding reach real tokens."""
-    from maxact_card.measure import base_model, needs_attention_mask
+    from maxact_card.measure.loop import base_model, needs_attention_mask
 
     model = _llama(layers=2, seed=4)
     runner = base_model(model)
@@ -539,7 +539,7 @@ def test_non_finite_tokens_are_counted_and_excluded() -> None:
 
 # --- (g) the Sun et al. criterion -------------------------------------------------------------------
 def test_massive_activation_criterion() -> None:
-    from maxact_card.results import _top_ratio
+    from maxact_card.measure.results import _top_ratio
 
     width = 33
     rows = []
@@ -657,7 +657,7 @@ def test_quant_bad_options_are_usage_errors(
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_statistics_on_a_side_stream_equal_inline_updates(token_ids: list[list[int]],
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    from maxact_card import measure as measure_mod
+    from maxact_card.measure import loop as measure_mod
 
     device = torch.device("cuda")
     model = _llama(layers=3).to(device, torch.bfloat16)

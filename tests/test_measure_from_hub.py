@@ -10,7 +10,7 @@ from typing import Any
 from typer.testing import CliRunner
 
 from maxact_card.cli import app
-from maxact_card.results import load_results
+from maxact_card.measure.results import load_results
 from tests.hub_server import HubServer, tiny_llama_files
 
 

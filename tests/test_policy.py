@@ -11,9 +11,9 @@ import jsonschema
 import pytest
 import tomllib
 
-from maxact_card import policy as policy_module
+from maxact_card.gate import policy as policy_module
 from maxact_card.errors import EXIT_USAGE, SchemaError, UsageError
-from maxact_card.policy import (
+from maxact_card.gate.policy import (
     COMPONENTS,
     DEFAULT_POLICY,
     FP16_MAX,

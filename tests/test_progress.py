@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from maxact_card import progress
 from maxact_card.cli import app
 from maxact_card.commands.measure import Display
-from maxact_card.run import MeasureOptions, run_measure
+from maxact_card.measure.run import MeasureOptions, run_measure
 from tests import factory
 from tests.factory import write_corpus
 
@@ -126,7 +126,7 @@ def test_the_weights_are_hashed_while_the_model_loads(checkpoint: Path, monkeypa
     import hashlib
     import time
 
-    from maxact_card import checkpoint as checkpoint_mod
+    from maxact_card.model import checkpoint as checkpoint_mod
 
     real = checkpoint_mod.sha256_file
 

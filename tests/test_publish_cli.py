@@ -12,9 +12,9 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from maxact_card.card import END_MARKER, START_MARKER
-from maxact_card.chart import render_chart
+from maxact_card.card.chart import render_chart
 from maxact_card.cli import app
-from maxact_card.results import dumps, validate_results
+from maxact_card.measure.results import dumps, validate_results
 from tests.hub_server import HubServer, tiny_llama_files
 
 REPO = "org/tiny"

@@ -30,7 +30,7 @@ from maxact_card.quant import (
     static_scales,
     summarize,
 )
-from maxact_card.stats import HIST_BINS, abs_hist_keys
+from maxact_card.measure.stats import HIST_BINS, abs_hist_keys
 
 MAXABS = QuantPolicy.INT8_STATIC_MAXABS
 PERCENTILE = QuantPolicy.INT8_STATIC_PERCENTILE

@@ -21,7 +21,7 @@ from maxact_card.documents import RESULTS_SCHEMA, dumps, load_results, validate_
 from maxact_card.errors import SchemaError
 from maxact_card.quant import POLICY_ORDER, QuantAccumulator, Thresholds, static_scales, summarize
 from maxact_card.resources import load_schema
-from maxact_card.stats import HIST_BINS
+from maxact_card.measure.stats import HIST_BINS
 from tests import factory
 from tests.test_card import QUANT, load_example, with_quant
 

@@ -11,7 +11,7 @@ import typer.main
 import yaml
 
 from maxact_card.cli import app
-from maxact_card.policy import load_policy
+from maxact_card.gate.policy import load_policy
 from tests.test_action import INPUTS, OUTPUTS, actionlint
 
 ROOT = Path(__file__).resolve().parent.parent

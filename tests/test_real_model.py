@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from maxact_card.cli import app
 from maxact_card.examples import SMOLLM2_FILE
-from maxact_card.results import load_results
+from maxact_card.measure.results import load_results
 
 GGUF = Path(os.environ.get("MAXACT_SMOLLM2_GGUF", Path(__file__).resolve().parent.parent / ".cache" / "smollm2" / SMOLLM2_FILE))
 

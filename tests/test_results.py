@@ -11,12 +11,12 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from maxact_card import results as results_mod
+from maxact_card.measure import results as results_mod
 from maxact_card.cli import app
 from maxact_card.documents import RESULTS_SCHEMA, SCHEMA_VERSION
 from maxact_card.errors import SchemaError, UsageError
 from maxact_card.resources import load_schema
-from maxact_card.results import dumps, load_results, validate_results, write_results
+from maxact_card.measure.results import dumps, load_results, validate_results, write_results
 from tests import factory
 
 EXAMPLE = Path(__file__).parent / "data" / "results_example.json"

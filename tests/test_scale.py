@@ -17,12 +17,13 @@ import torch
 from tests.factory import TEXTS, build_model, save, write_corpus
 from typer.testing import CliRunner
 
-from maxact_card import budget, distributed
+from maxact_card.measure import budget
+from maxact_card.measure import distributed
 from maxact_card.cli import app
 from maxact_card.errors import RuntimeFailure
-from maxact_card.measure import LoopControl, LoopReport, measure
+from maxact_card.measure.loop import LoopControl, LoopReport, measure
 from maxact_card.quant import STATIC_POLICIES, QuantAccumulator
-from maxact_card.state import StateDir
+from maxact_card.measure.state import StateDir
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -209,7 +210,7 @@ def test_a_single_sample_that_does_not_fit_fails_the_run_in_one_line() -> None:
 
 
 def test_quant_accumulators_roll_back_to_their_snapshot() -> None:
-    from maxact_card.measure import Accumulators
+    from maxact_card.measure.loop import Accumulators
 
     acc = QuantAccumulator({p: 0.01 for p in STATIC_POLICIES}, device=CPU)
     group = Accumulators({"site": acc})
@@ -226,8 +227,8 @@ def test_quant_accumulators_roll_back_to_their_snapshot() -> None:
 def test_site_stats_roll_back_in_place_to_their_snapshot() -> None:
     """The snapshot copies a SiteStats' three storages; a batch that replaced top-K entries (a planted
     larger token) is undone in place, and every field stays a view of the storages throughout."""
-    from maxact_card.measure import Accumulators
-    from maxact_card.stats import BatchContext, SiteStats
+    from maxact_card.measure.loop import Accumulators
+    from maxact_card.measure.stats import BatchContext, SiteStats
 
     def ctx(offset: int) -> BatchContext:
         return BatchContext(torch.ones(2, 5, dtype=torch.bool), torch.arange(10).view(2, 5) + offset,

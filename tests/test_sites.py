@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from maxact_card.errors import RuntimeFailure
-from maxact_card.measure import measure
-from maxact_card.results import build_results
-from maxact_card.sites import READ_INPUT, READ_OUTPUT, discover
+from maxact_card.measure.loop import measure
+from maxact_card.measure.results import build_results
+from maxact_card.measure.sites import READ_INPUT, READ_OUTPUT, discover
 from tests import factory
 
 CPU = torch.device("cpu")

@@ -11,7 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from maxact_card.stats import (
+from maxact_card.measure.stats import (
     HIST_BINS,
     BatchContext,
     SiteStats,
@@ -179,7 +179,7 @@ def test_top_k_ties_go_to_the_earlier_token_whatever_the_batch_order() -> None:
 
 
 def test_massive_ratio_does_not_depend_on_batching() -> None:
-    from maxact_card.results import _top_ratio
+    from maxact_card.measure.results import _top_ratio
 
     # token 0: |a| 1.5, median 0.25 -> ratio 6; token 1: |a| 2.25, median 0.5 -> ratio 4.5
     samples = [torch.tensor([[1.5, -0.25]]), torch.tensor([[-2.25, 0.5]])]
@@ -192,7 +192,7 @@ def test_massive_ratio_does_not_depend_on_batching() -> None:
 
 def test_cpu_updates_take_the_reference_path_unless_asked() -> None:
     # the fused kernels run on CUDA; on CPU only through Triton's interpreter, when a test asks
-    from maxact_card.stats import _kernel_module
+    from maxact_card.measure.stats import _kernel_module
 
     assert _kernel_module(torch.zeros(2, 3, 4)) is None
 

@@ -18,7 +18,7 @@ from maxact_card.commands import check, measure
 from maxact_card.commands._text import Column, table
 from maxact_card.fmt import printable
 from maxact_card.gate import RuleOutcome, Verdict, evaluate
-from maxact_card.policy import DEFAULT_POLICY
+from maxact_card.gate.policy import DEFAULT_POLICY
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "docs" / "example" / "maxact" / "results.json"

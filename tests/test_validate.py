@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from maxact_card.card import LocalSource, splice_card, validate_card
-from maxact_card.chart import render_chart
+from maxact_card.card.chart import render_chart
 from maxact_card.cli import app
 
 HERE = Path(__file__).parent

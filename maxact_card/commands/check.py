@@ -70,8 +70,8 @@ from maxact_card.documents import atomic_write_text, check_writable, validate_re
 from maxact_card.errors import EXIT_GATE, UsageError
 from maxact_card.fmt import printable
 from maxact_card.gate import CardStatus, Verdict, evaluate, format_value, load_baseline, render_summary
-from maxact_card.policy import DEFAULT_POLICY, FP16_MAX, Policy, load_policy
-from maxact_card.run import DEFAULT_MAX_SEQ_LEN, MeasureOptions, run_measure
+from maxact_card.gate.policy import DEFAULT_POLICY, FP16_MAX, Policy, load_policy
+from maxact_card.measure.run import DEFAULT_MAX_SEQ_LEN, MeasureOptions, run_measure
 
 EXAMPLES = [
     "maxact-card check ./my-checkpoint --out results.json",

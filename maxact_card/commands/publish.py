@@ -32,7 +32,7 @@ from maxact_card.card import (
     read_results,
     splice_card,
 )
-from maxact_card.chart import render_chart
+from maxact_card.card.chart import render_chart
 from maxact_card.commands._common import (
     FormatOpt,
     OutputFormat,

@@ -18,7 +18,7 @@ from maxact_card.card import (
     render_section,
     splice_card,
 )
-from maxact_card.chart import render_chart
+from maxact_card.card.chart import render_chart
 from maxact_card.commands._common import examples_epilog, handle_errors, stderr_console
 from maxact_card.documents import atomic_write_set, check_writable
 from maxact_card.errors import UsageError

@@ -21,11 +21,11 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from maxact_card import fusion
+from maxact_card.model import fusion
 from maxact_card.errors import RuntimeFailure, UsageError
-from maxact_card.fusion import fused_forward
-from maxact_card.sites import READ_GATE_HALF, READ_INPUT, READ_OUTPUT, READ_ROUTER, Site, SiteMap, discover
-from maxact_card.stats import BatchContext, SiteStats, gated_update
+from maxact_card.model.fusion import fused_forward
+from maxact_card.measure.sites import READ_GATE_HALF, READ_INPUT, READ_OUTPUT, READ_ROUTER, Site, SiteMap, discover
+from maxact_card.measure.stats import BatchContext, SiteStats, gated_update
 from maxact_card.switches import switched_off
 
 ProgressFn = Callable[[int, int], None]  # (samples done, tokens done)
@@ -159,7 +159,8 @@ class Measurement:
 
 def enable_compile() -> None:
     """Fuse the statistics passes with torch.compile on CUDA unless MAXACT_CARD_COMPILE=0."""
-    from maxact_card import quant, stats
+    from maxact_card import quant
+    from maxact_card.measure import stats
 
     on = not switched_off("MAXACT_CARD_COMPILE")
     stats.use_compile(on)

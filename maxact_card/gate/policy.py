@@ -213,7 +213,7 @@ DEFAULT_POLICY = Policy(
 def validate_policy(doc: Any, source: str) -> None:
     """Validate a policy document; raise SchemaError with ``source::$.path: message``.
 
-    The same validator and message shape as every results file (maxact_card.results).
+    The same validator and message shape as every results file (maxact_card.measure.results).
     """
     validate_document(doc, POLICY_SCHEMA, source=source)
 

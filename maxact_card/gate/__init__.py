@@ -19,7 +19,7 @@ import jinja2
 from maxact_card import documents, fmt
 from maxact_card.errors import UsageError
 from maxact_card.fmt import number
-from maxact_card.policy import (
+from maxact_card.gate.policy import (
     COMPONENTS,
     DEFAULT_POLICY,
     FP16_MAX,

@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from maxact_card.stats import (
+from maxact_card.measure.stats import (
     _KEY_OFFSET,
     HIST_BINS,
     HIST_NONFINITE,
@@ -60,7 +60,7 @@ from maxact_card.stats import (
 from maxact_card.switches import switched_off
 
 if TYPE_CHECKING:
-    from maxact_card.stats import SiteStats
+    from maxact_card.measure.stats import SiteStats
 
 try:
     import triton

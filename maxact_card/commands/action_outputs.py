@@ -1,4 +1,4 @@
-"""The GitHub Action's post-processing: ``python -m maxact_card.action_outputs RESULTS_JSON CHECK_JSON``.
+"""The GitHub Action's post-processing: ``python -m maxact_card.commands.action_outputs RESULTS_JSON CHECK_JSON``.
 
 Reads the results file written by ``check --out`` and the JSON that ``check --format json`` printed
 (``{"results_path", "verdict": {...}, "pr_url"}``; a bare verdict object is accepted too), then
@@ -108,7 +108,7 @@ def _append(path: str | None, text: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; see the module docstring."""
     parser = argparse.ArgumentParser(
-        prog="python -m maxact_card.action_outputs", description=__doc__.splitlines()[0]
+        prog="python -m maxact_card.commands.action_outputs", description=__doc__.splitlines()[0]
     )
     parser.add_argument("results", type=Path, help="results JSON written by `check --out`")
     parser.add_argument("check", type=Path, help="what `check --format json` printed (or a verdict JSON)")

@@ -25,7 +25,7 @@ import jinja2
 import yaml
 
 from maxact_card import fmt
-from maxact_card.chart import render_chart
+from maxact_card.card.chart import render_chart
 from maxact_card.documents import (
     COMPONENTS,
     RESULTS_SCHEMA,

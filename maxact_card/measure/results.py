@@ -24,8 +24,8 @@ from maxact_card.documents import (  # noqa: F401 - the document API, re-exporte
     write_results,
 )
 from maxact_card.errors import UsageError
-from maxact_card.measure import Measurement
-from maxact_card.stats import MASSIVE_ABS, MASSIVE_RATIO, hist_quantile, nonfinite_count
+from maxact_card.measure.loop import Measurement
+from maxact_card.measure.stats import MASSIVE_ABS, MASSIVE_RATIO, hist_quantile, nonfinite_count
 
 BOOTSTRAP_RESAMPLES = 1000
 TOP_CHANNELS = 8

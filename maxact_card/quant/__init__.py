@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from maxact_card.errors import UsageError
-from maxact_card.stats import HIST_BINS, hist_bin_values, hist_quantile
+from maxact_card.measure.stats import HIST_BINS, hist_bin_values, hist_quantile
 
 
 class QuantPolicy(str, Enum):
@@ -133,7 +133,7 @@ def static_scales(
     if hist_counts.dim() != 1 or hist_counts.numel() != HIST_BINS:
         raise UsageError(
             f"calibration histogram has shape {tuple(hist_counts.shape)}, expected ({HIST_BINS},)",
-            hint="pass the counts of the |a| histogram built with maxact_card.stats",
+            hint="pass the counts of the |a| histogram built with maxact_card.measure.stats",
         )
     if not 0.0 < clip_quantile <= 1.0:
         raise UsageError(f"clip quantile must be in (0, 1], not {clip_quantile}", hint="for example 0.999")

@@ -1,0 +1,1 @@
+"""The measurement engine: sites, statistics, the hooked loop, run orchestration and results."""

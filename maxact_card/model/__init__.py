@@ -1,0 +1,1 @@
+"""The model under test: find and load the checkpoint, and prepare its forward."""
