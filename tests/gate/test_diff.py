@@ -13,9 +13,10 @@ from typer.testing import CliRunner
 
 from maxact_card.cli import app
 from maxact_card.gate import diff_results
-from tests.test_gate import PEAK, PEAK_SITE, example, quant_entry, scaled_peak, with_quant
+from tests.gate.test_gate import PEAK, PEAK_SITE, example, quant_entry, scaled_peak, with_quant
+from tests import paths
 
-GOLDEN = Path(__file__).parent / "golden"
+GOLDEN = paths.TESTS / "golden"
 runner = CliRunner()
 
 

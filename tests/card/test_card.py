@@ -31,8 +31,9 @@ from maxact_card.cli import app
 from maxact_card.documents import SCHEMA_VERSION
 from maxact_card.errors import SchemaError
 from tests.goldens import assert_golden
+from tests import paths
 
-HERE = Path(__file__).parent
+HERE = paths.TESTS
 EXAMPLE = HERE / "data" / "results_example.json"
 CARDS = HERE / "cards"
 GOLDEN = HERE / "golden"
@@ -123,7 +124,7 @@ QUANT: dict[str, Any] = {
     "thresholds": {"min_sqnr_db": 20.0, "min_token_sqnr_db": 20.0, "min_token_share": 0.99},
     "wall_time_s": 4.2,
     "sites": [_quant_site(name) for name in QUANT_SITE_FIGURES],
-    # what maxact_card.quant.summarize makes of the sites (tests/test_quant_schema.py checks it)
+    # what maxact_card.quant.summarize makes of the sites (tests/quant/test_quant_schema.py checks it)
     "policies": {
         "int8-static-maxabs": {
             "verdict": "FAIL",

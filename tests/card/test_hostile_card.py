@@ -15,7 +15,7 @@ from maxact_card.card import END_MARKER, START_MARKER, parse_card, splice_card
 from maxact_card.commands.publish import pr_description, pr_title, reproduce_commands
 from maxact_card.documents import validate_results
 from maxact_card.gate import evaluate, render_summary
-from tests.test_gate import example
+from tests.gate.test_gate import example
 
 HOSTILE = [
     "x\r<div onmouseover=alert(1)>y</div>",

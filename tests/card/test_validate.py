@@ -14,8 +14,9 @@ from typer.testing import CliRunner
 from maxact_card.card import LocalSource, splice_card, validate_card
 from maxact_card.card.chart import render_chart
 from maxact_card.cli import app
+from tests import paths
 
-HERE = Path(__file__).parent
+HERE = paths.TESTS
 EXAMPLE = HERE / "data" / "results_example.json"
 CARDS = HERE / "cards"
 WEIGHTS = b"tiny weights, version 1"

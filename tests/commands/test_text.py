@@ -19,8 +19,9 @@ from maxact_card.commands._text import Column, table
 from maxact_card.fmt import printable
 from maxact_card.gate import RuleOutcome, Verdict, evaluate
 from maxact_card.gate.policy import DEFAULT_POLICY
+from tests import paths
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = paths.ROOT
 EXAMPLE = ROOT / "docs" / "example" / "maxact" / "results.json"
 WIDTHS = (80, 100, 120)
 LONG = ("global max|a| 70,000 at blocks.27.hook_resid_post exceeds the limit 65,504 (the float16 maximum): "

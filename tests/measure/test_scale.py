@@ -24,8 +24,9 @@ from maxact_card.errors import RuntimeFailure
 from maxact_card.measure.loop import LoopControl, LoopReport, measure
 from maxact_card.quant import STATIC_POLICIES, QuantAccumulator
 from maxact_card.measure.state import StateDir
+from tests import paths
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = paths.ROOT
 CPU = torch.device("cpu")
 TIMING = {("run", "wall_time_s"), ("run", "tokens_per_s"), ("run", "started_at"), ("run", "world_size"),
           ("run", "phases"), ("quant", "wall_time_s")}

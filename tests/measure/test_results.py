@@ -18,8 +18,9 @@ from maxact_card.errors import SchemaError, UsageError
 from maxact_card.resources import load_schema
 from maxact_card.measure.results import dumps, load_results, validate_results, write_results
 from tests import factory
+from tests import paths
 
-EXAMPLE = Path(__file__).parent / "data" / "results_example.json"
+EXAMPLE = paths.TESTS / "data" / "results_example.json"
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
     "def main():\n    return 42\n",

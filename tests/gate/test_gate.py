@@ -26,8 +26,9 @@ from maxact_card.gate import (
     validate_results,
 )
 from maxact_card.gate.policy import CardRules, Policy, QuantRules
+from tests import paths
 
-EXAMPLE = Path(__file__).parent / "data" / "results_example.json"
+EXAMPLE = paths.TESTS / "data" / "results_example.json"
 PEAK = 36011.5
 PEAK_SITE = "blocks.3.hook_resid_post"
 
