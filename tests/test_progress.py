@@ -97,7 +97,7 @@ def test_the_display_counts_batches() -> None:
 
 
 def test_the_peak_carries_its_sample_category_and_the_text_around_it(checkpoint: Path) -> None:
-    from maxact_card.card import render_section
+    from maxact_card.card.section import render_section
 
     results = run_measure(_options(checkpoint))
     assert results is not None

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from maxact_card.fmt import printable
-from maxact_card.gate import Verdict, format_value, render_summary
+from maxact_card.gate.summary import format_value, render_summary
+from maxact_card.gate.verdict import Verdict
 
 
 def _read_json(path: Path) -> Any:

@@ -16,16 +16,9 @@ from typing import Annotated, Any
 
 import typer
 
-from maxact_card.card import (
-    CARD_FILE,
-    DEFAULT_RESULTS_PATH,
-    CheckStatus,
-    LocalSource,
-    decode_card,
-    parse_card,
-    relative_link,
-    validate_card,
-)
+from maxact_card.card.front_matter import parse_card
+from maxact_card.card.paths import CARD_FILE, DEFAULT_RESULTS_PATH, decode_card, relative_link
+from maxact_card.card.validate import CheckStatus, LocalSource, validate_card
 from maxact_card.commands._common import (
     FormatOpt,
     OutOpt,
@@ -69,8 +62,11 @@ from maxact_card.commands.render import CardOpt, run_render
 from maxact_card.documents import atomic_write_text, check_writable, validate_results, write_results
 from maxact_card.errors import EXIT_GATE, UsageError
 from maxact_card.fmt import printable
-from maxact_card.gate import CardStatus, Verdict, evaluate, format_value, load_baseline, render_summary
+from maxact_card.gate.baseline import load_baseline
 from maxact_card.gate.policy import DEFAULT_POLICY, FP16_MAX, Policy, load_policy
+from maxact_card.gate.rules import evaluate
+from maxact_card.gate.summary import format_value, render_summary
+from maxact_card.gate.verdict import CardStatus, Verdict
 from maxact_card.measure.run import DEFAULT_MAX_SEQ_LEN, MeasureOptions, run_measure
 
 EXAMPLES = [
@@ -225,14 +221,14 @@ def _preflight(request: CheckRequest) -> tuple[Policy, dict[str, Any] | None]:
             except OSError as exc:
                 raise UsageError(f"cannot read the card {target}: {exc.strerror}") from None
     if request.create_pr:
-        from maxact_card.hub import is_repo_id
+        from maxact_card.hub.client import is_repo_id
 
         if not is_repo_id(request.measure.model):
             raise UsageError(
                 f"--create-pr needs a Hub repo id org/name, not {request.measure.model!r}",
                 hint="check the repo id, or drop --create-pr and use --card for a local card",
             )
-        from maxact_card.hub import check_publish_target
+        from maxact_card.hub.publish import check_publish_target
 
         # the repo, the token's right to write and the branch, before the model is even loaded
         check_publish_target(request.measure.model, request.pr_base or "main", request.measure.token)

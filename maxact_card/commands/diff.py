@@ -10,7 +10,9 @@ import typer
 
 from maxact_card.commands._common import FormatOpt, OutputFormat, examples_epilog, handle_errors
 from maxact_card.fmt import number
-from maxact_card.gate import diff_results, percent, read_results, signed, template_environment
+from maxact_card.gate.baseline import read_results
+from maxact_card.gate.diff import diff_results
+from maxact_card.gate.summary import percent, signed, template_environment
 
 EXAMPLES = [
     "maxact-card diff old/results.json new/results.json",

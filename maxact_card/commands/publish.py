@@ -20,18 +20,10 @@ import jinja2
 import typer
 
 from maxact_card import fmt, hub
-from maxact_card.card import (
-    COMPONENT_LABELS,
-    COMPONENTS,
-    DEFAULT_CHART_PATH,
-    DEFAULT_RESULTS_PATH,
-    md_code,
-    md_sample,
-    md_text,
-    md_token,
-    read_results,
-    splice_card,
-)
+from maxact_card.card.paths import DEFAULT_CHART_PATH, DEFAULT_RESULTS_PATH
+from maxact_card.card.section import COMPONENT_LABELS, md_code, md_sample, md_text, md_token, read_results
+from maxact_card.card.splice import splice_card
+from maxact_card.documents import COMPONENTS
 from maxact_card.card.chart import render_chart
 from maxact_card.commands._common import (
     FormatOpt,

@@ -10,8 +10,8 @@ from typing import Annotated
 
 import typer
 
-from maxact_card.card import (
-    CARD_FILE,
+from maxact_card.card.paths import CARD_FILE
+from maxact_card.card.validate import (
     CardSource,
     CheckStatus,
     HubSource,

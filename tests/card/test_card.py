@@ -14,19 +14,9 @@ import yaml
 from typer.testing import CliRunner
 
 from maxact_card import fmt
-from maxact_card.card import (
-    END_MARKER,
-    START_MARKER,
-    SUMMARY_KEY,
-    CardError,
-    CardProblem,
-    card_summary,
-    check_results,
-    md_code,
-    parse_card,
-    render_section,
-    splice_card,
-)
+from maxact_card.card.front_matter import END_MARKER, START_MARKER, CardError, CardProblem, parse_card
+from maxact_card.card.section import SUMMARY_KEY, card_summary, check_results, md_code, render_section
+from maxact_card.card.splice import splice_card
 from maxact_card.cli import app
 from maxact_card.documents import SCHEMA_VERSION
 from maxact_card.errors import SchemaError

@@ -6,7 +6,6 @@ import copy
 import json
 import re
 import xml.etree.ElementTree as ET
-from pathlib import Path
 from typing import Any
 
 from maxact_card.card.chart import render_chart

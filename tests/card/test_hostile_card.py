@@ -11,10 +11,12 @@ from typing import Any
 import pytest
 from markdown_it import MarkdownIt
 
-from maxact_card.card import END_MARKER, START_MARKER, parse_card, splice_card
+from maxact_card.card.front_matter import END_MARKER, START_MARKER, parse_card
+from maxact_card.card.splice import splice_card
 from maxact_card.commands.publish import pr_description, pr_title, reproduce_commands
 from maxact_card.documents import validate_results
-from maxact_card.gate import evaluate, render_summary
+from maxact_card.gate.rules import evaluate
+from maxact_card.gate.summary import render_summary
 from tests.gate.test_gate import example
 
 HOSTILE = [

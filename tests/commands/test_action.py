@@ -383,7 +383,7 @@ FAKE_CHECK = textwrap.dedent(
     # according to FAKE_MODE (pass, fail, usage, nothing).
     import json, os, sys
     from pathlib import Path
-    from maxact_card.gate import evaluate
+    from maxact_card.gate.rules import evaluate
     from maxact_card.gate.policy import load_policy
 
     argv = sys.argv[1:]

@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from maxact_card.card import LocalSource, validate_card
+from maxact_card.card.validate import LocalSource, validate_card
 from maxact_card.cli import app
 from maxact_card.commands import check as check_cmd
 from maxact_card.errors import RuntimeFailure
-from maxact_card.gate import format_value
+from maxact_card.gate.summary import format_value
 from maxact_card.measure.results import load_results
 from tests import factory
 from tests.hub_server import HubServer, tiny_llama_files

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner, Result
 
-from maxact_card.card import END_MARKER, START_MARKER
+from maxact_card.card.front_matter import END_MARKER, START_MARKER
 from maxact_card.card.chart import render_chart
 from maxact_card.cli import app
 from maxact_card.measure.results import dumps, validate_results

@@ -7,7 +7,6 @@ import json
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -17,7 +16,8 @@ from maxact_card.cli import app
 from maxact_card.commands import check, measure
 from maxact_card.commands._text import Column, table
 from maxact_card.fmt import printable
-from maxact_card.gate import RuleOutcome, Verdict, evaluate
+from maxact_card.gate.rules import evaluate
+from maxact_card.gate.verdict import RuleOutcome, Verdict
 from maxact_card.gate.policy import DEFAULT_POLICY
 from tests import paths
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import sys
 import types
@@ -15,16 +14,11 @@ import pytest
 import maxact_card
 from maxact_card.commands import action_outputs
 from maxact_card.errors import EXIT_USAGE, SchemaError, UsageError
-from maxact_card.gate import (
-    CardStatus,
-    RuleOutcome,
-    Verdict,
-    evaluate,
-    load_baseline,
-    peak_growth_pct,
-    render_summary,
-    validate_results,
-)
+from maxact_card.gate.baseline import load_baseline, validate_results
+from maxact_card.gate.diff import peak_growth_pct
+from maxact_card.gate.rules import evaluate
+from maxact_card.gate.summary import render_summary
+from maxact_card.gate.verdict import CardStatus, RuleOutcome, Verdict
 from maxact_card.gate.policy import CardRules, Policy, QuantRules
 from tests import paths
 
@@ -528,24 +522,6 @@ def test_baseline_from_the_hub_reads_maxact_results(fake_hub: list[tuple[Any, ..
     assert "publish" in (info.value.hint or "")
 
 
-def _hub_ready() -> bool:
-    if importlib.util.find_spec("maxact_card.hub") is None:
-        return False
-    from maxact_card import hub
-
-    return hasattr(hub, "read_repo_file")
-
-
-try:
-    from tests.hub_server import HubServer, hub_server  # noqa: F401 - the fixture
-except ImportError:  # pragma: no cover - the fixture belongs to another part of the suite
-    HubServer = None  # type: ignore[assignment,misc]
-
-
-@pytest.mark.skipif(
-    HubServer is None or not _hub_ready(),
-    reason="maxact_card.hub.read_repo_file or the tests/hub_server.py fixture is not available yet",
-)
 def test_baseline_from_the_local_hub_server(hub_server: Any) -> None:
     old = scaled_peak(example(), 25000.0)
     hub_server.create_repo(

@@ -11,16 +11,16 @@ import pytest
 from huggingface_hub import CommitOperationAdd, DiscussionComment, HfApi
 
 from maxact_card.errors import MaxactError, RuntimeFailure, UsageError
-from maxact_card.hub import (
+from maxact_card.hub.client import is_repo_id
+from maxact_card.hub.download import (
     BIN_FALLBACK_NOTE,
     WeightFile,
     estimate_weight_bytes,
-    is_repo_id,
-    publish,
     read_repo_file,
     repo_weight_state,
     resolve_model,
 )
+from maxact_card.hub.publish import publish
 from tests.hub_server import HubServer, tiny_llama_files
 
 REPO = "org/tiny"

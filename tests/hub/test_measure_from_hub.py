@@ -52,9 +52,9 @@ def test_a_refused_file_download_says_what_the_hub_answered(hub_server: HubServe
 def test_xet_and_disabled_repo_errors_are_named() -> None:
     from huggingface_hub import errors
 
-    from maxact_card.hub import _Hub, _translate
+    from maxact_card.hub.client import Hub, translate
 
-    hub = _Hub.from_env(None)
+    hub = Hub.from_env(None)
     if hasattr(errors, "XetDownloadError"):
-        found = _translate(errors.XetDownloadError("boom"), hub, "org/m", "main", False)
+        found = translate(errors.XetDownloadError("boom"), hub, "org/m", "main", False)
         assert found is not None and "Xet storage failed" in found.message and "HF_HUB_DISABLE_XET=1" in (found.hint or "")

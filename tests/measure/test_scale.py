@@ -22,7 +22,8 @@ from maxact_card.measure import distributed
 from maxact_card.cli import app
 from maxact_card.errors import RuntimeFailure
 from maxact_card.measure.loop import LoopControl, LoopReport, measure
-from maxact_card.quant import STATIC_POLICIES, QuantAccumulator
+from maxact_card.quant.heldout import QuantAccumulator
+from maxact_card.quant.schemes import STATIC_POLICIES
 from maxact_card.measure.state import StateDir
 from tests import paths
 

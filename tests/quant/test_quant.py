@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from maxact_card.errors import UsageError
-from maxact_card.quant import (
+from maxact_card.quant.heldout import QuantAccumulator, summarize
+from maxact_card.quant.schemes import (
     FAIL,
     PASS,
     POLICY_ORDER,
@@ -22,13 +23,11 @@ from maxact_card.quant import (
     SQNR_CAP_DB,
     STATIC_POLICIES,
     TOKEN_SQNR_BINS,
-    QuantAccumulator,
     QuantPolicy,
     Thresholds,
     quantize_fp8_e4m3,
     quantize_int8,
     static_scales,
-    summarize,
 )
 from maxact_card.measure.stats import HIST_BINS, abs_hist_keys
 
