@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_overhead import SHAPES, build, lengths_for, sync  # noqa: E402
 
-from maxact_card.measure import distributed  # noqa: E402
 from maxact_card.corpus import batches as make_batches  # noqa: E402
+from maxact_card.measure import distributed  # noqa: E402
 from maxact_card.measure.loop import drop_sites, prepare, run_measurement  # noqa: E402
 
 EXACT = ("max", "min", "channel_max", "count", "hist", "nonfinite_tokens", "massive_tokens", "sample_max",
@@ -144,11 +144,11 @@ def sharded_model(args: argparse.Namespace) -> None:
     run(model, token_ids, plan, dev0)  # warm-up
     m, t_sharded = timed(lambda: run(model, token_ids, plan, dev0), dev0)
     placed = sorted({str(s.max.device) for s in m.stats.values()})
-    from maxact_card import kernels
+    from maxact_card.kernels import scan
     from maxact_card.measure import stats
 
     print(f"fused kernels on: {stats._KERNELS['error'] is None}; CUDA scan loaded on devices "
-          f"{sorted({key[0] for key in kernels._cuda_scan['kernels']})}, failed: {kernels._cuda_scan['failed']}")
+          f"{sorted({key[0] for key in scan._cuda_scan['kernels']})}, failed: {scan._cuda_scan['failed']}")
     problems = compare(one, host_state(m))
     print(f"shape={args.shape} one GPU {t_one:.3f}s, sharded over {gpus} GPUs {t_sharded:.3f}s; statistics on {placed}")
     print("sharded statistics identical to one GPU" if not problems else f"DIFFERENT: {problems[:8]}")

@@ -7,14 +7,14 @@
 
 Prints milliseconds per call (on CUDA, device time of its kernels) for each piece of `SiteStats.update` and `QuantAccumulator.update`
 on [tokens, width] bf16 tensors, so the expensive pieces show before and after a change; then a
-summary: `SiteStats.update` through the fused Triton kernels (kernels.py) against the reference
+summary: `SiteStats.update` through the fused kernels (maxact_card.kernels) against the reference
 path (compiled dense_scan + bincount), a same-size matmul and one read of the tensor (amax), with
 massive sites on and off. On CPU the kernel rows are skipped.
 
 --gated treats each width as a SwiGLU MLP's intermediate size and times its product with the
 statistics of its two sites (the gate and the down_proj input): eager silu * up then a scan of each
 (what the hooks do), against the gated kernel that makes the product and takes the gate's
-statistics in one pass (`kernels.gated_update`) then a scan of the product; and the product alone,
+statistics in one pass (`update.gated_update`) then a scan of the product; and the product alone,
 eager and as one kernel.
 """
 
@@ -61,43 +61,45 @@ def bench(fn, device: torch.device, repeats: int = 20) -> float:  # type: ignore
 
 def _fused_rows(x: torch.Tensor, ctx: stats.BatchContext, width: int, device: torch.device,
                 sweep: bool, cuda_sweep: bool) -> dict[str, Any]:
-    from maxact_card import kernels
+    from maxact_card.kernels import histogram, scan
+    from maxact_card.kernels.update import fused_update
 
     rows: dict[str, Any] = {}
     for massive in (False, True):
         tag = " (massive)" if massive else ""
         acc = stats.SiteStats(width, 64, device, massive=massive)
-        rows[f"fused scan+fold{tag}"] = lambda acc=acc: kernels.fused_update(
+        rows[f"fused scan+fold{tag}"] = lambda acc=acc: fused_update(
             acc, x, ctx.mask, ctx.token_index, ctx.sample_index, ctx.input_ids)
     x2 = x.reshape(-1, width)
-    if kernels.cuda_histogram_ready(x2):
+    if histogram.cuda_histogram_ready(x2):
         counts = torch.zeros(stats.HIST_BINS, dtype=torch.int64, device=device)
-        rows["CUDA |a| histogram alone"] = lambda: kernels.cuda_abs_histogram(x2, ctx.mask.reshape(-1), counts)
+        rows["CUDA |a| histogram alone"] = lambda: histogram.cuda_abs_histogram(
+            x2, ctx.mask.reshape(-1), counts)
     if sweep:
         acc = stats.SiteStats(width, 64, device)
-        default = kernels.scan_config(width, x.element_size())
+        default = scan.scan_config(width, x.element_size())
         for block_n in (1, 2, 4, 8, 16):
             for block_h in (256, 512, 1024, 2048):
                 for warps in (4, 8):
-                    cfg = kernels.ScanConfig(block_n, block_h, warps)
+                    cfg = scan.ScanConfig(block_n, block_h, warps)
                     tile = block_n * block_h
                     if not 1024 <= tile <= 4096 or block_h > _next_pow2(width) or cfg == default:
                         continue
-                    rows[f"  scan+fold n={block_n} h={block_h} w={warps}"] = lambda cfg=cfg: kernels.fused_update(
+                    rows[f"  scan+fold n={block_n} h={block_h} w={warps}"] = lambda cfg=cfg: fused_update(
                         acc, x, ctx.mask, ctx.token_index, ctx.sample_index, ctx.input_ids, config=cfg)
         rows[f"  (default n={default.block_n} h={default.block_h} w={default.num_warps})"] = rows["fused scan+fold"]
-    if cuda_sweep and kernels.cuda_scan_shape(x2) is not None:
+    if cuda_sweep and scan.cuda_scan_shape(x2) is not None:
         acc = stats.SiteStats(width, 64, device)
-        default = kernels.cuda_scan_shape(x2)
+        default = scan.cuda_scan_shape(x2)
         for group in (32, 64, 128, 256, 512):
             for per_block in (1, 2, 4, 8):
                 if group * 8 * 16 < width or group * 8 > 4 * width or not 128 <= group * per_block <= 512:
                     continue
-                shape = kernels.CudaScanShape(group, per_block, 0, 0)
+                shape = scan.CudaScanShape(group, per_block, 0, 0)
                 mark = " (default)" if default and (default.group, default.rows) == (group, per_block) else ""
                 rows[f"  CUDA scan+fold, {group} threads x {per_block} rows{mark}"] = (
-                    lambda shape=shape: kernels.fused_update(acc, x, ctx.mask, ctx.token_index, ctx.sample_index,
-                                                             ctx.input_ids, config=shape))
+                    lambda shape=shape: fused_update(acc, x, ctx.mask, ctx.token_index, ctx.sample_index,
+                                                     ctx.input_ids, config=shape))
     return rows
 
 
@@ -138,7 +140,7 @@ def summary(x: torch.Tensor, w: torch.Tensor, ctx: stats.BatchContext, width: in
         t_new = bench(lambda new=new: _update(new, x, ctx, True), device)
         print(f"{'SiteStats.update, fused kernels' + tag:44s} {t_new:8.3f} ms   {t_new / matmul:6.2f}x matmul"
               f"   {t_new / read:6.2f}x one read   {t_old / t_new:6.1f}x faster")
-        from maxact_card import kernels
+        from maxact_card.kernels import fold, row_medians
 
         with turned_off("MAXACT_CARD_SCAN_FOLD"):  # the Triton fold after the scan
             t_apart = bench(lambda new=new: _update(new, x, ctx, True), device)
@@ -155,7 +157,7 @@ def summary(x: torch.Tensor, w: torch.Tensor, ctx: stats.BatchContext, width: in
         # the same with the fold a launch of its own: relaunched, then through Triton's JITFunction
         with turned_off("MAXACT_CARD_SCAN_FOLD"):  # the Triton fold after the scan
             t_relaunch = host_time(host_update, device)
-            with failed(kernels._fold_compiled):  # the relaunch off
+            with failed(fold._fold_compiled):  # the relaunch off
                 t_jit = host_time(host_update, device)
         print(f"{'  ... with the Triton fold after the scan' + tag:44s} {t_relaunch:8.3f} ms   "
               f"(the scan's own fold: {t_host / t_relaunch:.2f}x the host time)")
@@ -163,7 +165,7 @@ def summary(x: torch.Tensor, w: torch.Tensor, ctx: stats.BatchContext, width: in
               f"(the fold's relaunch: {t_relaunch / t_jit:.2f}x the host time)")
         if massive:
             # the same, with the top-K medians left to torch (as when their kernel cannot be built)
-            with failed(kernels._row_median):
+            with failed(row_medians._row_median):
                 t_torch = host_time(host_update, device)
             print(f"{'  ... with the top-K medians by torch' + tag:44s} {t_torch:8.3f} ms   "
                   f"(median kernel: {t_host / t_torch:.2f}x the host time)")
@@ -179,7 +181,7 @@ def summary(x: torch.Tensor, w: torch.Tensor, ctx: stats.BatchContext, width: in
 
 @contextlib.contextmanager
 def failed(table: dict[str, Any]) -> Iterator[None]:
-    """A kernel table of `kernels` marked failed for the block (its fallback runs), then as it was."""
+    """A kernel table marked failed for the block (its fallback runs), then as it was."""
     before = table["failed"]
     table["failed"] = True
     try:
@@ -301,18 +303,20 @@ def gated_table(g: torch.Tensor, ctx: stats.BatchContext, width: int, device: to
     """Times a SwiGLU MLP's product with its two sites' statistics: eager product then two scans, against
     the gated kernel (product and the gate's statistics in one pass) then a scan of the product.
     False if the two disagree."""
-    from maxact_card import kernels
+    from maxact_card.kernels.scan import CudaScanShape, cuda_scan_shape
+    from maxact_card.kernels.silu_mul import silu_mul
+    from maxact_card.kernels.update import fused_update, gated_update
 
     up = torch.randn_like(g)
     silu = torch.nn.functional.silu
     a_gate, a_prod, b_gate, b_prod = (stats.SiteStats(width, 64, device) for _ in range(4))
 
     def scan(acc: stats.SiteStats, x: torch.Tensor) -> None:
-        kernels.fused_update(acc, x, ctx.mask, ctx.token_index, ctx.sample_index, ctx.input_ids)
+        fused_update(acc, x, ctx.mask, ctx.token_index, ctx.sample_index, ctx.input_ids)
 
     def gated(shape: Any = None, acc: stats.SiteStats = b_gate) -> torch.Tensor:
-        done = kernels.gated_update(acc, g, up, ctx.mask, ctx.token_index, ctx.sample_index, ctx.input_ids,
-                                    shape=shape)
+        done = gated_update(acc, g, up, ctx.mask, ctx.token_index, ctx.sample_index, ctx.input_ids,
+                            shape=shape)
         assert done is not None
         return done[0]
 
@@ -332,19 +336,19 @@ def gated_table(g: torch.Tensor, ctx: stats.BatchContext, width: int, device: to
         same &= torch.equal(getattr(a_prod, name), getattr(b_prod, name))
     rows: dict[str, Any] = {
         "eager silu(g) * up": lambda: silu(g) * up,
-        "silu_mul kernel": lambda: kernels.silu_mul(g, up),
+        "silu_mul kernel": lambda: silu_mul(g, up),
         "scan+fold of g": lambda: scan(a_gate, g),
         "gated kernel: product and the gate's statistics": gated,
         "eager product, then scan+fold of gate and of product": apart,
         "gated kernel, then scan+fold of product": one_pass,
     }
     if sweep:
-        default = kernels.cuda_scan_shape(g.reshape(-1, width), gated=True)
+        default = cuda_scan_shape(g.reshape(-1, width), gated=True)
         for group in (128, 256, 512, 1024):
             for per_block in (1, 2):
                 if group * 8 * 16 < width or group * 8 > 2 * width or group * per_block > 1024:
                     continue
-                shape = kernels.CudaScanShape(group, per_block, 0, 0)
+                shape = CudaScanShape(group, per_block, 0, 0)
                 mark = " (default)" if default and (default.group, default.rows) == (group, per_block) else ""
                 rows[f"  gated kernel, {group} threads x {per_block} rows{mark}"] = lambda shape=shape: gated(shape)
     read_ms = bench(lambda: g.amax(), device)

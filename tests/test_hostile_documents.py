@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 from maxact_card.cli import app
 from maxact_card.documents import non_finite
 from maxact_card.errors import SchemaError
-from maxact_card.gate.rules import evaluate
 from maxact_card.gate.policy import load_policy
+from maxact_card.gate.rules import evaluate
 from tests.gate.test_gate import example
 
 SITE = 0  # the planted value goes into the first site's max

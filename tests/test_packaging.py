@@ -1,4 +1,4 @@
-"""The wheel carries schemas/ and templates/ and the code reads them from the installed package."""
+"""The wheel carries schemas/, templates/ and the CUDA sources, and the code reads them from the wheel."""
 
 from __future__ import annotations
 
@@ -25,17 +25,20 @@ def test_wheel_ships_every_resource(tmp_path: Path) -> None:
     subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index",
                     "--quiet", str(wheel)], check=True)
     probe = """
-import json, maxact_card, pathlib
+import importlib.resources, json, maxact_card, pathlib
 from maxact_card import resources
 from maxact_card.corpus import builtin_corpus
 root = pathlib.Path(maxact_card.__file__).parent
 schemas = sorted(p.name for p in (root / "schemas").iterdir())
 templates = sorted(p.name for p in (root / "templates").iterdir())
+cuda = sorted(p.name for p in (root / "kernels" / "cuda").iterdir())
 for name in schemas:
     resources.load_schema(name)
 for name in templates:
     resources.template_text(name)
-print(json.dumps({"file": maxact_card.__file__, "schemas": schemas, "templates": templates,
+for name in cuda:  # as the kernels read them (importing the package alone needs no torch)
+    (importlib.resources.files("maxact_card.kernels") / "cuda" / name).read_text(encoding="utf-8")
+print(json.dumps({"file": maxact_card.__file__, "schemas": schemas, "templates": templates, "cuda": cuda,
                   "corpus": len(builtin_corpus().samples)}))
 """
     out = subprocess.run([str(python), "-c", probe], check=True, capture_output=True, text=True, cwd=tmp_path)
@@ -45,4 +48,5 @@ print(json.dumps({"file": maxact_card.__file__, "schemas": schemas, "templates":
     assert str(env_dir) in found["file"], "the probe imported the source tree, not the wheel"
     assert found["schemas"] == sorted(p.name for p in (ROOT / "schemas").iterdir())
     assert found["templates"] == sorted(p.name for p in (ROOT / "templates").iterdir())
+    assert found["cuda"] == sorted(p.name for p in (ROOT / "maxact_card" / "kernels" / "cuda").iterdir())
     assert found["corpus"] >= 256

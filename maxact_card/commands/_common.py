@@ -14,8 +14,8 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 
-from maxact_card.measure.distributed import EXIT_FILE_ENV, record_exit
 from maxact_card.errors import EXIT_RUNTIME, EXIT_USAGE, INTERRUPTS, MaxactError, UsageError
+from maxact_card.measure.distributed import EXIT_FILE_ENV, record_exit
 
 F = TypeVar("F", bound=Callable[..., Any])
 

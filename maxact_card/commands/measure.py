@@ -13,7 +13,6 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
-from maxact_card.measure import distributed
 from maxact_card import progress as progress_mod
 from maxact_card.commands._common import (
     FormatOpt,
@@ -29,6 +28,7 @@ from maxact_card.commands._text import Column, key_values, stdout_width, table
 from maxact_card.documents import check_writable
 from maxact_card.errors import RuntimeFailure, UsageError
 from maxact_card.fmt import count, db, layer_ranges, number, printable, ratio, token_label
+from maxact_card.measure import distributed
 from maxact_card.measure.results import dumps, write_results
 from maxact_card.measure.run import DEFAULT_MAX_SEQ_LEN, MeasureOptions, run_measure
 

@@ -20,11 +20,10 @@ import jinja2
 import typer
 
 from maxact_card import fmt, hub
+from maxact_card.card.chart import render_chart
 from maxact_card.card.paths import DEFAULT_CHART_PATH, DEFAULT_RESULTS_PATH
 from maxact_card.card.section import COMPONENT_LABELS, md_code, md_sample, md_text, md_token, read_results
 from maxact_card.card.splice import splice_card
-from maxact_card.documents import COMPONENTS
-from maxact_card.card.chart import render_chart
 from maxact_card.commands._common import (
     FormatOpt,
     OutputFormat,
@@ -35,7 +34,7 @@ from maxact_card.commands._common import (
     stderr_console,
 )
 from maxact_card.corpus import BUILTIN_ID
-from maxact_card.documents import dumps
+from maxact_card.documents import COMPONENTS, dumps
 from maxact_card.errors import UsageError
 from maxact_card.resources import template_text
 

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
+from maxact_card.card.chart import render_chart
 from maxact_card.card.paths import (
     CARD_FILE,
     DEFAULT_CHART_PATH,
@@ -17,7 +18,6 @@ from maxact_card.card.paths import (
 )
 from maxact_card.card.section import read_results, render_section
 from maxact_card.card.splice import splice_card
-from maxact_card.card.chart import render_chart
 from maxact_card.commands._common import examples_epilog, handle_errors, stderr_console
 from maxact_card.documents import atomic_write_set, check_writable
 from maxact_card.errors import UsageError

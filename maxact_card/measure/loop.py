@@ -21,15 +21,21 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from maxact_card.model import fusion
 from maxact_card.errors import RuntimeFailure, UsageError
+from maxact_card.measure.hooks import Consumer, Hooks, feed_hidden_states, first_tensor
+from maxact_card.measure.sites import (
+    READ_GATE_HALF,
+    READ_INPUT,
+    READ_ROUTER,
+    Site,
+    SiteMap,
+    discover,
+)
+from maxact_card.measure.stats import BatchContext, SiteStats
 from maxact_card.model.fusion import fused_forward
-from maxact_card.measure.sites import READ_GATE_HALF, READ_INPUT, READ_OUTPUT, READ_ROUTER, Site, SiteMap, discover
-from maxact_card.measure.stats import BatchContext, SiteStats, gated_update
 from maxact_card.switches import switched_off
 
 ProgressFn = Callable[[int, int], None]  # (samples done, tokens done)
-Consumer = Callable[[torch.Tensor, BatchContext], None]  # what a hook feeds: a [B, T, H] tensor and its batch
 
 
 class Transaction(Protocol):
@@ -176,31 +182,6 @@ def base_model(model: nn.Module) -> nn.Module:
     return decoder if isinstance(decoder, nn.Module) else model
 
 
-def _first_tensor(value: object) -> torch.Tensor | None:
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
-        return value[0]
-    hidden = getattr(value, "last_hidden_state", None)
-    return hidden if isinstance(hidden, torch.Tensor) else None
-
-
-def _router_logits(value: object, num_experts: int) -> torch.Tensor | None:
-    items = value if isinstance(value, (tuple, list)) else (value,)
-    for item in items:
-        if isinstance(item, torch.Tensor) and item.is_floating_point() and item.shape[-1] == num_experts:
-            return item
-    return None
-
-
-def _as_bth(t: torch.Tensor, batch: int, seq: int) -> torch.Tensor | None:
-    if t.dim() == 3 and t.shape[0] == batch and t.shape[1] == seq:
-        return t
-    if t.dim() == 2 and t.shape[0] == batch * seq:  # flattened tokens (MoE routers)
-        return t.view(batch, seq, t.shape[1])
-    return None
-
-
 def _streams(device: torch.device) -> tuple[torch.cuda.Stream, torch.cuda.Stream] | None:
     """CUDA streams of `device` for the forward pass (high priority) and the statistics (low), so that
     the statistics fill what the forward leaves idle rather than run between its kernels (None off
@@ -209,138 +190,6 @@ def _streams(device: torch.device) -> tuple[torch.cuda.Stream, torch.cuda.Stream
         return None
     # lower is more urgent; 0 is the default (and least urgent), -1 the next (CUDA clamps to its range)
     return torch.cuda.Stream(device, priority=-1), torch.cuda.Stream(device, priority=0)
-
-
-class _Hooks:
-    """Registers one hook per site; each extracts its tensor and updates its accumulator.
-
-    With streams (CUDA: the loop runs on `main`), each update is queued on `side` behind the work that
-    produced its tensor, and the tensor is marked as in use by that stream so that its memory is not
-    reused early; the forward pass goes on meanwhile. `join()` makes the forward's stream wait for
-    every queued update: called after each forward pass, before the accumulators are read, rolled
-    back or the batch's inputs released.
-
-    The gate and the down_proj input of a SwiGLU MLP are also handed to the MLP (`fusion.read_gated`):
-    where `fused_forward` swapped its forward, the MLP's product is made by `_gated`, which folds
-    the gate's statistics, when its accumulator is in `stats`, into the kernel that makes the
-    product (on the forward's stream: the product is needed next), and hands the product to its
-    site as the hook would; the sites' own hooks stay quiet for that call.
-    """
-
-    def __init__(self, model: nn.Module, sites: Sequence[Site], consumers: dict[str, Consumer],
-                 streams: tuple[torch.cuda.Stream, torch.cuda.Stream] | None = None,
-                 stats: Mapping[str, SiteStats] | None = None) -> None:
-        self.ctx: BatchContext | None = None
-        self.shape: tuple[int, int] = (0, 0)
-        self.handles: list[torch.utils.hooks.RemovableHandle] = []
-        self.undo: list[Callable[[], None]] = []
-        self.unreadable: dict[str, str] = {}
-        self.main: torch.cuda.Stream | None = streams[0] if streams is not None else None
-        self.side: torch.cuda.Stream | None = streams[1] if streams is not None else None
-        # one event, recorded again for each update (a wait takes the event as it is when queued)
-        self._ready = torch.cuda.Event() if streams is not None else None
-        self.stats = stats or {}
-        gated: dict[str, dict[str, tuple[Site, Consumer]]] = {}
-        for site in sites:
-            module = model.get_submodule(site.module)
-            acc = consumers[site.name]
-            mlp, role = _gated_role(site)
-            if mlp is not None:
-                gated.setdefault(mlp, {})[role] = (site, acc)
-            if site.read == READ_INPUT:
-                self.handles.append(module.register_forward_pre_hook(self._pre_hook(site, acc)))
-            else:
-                self.handles.append(module.register_forward_hook(self._hook(site, acc, module)))
-        for path, reads in gated.items():
-            self.undo.append(fusion.read_gated(model.get_submodule(path), self._gated(reads)))
-
-    def _gated(self, reads: dict[str, tuple[Site, Consumer]]) -> fusion.GatedReader:
-        gate, product = reads.get("gate"), reads.get("product")
-        fast = self.stats.get(gate[0].name) if gate is not None else None
-
-        def read(g: torch.Tensor, up: torch.Tensor, plain: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                 ) -> torch.Tensor:
-            out = None
-            if fast is not None and self.ctx is not None and g.dim() == 3 and tuple(g.shape[:2]) == self.shape:
-                out = gated_update(fast, g, up, self.ctx)
-            if out is None:
-                out = plain(g, up)
-                if gate is not None:
-                    self._consume(gate[0], gate[1], g)
-            if product is not None:
-                self._consume(product[0], product[1], out)
-            return out
-
-        return read
-
-    def _consume(self, site: Site, acc: Consumer, t: torch.Tensor | None) -> None:
-        if t is None or self.ctx is None:
-            self.unreadable.setdefault(site.name, "its module returned no tensor")
-            return
-        t = _as_bth(t, *self.shape)
-        if t is None:
-            self.unreadable.setdefault(site.name, "its tensor is not [batch, tokens, width]")
-            return
-        t = t.detach()
-        side = self.side
-        if side is None or self.main is None or t.device != side.device:
-            acc(t, self.ctx)
-            return
-        assert self._ready is not None
-        self._ready.record(self.main)
-        side.wait_event(self._ready)
-        t.record_stream(side)
-        with torch.cuda.stream(side):
-            acc(t, self.ctx)
-
-    def join(self) -> None:
-        if self.side is not None and self.main is not None:
-            self.main.wait_stream(self.side)
-
-    def _pre_hook(self, site: Site, acc: Consumer):  # type: ignore[no-untyped-def]
-        def hook(module: nn.Module, args: tuple[object, ...]) -> None:
-            if not fusion.quiet(module):
-                self._consume(site, acc, _first_tensor(args))
-
-        return hook
-
-    def _hook(self, site: Site, acc: Consumer, module: nn.Module):  # type: ignore[no-untyped-def]
-        if site.read == READ_ROUTER:
-            experts = module.weight.shape[0]
-
-            def router_hook(module: nn.Module, args: object, output: object) -> None:
-                self._consume(site, acc, _router_logits(output, experts))
-
-            return router_hook
-        if site.read == READ_GATE_HALF:
-
-            def gate_hook(module: nn.Module, args: object, output: object) -> None:
-                t = _first_tensor(output)
-                self._consume(site, acc, None if t is None else t[..., : t.shape[-1] // 2])
-
-            return gate_hook
-
-        def hook(module: nn.Module, args: object, output: object) -> None:
-            if not fusion.quiet(module):
-                self._consume(site, acc, _first_tensor(output))
-
-        return hook
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        for undo in self.undo:
-            undo()
-
-
-def _gated_role(site: Site) -> tuple[str | None, str]:
-    """The MLP whose gate (the gate_proj output) or product (the down_proj input) `site` reads, and which."""
-    parent, _, leaf = site.module.rpartition(".")
-    if site.read == READ_OUTPUT and leaf == "gate_proj":
-        return parent, "gate"
-    if site.read == READ_INPUT and leaf == "down_proj":
-        return parent, "product"
-    return None, ""
 
 
 def _site_width(model: nn.Module, site: Site) -> int | None:
@@ -379,7 +228,7 @@ def _probe_widths(model: nn.Module, runner: nn.Module, sites: Sequence[Site], de
 
     def grab(site: Site):  # type: ignore[no-untyped-def]
         def hook(module: nn.Module, args: object, output: object) -> None:
-            t = _first_tensor(args if site.read == READ_INPUT else output)
+            t = first_tensor(args if site.read == READ_INPUT else output)
             if t is not None:
                 widths[site.name] = int(t.shape[-1]) // (2 if site.read == READ_GATE_HALF else 1)
 
@@ -457,7 +306,7 @@ def _first_layer(out: object) -> torch.Tensor | None:
     hidden = getattr(out, "hidden_states", None)
     if isinstance(hidden, (tuple, list)) and len(hidden) > 1 and isinstance(hidden[1], torch.Tensor):
         return hidden[1]
-    return _first_tensor(out)
+    return first_tensor(out)
 
 
 def measure(
@@ -523,7 +372,7 @@ def run_measurement(measurement: Measurement, model: nn.Module, *, batches: list
     sites = measurement.site_map.sites
     hooked = [s for s in sites if not s.module.startswith("<")]
     fallback_count = len(sites) - len(hooked)
-    after = ((lambda out, ctx: _feed_hidden_states(out, stats, ctx, fallback_count))
+    after = ((lambda out, ctx: feed_hidden_states(out, stats, ctx, fallback_count))
              if measurement.hidden_states_fallback else None)
     control = control or LoopControl()
     if control.transaction is None:
@@ -577,7 +426,7 @@ def run_hooked(
     depend on the batching, so the result is the same. A single sample that does not fit fails the
     run. Returns the wall time (device work included), the sites whose module gave no usable
     tensor and how many splits were needed. `stats`: the accumulators of the sites whose consumer is
-    their `update`, which a SwiGLU MLP's kernel may update itself (`_Hooks`).
+    their `update`, which a SwiGLU MLP's kernel may update itself (`Hooks`).
     """
     control = control or LoopControl()
     runner = base_model(model)
@@ -591,7 +440,7 @@ def run_hooked(
         offsets.append(total)
         total += len(t)
     streams = _streams(input_device)
-    hooks = _Hooks(model, sites, consumers, streams, stats)
+    hooks = Hooks(model, sites, consumers, streams, stats)
     report = LoopReport(0.0, hooks.unreadable)
     start = time.perf_counter()
     done_samples = done_tokens = 0
@@ -658,7 +507,7 @@ def _split_front(queue: deque[tuple[int, list[int]]], parts_left: dict[int, int]
     parts_left[k] += 1
 
 
-def _forward_one(runner: nn.Module, hooks: _Hooks, token_ids: list[list[int]], batch: list[int], offsets: list[int],
+def _forward_one(runner: nn.Module, hooks: Hooks, token_ids: list[list[int]], batch: list[int], offsets: list[int],
                  pad_token_id: int, input_device: torch.device,
                  after_forward: Callable[[object, BatchContext], None] | None, use_mask: bool = True) -> None:
     ids, mask, token_index = _pad(token_ids, batch, offsets, pad_token_id)
@@ -726,11 +575,3 @@ def _fallback_sites(model: nn.Module) -> list[Site]:
     n = int(getattr(text, "num_hidden_layers", 0) or getattr(text, "n_layer", 0) or 0)
     return [Site(f"blocks.{i}.hook_resid_post", "residual", i, "<output_hidden_states>", "output",
                  f"hidden_states[{i + 1}] of the model output") for i in range(max(n - 1, 0))]
-
-
-def _feed_hidden_states(out: object, stats: dict[str, SiteStats], ctx: BatchContext, n: int) -> None:
-    hidden = getattr(out, "hidden_states", None)
-    if not hidden:
-        raise RuntimeFailure("the model returned no hidden states", hint="this architecture is not supported yet")
-    for i in range(min(n, len(hidden) - 1)):
-        stats[f"blocks.{i}.hook_resid_post"].update(hidden[i + 1].detach(), ctx)

@@ -18,11 +18,10 @@ import torch
 import maxact_card
 from maxact_card import corpus as corpus_mod
 from maxact_card import progress
-from maxact_card.measure import distributed
 from maxact_card import quant as quant_mod
-from maxact_card.measure.budget import auto_batch_tokens
-from maxact_card.model.checkpoint import LoadedModel, load
 from maxact_card.errors import RuntimeFailure, UsageError
+from maxact_card.measure import distributed
+from maxact_card.measure.budget import auto_batch_tokens
 from maxact_card.measure.loop import (
     Accumulators,
     LoopControl,
@@ -36,6 +35,7 @@ from maxact_card.measure.loop import (
 from maxact_card.measure.results import build_results
 from maxact_card.measure.sites import SiteMap, discover
 from maxact_card.measure.state import PassState, StateDir, fingerprint_digest
+from maxact_card.model.checkpoint import LoadedModel, load
 
 DEFAULT_MAX_SEQ_LEN = 4096
 #: Largest --top-k: the top-K rows of every site are kept on the device, K x width each.

@@ -13,37 +13,25 @@ from typing import Any, ClassVar
 
 import torch
 
+# The |a| histogram's keys and the massive thresholds are defined beside the kernels that share them
+# (that module is plain torch: importing it never imports Triton).
+from maxact_card.kernels.encoding import (
+    HIST_BINS,
+    HIST_FINE_BINS,
+    HIST_MIN_EXP,
+    HIST_NONFINITE,
+    HIST_OCTAVES,
+    HIST_OVERFLOW,
+    HIST_UNDERFLOW,
+    KEY_OFFSET,
+    KEY_SHIFT,
+    MASSIVE_ABS,
+    MASSIVE_RATIO,
+    PAD_KEY,
+    abs_hist_keys,
+    count_keys,
+)
 from maxact_card.switches import switched_off
-
-# |a| histogram. The key of a value comes from the bit pattern of |a| as bfloat16: its exponent
-# and the top 6 bits of its mantissa, for |a| in [2**-32, 2**32), so 64 bins per octave of
-# relative width at most 2**-6 (1.6%): a quantile read at a bin's geometric middle is within 0.8%
-# of the bin's values, and within 1.2% of the true value once bf16 rounding (0.4%) is added, well
-# inside the 2% the report promises. Below the range (zeros included) is one underflow bin, above
-# it one overflow bin, inf and NaN one more, so non-finite elements are counted exactly for free.
-# 4,100 int64 counters fit in a GPU block's shared memory, which keeps the histogram pass about ten
-# times faster than a full 32,768-bin bf16 histogram that has to count in global memory.
-HIST_MIN_EXP = -32
-HIST_OCTAVES = 64
-HIST_SUB_BITS = 6
-_FINE = HIST_OCTAVES << HIST_SUB_BITS
-HIST_UNDERFLOW = 0
-HIST_OVERFLOW = _FINE + 1
-HIST_NONFINITE = _FINE + 2
-HIST_BINS = _FINE + 3
-_PAD_KEY = HIST_BINS  # padding is counted in a bin past the end, then dropped
-_BF16_BIAS = 127
-_KEY_OFFSET = (_BF16_BIAS + HIST_MIN_EXP) << HIST_SUB_BITS
-_SHIFT = 7 - HIST_SUB_BITS
-
-
-def abs_hist_keys(x: torch.Tensor) -> torch.Tensor:
-    """Histogram keys (int16 in [0, HIST_BINS)) of |x|, elementwise; x of any float dtype."""
-    if x.dtype != torch.bfloat16:
-        x = x.to(torch.bfloat16)
-    bits = x.contiguous().view(torch.int16) & 0x7FFF
-    fine = ((bits >> _SHIFT) - (_KEY_OFFSET - 1)).clamp(HIST_UNDERFLOW, HIST_OVERFLOW)
-    return torch.where(bits >= 0x7F80, HIST_NONFINITE, fine).to(torch.int16)
 
 
 def _bf16_from_bits(bits: torch.Tensor) -> torch.Tensor:
@@ -52,12 +40,12 @@ def _bf16_from_bits(bits: torch.Tensor) -> torch.Tensor:
 
 def hist_bin_bounds() -> tuple[torch.Tensor, torch.Tensor]:
     """Lower and upper |a| bounds of every bin (float64 [HIST_BINS], CPU); the non-finite bin is NaN."""
-    fine = torch.arange(_FINE, dtype=torch.int32)
-    low_bits = (fine + _KEY_OFFSET) << _SHIFT
+    fine = torch.arange(HIST_FINE_BINS, dtype=torch.int32)
+    low_bits = (fine + KEY_OFFSET) << KEY_SHIFT
     lower = torch.empty(HIST_BINS, dtype=torch.float64)
     upper = torch.empty(HIST_BINS, dtype=torch.float64)
-    lower[1 : _FINE + 1] = _bf16_from_bits(low_bits)
-    upper[1 : _FINE + 1] = _bf16_from_bits(low_bits + (1 << _SHIFT))
+    lower[1 : HIST_FINE_BINS + 1] = _bf16_from_bits(low_bits)
+    upper[1 : HIST_FINE_BINS + 1] = _bf16_from_bits(low_bits + (1 << KEY_SHIFT))
     lower[HIST_UNDERFLOW], upper[HIST_UNDERFLOW] = 0.0, 2.0**HIST_MIN_EXP
     lower[HIST_OVERFLOW], upper[HIST_OVERFLOW] = 2.0 ** (HIST_MIN_EXP + HIST_OCTAVES), torch.inf
     lower[HIST_NONFINITE] = upper[HIST_NONFINITE] = torch.nan
@@ -71,16 +59,6 @@ def hist_bin_values() -> torch.Tensor:
     values[HIST_UNDERFLOW] = 0.0
     values[HIST_OVERFLOW] = lower[HIST_OVERFLOW]
     return values
-
-
-def count_keys(keys: torch.Tensor) -> torch.Tensor:
-    """Histogram counts (int64 [HIST_BINS]) of keys, padding (`_PAD_KEY`) dropped."""
-    return torch.bincount(keys.reshape(-1).to(torch.int64), minlength=HIST_BINS + 1)[:HIST_BINS]
-
-
-def abs_hist_counts(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Histogram counts of |x| [..., H] over the rows where mask [...] holds."""
-    return count_keys(torch.where(mask.unsqueeze(-1), abs_hist_keys(x), _PAD_KEY))
 
 
 def nonfinite_count(counts: torch.Tensor) -> torch.Tensor:
@@ -106,12 +84,6 @@ def hist_quantile(counts: torch.Tensor, q: float) -> float:
 
 
 # --- the per-site accumulator -------------------------------------------------------------------
-
-# Sun et al. 2024, "Massive activations in large language models": an activation is massive when
-# |a| > 100 and |a| > 1000 x the median |a| of its token's hidden vector.
-MASSIVE_ABS = 100.0
-MASSIVE_RATIO = 1000.0
-
 _KEY_LOW = 0xFFFFFFFF
 
 
@@ -138,7 +110,7 @@ def dense_scan(x: torch.Tensor, mask: torch.Tensor, massive: bool) -> tuple[torc
     channel_max = torch.linalg.vector_norm(
         torch.where(valid.unsqueeze(-1), x, 0).reshape(-1, x.shape[-1]), ord=torch.inf, dim=0
     ).float()
-    keys = torch.where(mask.unsqueeze(-1), abs_hist_keys(x), _PAD_KEY)
+    keys = torch.where(mask.unsqueeze(-1), abs_hist_keys(x), PAD_KEY)
     # Sun et al.'s ratio test without sorting: |a| > 1000 x (lower) median |a| of the token holds
     # exactly when more than half the token's channels lie below |a| / 1000.
     below = (x.abs() < (tok_abs / MASSIVE_RATIO).unsqueeze(-1)).sum(dim=-1) if massive else None
@@ -166,11 +138,11 @@ def use_compile(enabled: bool) -> None:
         _compiled_scan = torch.compile(dense_scan, dynamic=True)
 
 
-# The fused Triton kernels (kernels.py) replace the scan, the histogram and the small reductions on
-# CUDA: two launches per update. They are imported on the first CUDA update, so CPU-only runs never
-# import Triton. MAXACT_CARD_KERNELS=0 keeps the reference path; a kernel that fails to build or
-# launch costs speed, never the run: the update falls back to the reference path and stays there.
-# On CPU tensors they run only when asked for with use_kernels(True) and kernels.py was built for
+# The fused kernels (`maxact_card.kernels.update`) replace the scan, the histogram and the small
+# reductions on CUDA: two launches per update. They are imported on the first CUDA update, so CPU-only
+# runs never import Triton. MAXACT_CARD_KERNELS=0 keeps the reference path; a kernel that fails to build
+# or launch costs speed, never the run: the update falls back to the reference path and stays there.
+# On CPU tensors they run only when asked for with use_kernels(True) and they were imported under
 # Triton's interpreter (tests).
 _KERNELS: dict[str, Any] = {"on": None, "module": None, "error": None}
 
@@ -182,7 +154,7 @@ def use_kernels(enabled: bool | None) -> None:
 
 
 def _kernel_module(x: torch.Tensor) -> Any:
-    """kernels.py when it can fold `x`, else None (host-side checks only)."""
+    """`maxact_card.kernels.update` when it can fold `x`, else None (host-side checks only)."""
     on = _KERNELS["on"]
     if x.is_cuda:
         if on is None:
@@ -192,13 +164,13 @@ def _kernel_module(x: torch.Tensor) -> Any:
         module = _KERNELS["module"]
         if module is None:
             try:
-                from maxact_card import kernels as module
+                from maxact_card.kernels import update as module
             except Exception as exc:  # noqa: BLE001 - no Triton, or a broken one: the reference path
                 _KERNELS["on"], _KERNELS["error"] = False, repr(exc)
                 return None
             _KERNELS["module"] = module
     else:
-        module = sys.modules.get("maxact_card.kernels")
+        module = sys.modules.get("maxact_card.kernels.update")
         if on is not True or module is None or not module.INTERPRET:
             return None
     return module if module.available(x) else None
@@ -211,7 +183,7 @@ def _kernels_failed(kernels: Any, exc: Exception) -> bool:
     update can apply a second time without changing them, and the histogram (the CUDA scan adds it
     itself: `kernels.HistogramCounted`), which it must then not count again.
     """
-    kernels._forget_scratch()
+    kernels.forget_scratch()
     _KERNELS["on"], _KERNELS["error"] = False, repr(exc)
     return isinstance(exc, kernels.HistogramCounted)
 
@@ -262,7 +234,7 @@ class BatchContext:
     sample_index: [B] int64, the index of each row's sample in the run.
     """
 
-    __slots__ = ("mask", "token_index", "sample_index", "input_ids", "_on")
+    __slots__ = ("_on", "input_ids", "mask", "sample_index", "token_index")
 
     def __init__(self, mask: torch.Tensor, token_index: torch.Tensor, sample_index: torch.Tensor,
                  input_ids: torch.Tensor) -> None:

@@ -155,7 +155,7 @@ def _rotary_names(model: nn.Module) -> dict[types.ModuleType, types.FunctionType
 # An MLP whose forward is exactly `down_proj(act_fn(gate_proj(x)) * up_proj(x))` with a SiLU runs
 # silu(gate) * up as one kernel (three passes over memory, where eager torch makes five: the SiLU
 # reads and writes, the product reads two and writes). What it computes is eager torch's, rounded
-# where eager rounds (`kernels.silu_mul`). Where a measurement reads the MLP's gate or its
+# where eager rounds (`maxact_card.kernels.silu_mul`). Where a measurement reads the MLP's gate or its
 # down_proj input, the reader it registers (`read_gated`) makes the product instead, folding the
 # gate's statistics into the same pass, and hands both sites their tensors: the sites' own hooks
 # then stay quiet for that call.
@@ -256,11 +256,9 @@ def quiet(module: nn.Module) -> bool:
 
 
 def _silu_mul_kernel(g: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
-    try:
-        from maxact_card import kernels  # on CUDA only: CPU-only runs never import Triton
-    except Exception:  # noqa: BLE001 - no Triton, or a broken one: eager torch makes the product
-        return None
-    return kernels.silu_mul(g, up)
+    from maxact_card.kernels.silu_mul import silu_mul  # on CUDA only: CPU-only runs never load the kernels
+
+    return silu_mul(g, up)
 
 
 def _product(g: torch.Tensor, up: torch.Tensor, cls: type, ran_eager: set[type]) -> torch.Tensor:

@@ -110,7 +110,7 @@ def static_scales(
     """The scales of the static policies from one site's calibration statistics (no data pass).
 
     `max_abs` is the calibrated running max|a|, `hist_counts` the int64 |a| histogram of
-    `stats.py` (length HIST_BINS). Runs on the host, once per site. Every scale is positive and
+    `measure/stats.py` (length HIST_BINS). Runs on the host, once per site. Every scale is positive and
     finite: an all-zero site gets a tiny scale, and an empty histogram falls back to max-abs.
     """
     if not (math.isfinite(max_abs) and max_abs >= 0):

@@ -20,8 +20,8 @@ from maxact_card.card.splice import splice_card
 from maxact_card.cli import app
 from maxact_card.documents import SCHEMA_VERSION
 from maxact_card.errors import SchemaError
-from tests.goldens import assert_golden
 from tests import paths
+from tests.goldens import assert_golden
 
 HERE = paths.TESTS
 EXAMPLE = HERE / "data" / "results_example.json"

@@ -9,8 +9,8 @@ import xml.etree.ElementTree as ET
 from typing import Any
 
 from maxact_card.card.chart import render_chart
-from tests.goldens import assert_golden
 from tests import paths
+from tests.goldens import assert_golden
 
 HERE = paths.TESTS
 EXAMPLE = HERE / "data" / "results_example.json"

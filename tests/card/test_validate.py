@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
+from maxact_card.card.chart import render_chart
 from maxact_card.card.splice import splice_card
 from maxact_card.card.validate import LocalSource, validate_card
-from maxact_card.card.chart import render_chart
 from maxact_card.cli import app
 from tests import paths
 

@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.gate.test_gate import PEAK_SITE, example, parse_github_output, scaled_peak
 from tests import paths
+from tests.gate.test_gate import PEAK_SITE, example, parse_github_output, scaled_peak
 
 ROOT = paths.ROOT
 ACTION = ROOT / "action.yml"

@@ -11,12 +11,12 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner, Result
 
-from maxact_card.card.front_matter import END_MARKER, START_MARKER
 from maxact_card.card.chart import render_chart
+from maxact_card.card.front_matter import END_MARKER, START_MARKER
 from maxact_card.cli import app
 from maxact_card.measure.results import dumps, validate_results
-from tests.hub_server import HubServer, tiny_llama_files
 from tests import paths
+from tests.hub_server import HubServer, tiny_llama_files
 
 REPO = "org/tiny"
 WRITE = "hf_write_token_for_publish_tests"

@@ -16,9 +16,9 @@ from maxact_card.cli import app
 from maxact_card.commands import check, measure
 from maxact_card.commands._text import Column, table
 from maxact_card.fmt import printable
+from maxact_card.gate.policy import DEFAULT_POLICY
 from maxact_card.gate.rules import evaluate
 from maxact_card.gate.verdict import RuleOutcome, Verdict
-from maxact_card.gate.policy import DEFAULT_POLICY
 from tests import paths
 
 ROOT = paths.ROOT

@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 from maxact_card.cli import app
 from maxact_card.gate.diff import diff_results
-from tests.gate.test_gate import PEAK, PEAK_SITE, example, quant_entry, scaled_peak, with_quant
 from tests import paths
+from tests.gate.test_gate import PEAK, PEAK_SITE, example, quant_entry, scaled_peak, with_quant
 
 GOLDEN = paths.TESTS / "golden"
 runner = CliRunner()

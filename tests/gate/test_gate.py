@@ -16,10 +16,10 @@ from maxact_card.commands import action_outputs
 from maxact_card.errors import EXIT_USAGE, SchemaError, UsageError
 from maxact_card.gate.baseline import load_baseline, validate_results
 from maxact_card.gate.diff import peak_growth_pct
+from maxact_card.gate.policy import CardRules, Policy, QuantRules
 from maxact_card.gate.rules import evaluate
 from maxact_card.gate.summary import render_summary
 from maxact_card.gate.verdict import CardStatus, RuleOutcome, Verdict
-from maxact_card.gate.policy import CardRules, Policy, QuantRules
 from tests import paths
 
 EXAMPLE = paths.TESTS / "data" / "results_example.json"

@@ -11,8 +11,8 @@ import jsonschema
 import pytest
 import tomllib
 
-from maxact_card.gate import policy as policy_module
 from maxact_card.errors import EXIT_USAGE, SchemaError, UsageError
+from maxact_card.gate import policy as policy_module
 from maxact_card.gate.policy import (
     COMPONENTS,
     DEFAULT_POLICY,

@@ -22,17 +22,9 @@ import torch
 
 triton = pytest.importorskip("triton", reason="Triton is not installed: the fused kernels cannot run")
 
+from maxact_card.kernels.encoding import HIST_BINS, HIST_NONFINITE, HIST_UNDERFLOW, PAD_KEY, abs_hist_keys
 from maxact_card.measure import stats
-from maxact_card.measure.stats import (
-    _PAD_KEY,
-    HIST_BINS,
-    HIST_NONFINITE,
-    HIST_UNDERFLOW,
-    BatchContext,
-    SiteStats,
-    abs_hist_keys,
-    dense_scan,
-)
+from maxact_card.measure.stats import BatchContext, SiteStats, dense_scan
 from tests import paths
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -60,10 +52,11 @@ def test_kernels_under_the_interpreter() -> None:
 
 @pytest.fixture(scope="module")
 def kernels() -> Iterator[ModuleType]:
-    """kernels.py, built for the interpreter, with SiteStats routed through it on CPU."""
+    """The kernels' dispatch (`maxact_card.kernels.update`), built for the interpreter, with SiteStats
+    routed through it on CPU."""
     if not INTERPRETED:
         pytest.skip("run in a fresh process under Triton's interpreter by test_kernels_under_the_interpreter")
-    from maxact_card import kernels as module
+    from maxact_card.kernels import update as module
 
     assert module.INTERPRET
     stats.use_kernels(True)
@@ -90,7 +83,7 @@ def _reference(x: torch.Tensor, mask: torch.Tensor, massive: bool) -> dict[str, 
         _present(scan[i]) for i in (0, 1, 3, 4, 5, 6, 7, 8, 9)
     )
     hist = torch.bincount(keys.reshape(-1).long(), minlength=HIST_BINS + 1)[:HIST_BINS]
-    assert keys.max() <= _PAD_KEY
+    assert keys.max() <= PAD_KEY
     per_row = {"max": tok_max, "min": tok_min, "signed": signed, "channel": channel, "sum": tok_sum,
                "sq": tok_sq, "valid": valid, "below": scan[10]}
     out = {name: t.reshape(-1) for name, t in per_row.items() if t is not None}
@@ -183,7 +176,9 @@ def test_several_steps_per_row_and_ties(kernels: ModuleType) -> None:
     x[0, 1, [150, 20]] = -2.0
     x[1, 2] = 1.0
     mask = torch.ones(2, 3, dtype=torch.bool)
-    config = kernels.ScanConfig(block_n=2, block_h=64, num_warps=1)
+    from maxact_card.kernels.scan import ScanConfig
+
+    config = ScanConfig(block_n=2, block_h=64, num_warps=1)
     got, acc = _fused(kernels, x, mask, massive=False, config=config)
     _assert_matches(got, _reference(x, mask, massive=False))
     assert got["signed"][0] == 5.0 and got["channel"][0] == 7  # |5| ties |-5|: the positive one, first
@@ -232,9 +227,11 @@ def test_massive_token_is_counted(kernels: ModuleType) -> None:
 
 
 def test_scratch_is_left_zeroed(kernels: ModuleType) -> None:
+    from maxact_card.kernels.workspace import persistent_scratch
+
     x, mask = _planted(torch.bfloat16, 96)
     _fused(kernels, x, mask, massive=False)
-    hist, counters = kernels._persistent_scratch(torch.device("cpu"))
+    hist, counters = persistent_scratch(torch.device("cpu"))
     assert int(hist.abs().sum()) == 0 and counters.tolist() == [0, 0]
 
 
@@ -307,7 +304,9 @@ def test_top_k_across_selection_blocks(kernels: ModuleType, top_k: int) -> None:
     # 2,500 rows a batch: three selection programs of the fold, whose staged keys the last one
     # merges. The largest tokens are planted in every block, some beating the stored top-K in the
     # second batch and some not, with exact ties in |a| (broken towards the earlier token).
-    assert kernels._BLOCK_R == 1024
+    from maxact_card.kernels import workspace
+
+    assert workspace.BLOCK_R == 1024
     gen = torch.Generator().manual_seed(3)
     batches = []
     for k, offset in enumerate((0, 2500)):
@@ -327,7 +326,7 @@ def test_top_k_across_selection_blocks(kernels: ModuleType, top_k: int) -> None:
     # padding): row 2048 of the second batch
     assert got.topk_value[:5].tolist() == [200.0, 200.0, 200.0, 200.0, -110.0]
     assert got.topk_channel[:5].tolist() == [5, 7, 5, 7, (2048 + 1) % 24]
-    _, counters = kernels._persistent_scratch(torch.device("cpu"))
+    _, counters = workspace.persistent_scratch(torch.device("cpu"))
     assert counters.tolist() == [0, 0]
 
 
@@ -344,12 +343,12 @@ def test_top_k_across_selection_blocks(kernels: ModuleType, top_k: int) -> None:
 ])
 def test_cuda_update_equals_the_reference_path(massive: bool, width: int, cuda_scan: bool, top_k: int,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    from maxact_card import kernels
+    from maxact_card.kernels import fold, histogram, scan, workspace
 
     if not cuda_scan:
         monkeypatch.setenv("MAXACT_CARD_CUDA_SCAN", "0")
-    kernels._cuda_scan["kernels"].clear()
-    kernels._fold_compiled["kernels"].clear()
+    scan._cuda_scan["kernels"].clear()
+    fold._fold_compiled["kernels"].clear()
     gen = torch.Generator().manual_seed(2)
     batches = []
     offset = 0
@@ -371,19 +370,19 @@ def test_cuda_update_equals_the_reference_path(massive: bool, width: int, cuda_s
     want = _run(batches, fused=False, top_k=top_k, massive=massive)
     got = _run(batches, fused=True, top_k=top_k, massive=massive)
 
-    assert stats._KERNELS["error"] is None and kernels.available(batches[0][0])
-    assert bool(kernels._cuda_scan["kernels"]) == cuda_scan and not kernels._cuda_scan["failed"]
+    assert stats._KERNELS["error"] is None and scan.available(batches[0][0])
+    assert bool(scan._cuda_scan["kernels"]) == cuda_scan and not scan._cuda_scan["failed"]
     scan_folded = cuda_scan and top_k <= 16
     # a folding scan is built beside the scan without its fold (whose occupancy it keeps)
-    built = {key[-1] for key in kernels._cuda_scan["kernels"]}
+    built = {key[-1] for key in scan._cuda_scan["kernels"]}
     assert built == ({False, True} if scan_folded else {False} if cuda_scan else set())
     # otherwise every fold after the first was launched by the compiled kernel's own launcher
-    assert kernels._FOLD_RELAUNCH and not kernels._fold_compiled["failed"]
-    assert bool(kernels._fold_compiled["kernels"]) != scan_folded
-    _, counters = kernels._persistent_scratch(batches[0][0].device)
+    assert fold._FOLD_RELAUNCH and not fold._fold_compiled["failed"]
+    assert bool(fold._fold_compiled["kernels"]) != scan_folded
+    _, counters = workspace.persistent_scratch(batches[0][0].device)
     assert counters.tolist() == [0, 0]
     if not cuda_scan:
-        assert kernels._cuda_hist["kernels"] and not kernels._cuda_hist["failed"]
+        assert histogram._cuda_hist["kernels"] and not histogram._cuda_hist["failed"]
     _assert_same_stats(got, want, rel=1e-5)
     assert int(got.topk_channel[0]) == 3  # the largest token (the last batch's), at the first of its tied channels
 
@@ -408,16 +407,16 @@ def _gate_and_up(b: int, t: int, width: int, gen: torch.Generator) -> tuple[torc
 
 @pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_silu_mul_rounds_as_eager_torch() -> None:
-    from maxact_card import kernels
+    from maxact_card.kernels.silu_mul import silu_mul
 
     gen = torch.Generator().manual_seed(5)
     g, up = _gate_and_up(3, 333, 1024, gen)
     g.view(-1)[:65536] = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).cuda()
-    got = kernels.silu_mul(g, up)  # every bf16 pattern as a gate, among others
+    got = silu_mul(g, up)  # every bf16 pattern as a gate, among others
     assert got is not None and got.shape == g.shape and got.dtype == torch.bfloat16
     assert _same_bits(got, torch.nn.functional.silu(g) * up)
-    assert kernels.silu_mul(g.float(), up.float()) is None  # bf16 only
-    assert kernels.silu_mul(g[..., :1000], up[..., :1000]) is None  # not contiguous
+    assert silu_mul(g.float(), up.float()) is None  # bf16 only
+    assert silu_mul(g[..., :1000], up[..., :1000]) is None  # not contiguous
 
 
 @pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -426,7 +425,7 @@ def test_cuda_row_medians_equal_torch(width: int) -> None:
     """The radix-select median kernel gives torch's lower median |a| of each chosen row, bit for bit:
     ties, -0 and +0, inf, subnormals, a row of one value, a NaN (NaN out), a strided view; rows of -1
     entries are left alone."""
-    from maxact_card import kernels
+    from maxact_card.kernels.row_medians import row_medians
 
     gen = torch.Generator().manual_seed(11)
     base = torch.randn(40, width + 8, generator=gen).to(torch.bfloat16)
@@ -441,12 +440,12 @@ def test_cuda_row_medians_equal_torch(width: int) -> None:
     x2 = base.cuda()[:, 3 : 3 + width]
     source = torch.tensor([0, 1, -1, 2, 3, 4, 5, 6, 7, 39, -1, 20], dtype=torch.int64, device="cuda")
     median = torch.full((source.numel(),), -7.0, device="cuda")
-    assert kernels.row_medians(x2, source, median)
+    assert row_medians(x2, source, median)
     want = x2.index_select(0, source.clamp(min=0)).abs().median(dim=-1).values.float()
     want = torch.where(source >= 0, want, -7.0)
     assert torch.equal(median.isnan(), want.isnan()) and bool(median.isnan()[5])
     assert torch.equal(median.nan_to_num(0.0).view(torch.int32), want.nan_to_num(0.0).view(torch.int32))
-    assert not kernels.row_medians(x2.float(), source, median)  # bf16 only
+    assert not row_medians(x2.float(), source, median)  # bf16 only
 
 
 @pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -455,9 +454,9 @@ def test_cuda_row_medians_equal_torch(width: int) -> None:
 def test_cuda_gated_update_equals_the_product_then_an_update(massive: bool, width: int) -> None:
     """One pass over gate and up gives eager's product and the gate's statistics as scanning the gate
     apart (the reference path) gives them; padding rows get their product too."""
-    from maxact_card import kernels
+    from maxact_card.kernels import scan
 
-    kernels._cuda_scan["kernels"].clear()
+    scan._cuda_scan["kernels"].clear()
     gen = torch.Generator().manual_seed(7)
     total = 4 + 8 + 2
     want, got = (SiteStats(width, total, "cuda", top_k=16, massive=massive) for _ in range(2))
@@ -480,7 +479,7 @@ def test_cuda_gated_update_equals_the_product_then_an_update(massive: bool, widt
         assert _same_bits(out, torch.nn.functional.silu(g) * up)
         first += b
         offset += b * t
-    assert stats._KERNELS["error"] is None and not kernels._cuda_scan["failed"]
+    assert stats._KERNELS["error"] is None and not scan._cuda_scan["failed"]
     _assert_same_stats(got, want, rel=1e-5)
     assert float(got.max) == 900.0 and int(got.nonfinite_tokens) == 3
 
@@ -496,17 +495,17 @@ def test_cuda_measurement_through_the_gated_kernel_equals_the_hooks(monkeypatch:
     gen = torch.Generator().manual_seed(4)
     ids = [torch.randint(3, factory.VOCAB, (n,), generator=gen).tolist() for n in (40, 17, 64, 33, 9, 50)]
     plan = [[0, 1, 2], [3, 4, 5]]
-    from maxact_card.measure import loop as measure_mod
+    from maxact_card.measure import hooks as hooks_mod
 
     folded: list[bool] = []
-    real = measure_mod.gated_update
+    real = hooks_mod.gated_update
 
     def counting(acc, g, up, ctx):  # type: ignore[no-untyped-def]
         out = real(acc, g, up, ctx)
         folded.append(out is not None)
         return out
 
-    monkeypatch.setattr(measure_mod, "gated_update", counting)
+    monkeypatch.setattr(hooks_mod, "gated_update", counting)
     runs = {}
     for gated in ("1", "0"):
         monkeypatch.setenv("MAXACT_CARD_GATED", gated)
@@ -531,7 +530,7 @@ def _fold_fails_then_reference(x: torch.Tensor, mask: torch.Tensor, monkeypatch:
 
     batches = [(x, mask, 0)]
     want = _run(batches, fused=False, top_k=8, massive=True)
-    monkeypatch.setattr(kernels, "_fold", failing_fold)
+    monkeypatch.setattr(kernels, "fold", failing_fold)
     got = _run(batches, fused=True, top_k=8, massive=True)  # restores the kernels' switch after
     assert failed == [1]
     _assert_same_stats(got, want, rel=1e-6)  # the histogram counted once
@@ -547,7 +546,7 @@ def test_a_failed_fold_after_the_cuda_scan_counts_once(monkeypatch: pytest.Monke
     """The CUDA scan adds the histogram itself: when the fold then fails, the reference path that
     finishes the update (here and in the gated update) must not add it again. (A scan that folds
     the update itself has no later step to fail: this is the scan followed by the Triton fold.)"""
-    from maxact_card import kernels
+    from maxact_card.kernels import update as kernels
 
     monkeypatch.setenv("MAXACT_CARD_SCAN_FOLD", "0")
 

@@ -11,14 +11,13 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from maxact_card.measure import results as results_mod
 from maxact_card.cli import app
 from maxact_card.documents import RESULTS_SCHEMA, SCHEMA_VERSION
 from maxact_card.errors import SchemaError, UsageError
-from maxact_card.resources import load_schema
+from maxact_card.measure import results as results_mod
 from maxact_card.measure.results import dumps, load_results, validate_results, write_results
-from tests import factory
-from tests import paths
+from maxact_card.resources import load_schema
+from tests import factory, paths
 
 EXAMPLE = paths.TESTS / "data" / "results_example.json"
 TEXTS = [

@@ -14,18 +14,17 @@ from typing import Any
 
 import pytest
 import torch
-from tests.factory import TEXTS, build_model, save, write_corpus
 from typer.testing import CliRunner
 
-from maxact_card.measure import budget
-from maxact_card.measure import distributed
 from maxact_card.cli import app
 from maxact_card.errors import RuntimeFailure
+from maxact_card.measure import budget, distributed
 from maxact_card.measure.loop import LoopControl, LoopReport, measure
+from maxact_card.measure.state import StateDir
 from maxact_card.quant.heldout import QuantAccumulator
 from maxact_card.quant.schemes import STATIC_POLICIES
-from maxact_card.measure.state import StateDir
 from tests import paths
+from tests.factory import TEXTS, build_model, save, write_corpus
 
 ROOT = paths.ROOT
 CPU = torch.device("cpu")

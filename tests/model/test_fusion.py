@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from maxact_card.model import fusion
 from maxact_card.measure.loop import base_model, measure
 from maxact_card.measure.stats import SiteStats
+from maxact_card.model import fusion
 from tests import factory
 
 CPU = torch.device("cpu")
@@ -370,6 +370,7 @@ def test_the_families_gated_mlps(arch: str, mlps: str | None) -> None:
 def test_gated_sites_are_read_once_through_the_mlp(monkeypatch: pytest.MonkeyPatch) -> None:
     """With the MLP swapped, the gate and down_proj-input sites reach their consumers through the MLP's
     reader, once per batch, with the tensors the hooks would have given; their hooks stay quiet."""
+    from maxact_card.measure import hooks as hooks_mod
     from maxact_card.measure import loop as measure_mod
     from maxact_card.measure.sites import discover
 
@@ -387,13 +388,13 @@ def test_gated_sites_are_read_once_through_the_mlp(monkeypatch: pytest.MonkeyPat
         return seen
 
     calls: list[object] = []
-    real = measure_mod.gated_update
+    real = hooks_mod.gated_update
 
     def counting(acc, g, up, ctx):  # type: ignore[no-untyped-def]
         calls.append(acc)
         return real(acc, g, up, ctx)
 
-    monkeypatch.setattr(measure_mod, "gated_update", counting)
+    monkeypatch.setattr(hooks_mod, "gated_update", counting)
     plain = run()
     assert calls == []  # not swapped: the hooks read every site
     with fusion.fused_forward(model, enabled=True, backend="eager") as fused:

@@ -11,12 +11,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from maxact_card.model.checkpoint import check_loaded
 from maxact_card.cli import app
 from maxact_card.errors import UsageError
-from tests import factory
+from maxact_card.model.checkpoint import check_loaded
+from tests import factory, paths
 from tests.factory import write_corpus
-from tests import paths
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from maxact_card.errors import UsageError
+from maxact_card.measure.stats import HIST_BINS, abs_hist_keys
 from maxact_card.quant.heldout import QuantAccumulator, summarize
 from maxact_card.quant.schemes import (
     FAIL,
@@ -29,7 +30,6 @@ from maxact_card.quant.schemes import (
     quantize_int8,
     static_scales,
 )
-from maxact_card.measure.stats import HIST_BINS, abs_hist_keys
 
 MAXABS = QuantPolicy.INT8_STATIC_MAXABS
 PERCENTILE = QuantPolicy.INT8_STATIC_PERCENTILE

@@ -19,10 +19,10 @@ from maxact_card import quant as quant_mod
 from maxact_card.cli import app
 from maxact_card.documents import RESULTS_SCHEMA, dumps, load_results, validate_results, write_results
 from maxact_card.errors import SchemaError
+from maxact_card.measure.stats import HIST_BINS
 from maxact_card.quant.heldout import QuantAccumulator, summarize
 from maxact_card.quant.schemes import POLICY_ORDER, Thresholds, static_scales
 from maxact_card.resources import load_schema
-from maxact_card.measure.stats import HIST_BINS
 from tests import factory
 from tests.card.test_card import QUANT, load_example, with_quant
 
