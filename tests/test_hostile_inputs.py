@@ -98,7 +98,7 @@ def test_output_paths_that_cannot_be_written_are_refused_before_measuring(
     def must_not_run(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("measured before checking the output path")
 
-    monkeypatch.setattr(measure_cmd, "run_measure", must_not_run)
+    monkeypatch.setattr("maxact_card.measure.run.run_measure", must_not_run)
     folder = tmp_path / "folder"
     folder.mkdir()
     a_file = tmp_path / "a_file"

@@ -12,7 +12,6 @@ import pytest
 from typer.testing import CliRunner
 
 from maxact_card.cli import app
-from maxact_card.commands import check as check_cmd
 from maxact_card.commands._common import clean_token
 from maxact_card.errors import UsageError
 from tests.hub_server import HubServer, tiny_llama_files
@@ -56,7 +55,7 @@ def test_a_message_that_quotes_the_token_shows_it_redacted(monkeypatch: pytest.M
     def leaky(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError(f"Illegal header value b'Bearer {SECRET}\\r' (and again: {SECRET})")
 
-    monkeypatch.setattr(check_cmd, "run_measure", leaky)
+    monkeypatch.setattr("maxact_card.measure.run.run_measure", leaky)
     for env in ({}, {"MAXACT_CARD_DEBUG": "1"}):
         res = CliRunner().invoke(app, ["check", "org/model", "--token", SECRET + "\r", "--device", "cpu"], env=env)
         assert res.exit_code == 3

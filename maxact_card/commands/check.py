@@ -12,7 +12,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -67,7 +67,10 @@ from maxact_card.gate.policy import DEFAULT_POLICY, FP16_MAX, Policy, load_polic
 from maxact_card.gate.rules import evaluate
 from maxact_card.gate.summary import format_value, render_summary
 from maxact_card.gate.verdict import CardStatus, Verdict
-from maxact_card.measure.run import DEFAULT_MAX_SEQ_LEN, MeasureOptions, run_measure
+
+if TYPE_CHECKING:
+    from maxact_card.measure.run import MeasureOptions
+from maxact_card.corpus.tokenizing import DEFAULT_MAX_SEQ_LEN
 
 EXAMPLES = [
     "maxact-card check ./my-checkpoint --out results.json",
@@ -272,6 +275,8 @@ def run_check(request: CheckRequest) -> CheckOutcome | None:
 
     Returns None in the processes other than rank 0 of a data-parallel run.
     """
+    from maxact_card.measure.run import run_measure  # torch: only when a command runs
+
     policy, baseline = _preflight(request)
     results = run_measure(request.measure)
     if results is None:
@@ -388,6 +393,8 @@ def check_cmd(
     checkpoint_every: CheckpointEveryOpt = 20,
     gpus: GpusOpt = None,
 ) -> None:
+    from maxact_card.measure.run import MeasureOptions
+
     request = CheckRequest(
         measure=MeasureOptions(
             model=model, revision=revision, token=token, corpus=corpus, samples=samples, max_seq_len=max_seq_len,

@@ -6,7 +6,7 @@ import contextlib
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -25,12 +25,14 @@ from maxact_card.commands._common import (
     stderr_console,
 )
 from maxact_card.commands._text import Column, key_values, stdout_width, table
-from maxact_card.documents import check_writable
+from maxact_card.documents import check_writable, dumps, write_results
 from maxact_card.errors import RuntimeFailure, UsageError
 from maxact_card.fmt import count, db, layer_ranges, number, printable, ratio, token_label
 from maxact_card.measure import distributed
-from maxact_card.measure.results import dumps, write_results
-from maxact_card.measure.run import DEFAULT_MAX_SEQ_LEN, MeasureOptions, run_measure
+
+if TYPE_CHECKING:
+    from maxact_card.measure.run import MeasureOptions
+from maxact_card.corpus.tokenizing import DEFAULT_MAX_SEQ_LEN
 
 EXAMPLES = [
     "maxact-card measure ./my-checkpoint --out results.json",
@@ -310,6 +312,8 @@ def measure_cmd(
     gpus: GpusOpt = None,
 ) -> None:
     """Measure max|a| at every site of MODEL over a calibration corpus."""
+    from maxact_card.measure.run import MeasureOptions, run_measure  # torch: only when a command runs
+
     opts = MeasureOptions(
         model=model, revision=revision, token=token, corpus=corpus, samples=samples, max_seq_len=max_seq_len,
         truncate=truncate, seed=seed, dtype=dtype, device=device, device_map=device_map,

@@ -19,6 +19,8 @@ MAX_CHARS_PER_TOKEN = 256
 # jinja2 TemplateError; transformers' checks give ValueError; odd indexing gives Key/IndexError.
 _TEMPLATE_ERRORS = (TemplateError, ValueError, KeyError, IndexError)
 
+DEFAULT_MAX_SEQ_LEN = 4096  # the longest sample in tokens, unless --max-seq-len says otherwise
+
 
 def tokenize(
     samples: list[Sample], tokenizer: Any, max_seq_len: int, *, truncate: bool = False

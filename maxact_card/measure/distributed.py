@@ -17,11 +17,12 @@ import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from maxact_card.errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
 
 EXIT_FILE_ENV = "MAXACT_CARD_EXIT_FILE"
 
@@ -50,6 +51,8 @@ class World:
 
     def device(self, requested: str) -> str:
         """The device this process measures on: its own GPU under torchrun, else what was asked."""
+        import torch
+
         if not self.distributed or requested == "cpu":
             return requested
         if requested in ("auto", "cuda") and torch.cuda.is_available():
@@ -74,6 +77,7 @@ def world_from_env() -> World:
 
 def init(world: World, device: torch.device) -> None:
     """Join the process group (NCCL for GPUs, gloo for CPUs); a no-op for a single process."""
+    import torch
     import torch.distributed as dist
 
     if not world.distributed or dist.is_initialized():
@@ -118,6 +122,7 @@ def all_reduce_fields(world: World, accumulators: Iterable[Any]) -> None:
     and dtype are packed into one flat buffer per (op, dtype, device), so a model with hundreds
     of sites costs a handful of collectives rather than thousands.
     """
+    import torch
     import torch.distributed as dist
 
     if not world.distributed:
@@ -151,6 +156,7 @@ def all_reduce_fields(world: World, accumulators: Iterable[Any]) -> None:
 
 
 def _all_gather_cat(world: World, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    import torch
     import torch.distributed as dist
 
     out = {}
@@ -163,6 +169,7 @@ def _all_gather_cat(world: World, tensors: dict[str, torch.Tensor]) -> dict[str,
 
 def all_reduce_scalar(world: World, value: float, device: torch.device, op: str = "max") -> float:
     """One number combined over all processes by `op` (max: the slowest wall time; sum: a total)."""
+    import torch
     import torch.distributed as dist
 
     if not world.distributed:

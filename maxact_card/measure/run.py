@@ -19,6 +19,7 @@ import maxact_card
 from maxact_card import corpus as corpus_mod
 from maxact_card import progress
 from maxact_card import quant as quant_mod
+from maxact_card.corpus.tokenizing import DEFAULT_MAX_SEQ_LEN
 from maxact_card.errors import RuntimeFailure, UsageError
 from maxact_card.measure import distributed
 from maxact_card.measure.budget import auto_batch_tokens
@@ -37,7 +38,6 @@ from maxact_card.measure.sites import SiteMap, discover
 from maxact_card.measure.state import PassState, StateDir, fingerprint_digest
 from maxact_card.model.checkpoint import LoadedModel, load
 
-DEFAULT_MAX_SEQ_LEN = 4096
 #: Largest --top-k: the top-K rows of every site are kept on the device, K x width each.
 MAX_TOP_K = 1024
 DEFAULT_MAX_BATCH_TOKENS = 16384

@@ -11,7 +11,6 @@ from typer.testing import CliRunner
 
 from maxact_card.card.validate import LocalSource, validate_card
 from maxact_card.cli import app
-from maxact_card.commands import check as check_cmd
 from maxact_card.errors import RuntimeFailure
 from maxact_card.gate.summary import format_value
 from maxact_card.measure.results import load_results
@@ -191,7 +190,7 @@ def test_create_pr_opens_a_pull_request_when_the_gate_passes(
 def test_schema_invalid_policy_exits_2_before_measuring(
     shelf: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(check_cmd, "run_measure", _must_not_run)
+    monkeypatch.setattr("maxact_card.measure.run.run_measure", _must_not_run)
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"schema_version": 1, "limits": {"global_max_abs": "big"}}), encoding="utf-8")
     res = invoke(shelf, "--policy", bad)
@@ -210,7 +209,7 @@ def test_schema_invalid_policy_exits_2_before_measuring(
 def test_bad_input_exits_2_before_measuring(
     shelf: dict[str, Path], monkeypatch: pytest.MonkeyPatch, args: list[str], message: str
 ) -> None:
-    monkeypatch.setattr(check_cmd, "run_measure", _must_not_run)
+    monkeypatch.setattr("maxact_card.measure.run.run_measure", _must_not_run)
     res = invoke(shelf, *args)
     assert res.exit_code == 2, res.stderr
     assert message in res.stderr and "Traceback" not in res.stderr
@@ -226,7 +225,7 @@ def test_runtime_failure_exits_3(shelf: dict[str, Path], monkeypatch: pytest.Mon
     def broken(*args: Any, **kwargs: Any) -> None:
         raise RuntimeFailure("the device fell over", hint="try --device cpu")
 
-    monkeypatch.setattr(check_cmd, "run_measure", broken)
+    monkeypatch.setattr("maxact_card.measure.run.run_measure", broken)
     res = invoke(shelf, "--format", "json")
     assert res.exit_code == 3
     assert res.stderr.strip() == "error: the device fell over; try --device cpu"
@@ -260,7 +259,7 @@ def _must_not_run(*args: Any, **kwargs: Any) -> None:
 def test_a_card_that_cannot_take_the_section_fails_before_measuring(
     shelf: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, card_text: str
 ) -> None:
-    monkeypatch.setattr(check_cmd, "run_measure", _must_not_run)
+    monkeypatch.setattr("maxact_card.measure.run.run_measure", _must_not_run)
     card = tmp_path / "README.md"
     card.write_text(card_text, encoding="utf-8")
     res = invoke(shelf, "--card", card)
@@ -300,7 +299,7 @@ def test_create_pr_that_cannot_be_published_fails_before_measuring(
     shelf: dict[str, Path], hub_server: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     extra: list[str], token: str | None, says: str,
 ) -> None:
-    monkeypatch.setattr(check_cmd, "run_measure", _must_not_run)
+    monkeypatch.setattr("maxact_card.measure.run.run_measure", _must_not_run)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # no cached login either

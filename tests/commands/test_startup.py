@@ -1,0 +1,39 @@
+"""The CLI starts without the measurement engine: --help and the commands that read results never import torch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests import paths
+
+EXAMPLE = paths.ROOT / "docs" / "example" / "maxact" / "results.json"
+PROBE = """
+import sys
+from maxact_card.__main__ import main
+try:
+    main()
+except SystemExit as exc:
+    code = exc.code
+else:
+    code = 0
+sys.stderr.write(f"\\nexit={code} torch={'torch' in sys.modules}\\n")
+"""
+
+
+def _run(*argv: str) -> str:
+    proc = subprocess.run([sys.executable, "-c", PROBE, *argv], capture_output=True, text=True, timeout=120,
+                          cwd=paths.ROOT)
+    return proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("argv", [("--help",), ("measure", "--help"), ("check", "--help"), ("--version",)])
+def test_help_does_not_import_torch(argv: tuple[str, ...]) -> None:
+    assert _run(*argv) == "exit=0 torch=False"
+
+
+def test_reading_results_does_not_import_torch() -> None:
+    assert _run("diff", str(EXAMPLE), str(EXAMPLE)) == "exit=0 torch=False"
+    assert _run("render", str(EXAMPLE)) == "exit=0 torch=False"
