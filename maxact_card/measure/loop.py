@@ -362,8 +362,9 @@ def prepare(model: nn.Module, token_ids: list[list[int]], *, device: torch.devic
 
 def run_measurement(measurement: Measurement, model: nn.Module, *, batches: list[list[int]], device: torch.device,
                     pad_token_id: int = 0, progress: ProgressFn | None = None,
-                    control: LoopControl | None = None) -> LoopReport:
+                    control: LoopControl | None = None, compile_pieces: bool = True) -> LoopReport:
     """Feed `batches` of the measurement's samples into its accumulators; time adds to `wall_time_s`.
+    `compile_pieces` as `fused_forward` takes it.
 
     Sites found unreadable are reported, not dropped: a resumed or distributed run first learns
     what every session and process found (`drop_sites`).
@@ -381,6 +382,7 @@ def run_measurement(measurement: Measurement, model: nn.Module, *, batches: list
         model, measurement.token_ids, batches=batches, sites=hooked,
         consumers={s.name: stats[s.name].update for s in hooked}, device=device, pad_token_id=pad_token_id,
         progress=progress, after_forward=after, control=control, stats={s.name: stats[s.name] for s in hooked},
+        compile_pieces=compile_pieces,
     )
     measurement.wall_time_s += report.wall_time_s
     return report
@@ -418,6 +420,7 @@ def run_hooked(
     after_forward: Callable[[object, BatchContext], None] | None = None,
     control: LoopControl | None = None,
     stats: Mapping[str, SiteStats] | None = None,
+    compile_pieces: bool = True,
 ) -> LoopReport:
     """Run every batch through the base model with `consumers` hooked on `sites`.
 
@@ -452,7 +455,7 @@ def run_hooked(
             streams[0].wait_stream(torch.cuda.current_stream(input_device))
         on_stream = torch.cuda.stream(streams[0]) if streams is not None else contextlib.nullcontext()
         # on CUDA each RMSNorm and rotary embedding runs as one fused kernel, for this loop only
-        with torch.inference_mode(), on_stream, fused_forward(model) as fused:
+        with torch.inference_mode(), on_stream, fused_forward(model, compile_pieces=compile_pieces) as fused:
             while queue:
                 k, batch = queue.popleft()
                 if ceiling is not None and len(batch) > 1 and padded_tokens(token_ids, batch) > ceiling:

@@ -29,6 +29,7 @@ from maxact_card.measure.loop import (
     LoopReport,
     Measurement,
     drop_sites,
+    padded_tokens,
     prepare,
     run_hooked,
     run_measurement,
@@ -37,6 +38,7 @@ from maxact_card.measure.results import build_results
 from maxact_card.measure.sites import SiteMap, discover
 from maxact_card.measure.state import PassState, StateDir, fingerprint_digest
 from maxact_card.model.checkpoint import LoadedModel, load
+from maxact_card.model.fusion import compile_choice
 
 #: Largest --top-k: the top-K rows of every site are kept on the device, K x width each.
 MAX_TOP_K = 1024
@@ -305,13 +307,18 @@ class _Run:
         measurement = prepare(loaded.model, token_ids, device=loaded.device, top_k=opts.top_k)
         stats = measurement.stats
 
+        # this process's share of the padded tokens: what its loop costs, and so whether compiling pays
+        share = sum(padded_tokens(token_ids, b) for b in plan) / self.world.size
+        choice = compile_choice(round(share), sum(p.numel() for p in loaded.model.parameters()), loaded.device)
+
         def run_fn(batches: list[list[int]], control: LoopControl) -> LoopReport:
             return run_measurement(measurement, loaded.model, batches=batches, device=loaded.device,
                                    pad_token_id=_pad_id(loaded.tokenizer), progress=progress.advance,
-                                   control=control)
+                                   control=control, compile_pieces=choice.chosen)
 
-        label = "measuring" + (" (the first batches compile the fused pieces)" if loaded.device.type == "cuda" else "")
+        label = "measuring" + (" (the first batches compile the fused pieces)" if choice.chosen else "")
         wall, unreadable, forward = self.run_pass("measure", stats, plan, run_fn, label, token_ids)
+        forward = {**forward, "compile": choice.record()}
         unreadable = distributed.union_unreadable(self.world, unreadable)
         drop_sites(measurement, unreadable)
         distributed.all_reduce_fields(self.world, [measurement.stats[n] for n in sorted(measurement.stats)])
