@@ -37,3 +37,14 @@ def test_help_does_not_import_torch(argv: tuple[str, ...]) -> None:
 def test_reading_results_does_not_import_torch() -> None:
     assert _run("diff", str(EXAMPLE), str(EXAMPLE)) == "exit=0 torch=False"
     assert _run("render", str(EXAMPLE)) == "exit=0 torch=False"
+
+
+def test_the_card_the_gate_and_the_hub_client_do_not_import_torch() -> None:
+    # ARCHITECTURE.md promises it: whatever reads a results file runs without the GPU stack
+    modules = ["maxact_card.card.section", "maxact_card.card.splice", "maxact_card.card.validate",
+               "maxact_card.card.chart", "maxact_card.gate.rules", "maxact_card.gate.diff", "maxact_card.gate.summary",
+               "maxact_card.gate.baseline", "maxact_card.documents", "maxact_card.hub",
+               "maxact_card.commands.action_outputs"]
+    code = f"import importlib, sys\nfor m in {modules!r}: importlib.import_module(m)\nprint('torch' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=paths.ROOT)
+    assert proc.stdout.strip() == "False", proc.stderr
