@@ -18,7 +18,10 @@ from maxact_card import fmt
 COMPONENT_STYLE: dict[str, tuple[str, str, str]] = {
     # component: (label, colour, stroke-dasharray or "")
     "residual": ("Residual stream", "#0072B2", ""),
+    "attn_input": ("Attention input", "#E69F00", "1 3"),
+    "o_proj_input": ("o_proj input", "#E69F00", "3 2 1 2"),
     "attention": ("Attention output", "#E69F00", "7 4"),
+    "mlp_input": ("MLP input", "#009E73", "1 3"),
     "mlp": ("MLP output", "#009E73", ""),
     "gate": ("Gate pre-activation", "#CC79A7", "2 3"),
     "down_proj_input": ("down_proj input", "#D55E00", "9 3 2 3"),

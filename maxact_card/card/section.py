@@ -30,7 +30,10 @@ QUANTILE_REL_ERROR = 0.02  # the results' quantiles are read from a log histogra
 COMPONENT_LABELS = {
     "embedding": "Embedding",
     "residual": "Residual stream",
+    "attn_input": "Attention input",
+    "o_proj_input": "o_proj input",
     "attention": "Attention output",
+    "mlp_input": "MLP input",
     "mlp": "MLP output",
     "gate": "Gate pre-activation",
     "down_proj_input": "down_proj input",
@@ -128,7 +131,10 @@ def _where(component: str, layer: int | None, moe: bool) -> str:
         "residual": f"the residual stream after layer {layer}"
         if layer is not None
         else "the residual stream",
+        "attn_input": f"the attention input{at} (the input of its q/k/v projections)",
+        "o_proj_input": f"the input of the attention output projection{at}",
         "attention": f"the attention output{at}",
+        "mlp_input": f"the {'MoE' if moe else 'MLP'} input{at}",
         "mlp": f"the {'MoE' if moe else 'MLP'} output{at}",
         "gate": f"the gate pre-activation{at}",
         "down_proj_input": f"the input of down_proj{at}",

@@ -122,6 +122,14 @@ def test_absent_keys_are_not_checked_and_booleans_default(tmp_path: Path) -> Non
     assert policy.card == CardRules(require_section=False, fail_on_stale=True)
 
 
+def test_the_linear_input_components_take_limits_in_model_order(tmp_path: Path) -> None:
+    text = ("schema_version = 1\n[limits.components]\nmlp_input = 3.0\ndown_proj_input = 4.0\n"
+            "o_proj_input = 2.0\nattn_input = 1.0\n")
+    policy = load_policy(_write(tmp_path, "gemm.toml", text))
+    assert policy.component_max_abs == (("attn_input", 1.0), ("o_proj_input", 2.0), ("mlp_input", 3.0),
+                                        ("down_proj_input", 4.0))
+
+
 def test_quant_names_are_reported_in_a_fixed_order(tmp_path: Path) -> None:
     text = 'schema_version = 1\n[quant]\nrequire_pass = ["fp8-e4m3-static", "int8-static-maxabs"]\n'
     assert load_policy(_write(tmp_path, "q.toml", text)).quant.require_pass == (
