@@ -89,7 +89,7 @@ class Hooks:
             if mlp is not None:
                 gated.setdefault(mlp, {})[role] = (site, acc)
             if site.read == READ_INPUT:
-                self.handles.append(module.register_forward_pre_hook(self._pre_hook(site, acc)))
+                self.handles.append(module.register_forward_pre_hook(self._pre_hook(site, acc, mlp is not None)))
             else:
                 self.handles.append(module.register_forward_hook(self._hook(site, acc, module)))
         for path, reads in gated.items():
@@ -138,9 +138,13 @@ class Hooks:
         if self.side is not None and self.main is not None:
             self.main.wait_stream(self.side)
 
-    def _pre_hook(self, site: Site, acc: Consumer):  # type: ignore[no-untyped-def]
+    def _pre_hook(self, site: Site, acc: Consumer, gated: bool):  # type: ignore[no-untyped-def]
+        """A hook on the module's input; for the down_proj input of a swapped MLP (`gated`) it stays
+        quiet, the MLP's reader hands the product on. The gate_proj input (the MLP input) is read
+        here either way: no reader hands it on."""
+
         def hook(module: nn.Module, args: tuple[object, ...]) -> None:
-            if not fusion.quiet(module):
+            if not (gated and fusion.quiet(module)):
                 self._consume(site, acc, first_tensor(args))
 
         return hook

@@ -317,22 +317,25 @@ def measure(
     device: torch.device,
     pad_token_id: int = 0,
     top_k: int = 16,
+    gemm_inputs: bool = False,
     progress: ProgressFn | None = None,
     control: LoopControl | None = None,
 ) -> Measurement:
     """Run every batch through the base model with hooks on every site; return the statistics."""
-    measurement = prepare(model, token_ids, device=device, top_k=top_k)
+    measurement = prepare(model, token_ids, device=device, top_k=top_k, gemm_inputs=gemm_inputs)
     report = run_measurement(measurement, model, batches=batches, device=device, pad_token_id=pad_token_id,
                              progress=progress, control=control)
     drop_sites(measurement, report.unreadable)
     return measurement
 
 
-def prepare(model: nn.Module, token_ids: list[list[int]], *, device: torch.device, top_k: int = 16) -> Measurement:
-    """Discover the sites and build a fresh accumulator for each (nothing runs over the corpus yet)."""
+def prepare(model: nn.Module, token_ids: list[list[int]], *, device: torch.device, top_k: int = 16,
+            gemm_inputs: bool = False) -> Measurement:
+    """Discover the sites (`gemm_inputs` as `discover` takes it) and build a fresh accumulator for each
+    (nothing runs over the corpus yet)."""
     if not token_ids:
         raise UsageError("the corpus selected no samples", hint="check --corpus and --samples")
-    site_map = discover(model)
+    site_map = discover(model, gemm_inputs=gemm_inputs)
     runner = base_model(model)
     num_samples = len(token_ids)
     vocab = _vocab_size(model) or 1

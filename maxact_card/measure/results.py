@@ -108,6 +108,7 @@ def build_results(
             "layer": site.layer,
             "module": site.module,
             "read": site.description,
+            **({"readers": list(site.readers)} if site.readers else {}),
             "width": int(channel_max.numel()),
             "max": _finite(float(s["max"])),
             "min": _finite(float(s["min"])),

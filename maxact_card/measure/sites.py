@@ -4,7 +4,10 @@ Sites are named as TransformerLens names places in a transformer (`blocks.{i}.ho
 ...), and each records the Hugging Face module path it is read from. Discovery looks for the
 decoder layer stack (the ModuleList of identical blocks, outside any vision or audio tower) and,
 inside a block, for its attention, MLP/MoE, gate and down-projection submodules by name and shape.
-The one family rule: blocks that normalise their sub-layer outputs before the residual add
+With `gemm_inputs`, it also reads the inputs of the block's other Linear layers, what a W8A8 or FP8
+deployment quantizes: the attention input (read where q/k/v or their fused projection take it, not
+at the norm, whose placement varies), the output projection's input and the MLP input. Every site
+that is a Linear input names the Linear modules that read it (`Site.readers`). The one family rule: blocks that normalise their sub-layer outputs before the residual add
 (Gemma 2/3 sandwich norms, OLMo 2 post-norms, recognisable by a `post_feedforward_layernorm`) are
 read after those norms, because that is what enters the residual stream.
 """
@@ -29,6 +32,8 @@ _TOWER = re.compile(r"(^|\.)(vision|visual|audio|image|vit|mm_projector|multi_mo
 _ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention", "linear_attn", "mixer", "temporal_block")
 _MLP_NAMES = ("mlp", "feed_forward", "block_sparse_moe", "moe", "ffn", "ff")
 _DOWN_NAMES = ("down_proj", "c_proj", "dense_4h_to_h", "fc2", "w2", "wo", "fc_out")
+_O_PROJ_NAMES = ("o_proj", "out_proj", "dense", "c_proj", "wo")
+_SHARED_EXPERT_NAMES = ("shared_expert", "shared_experts")
 _FINAL_NORM_NAMES = ("norm", "final_layernorm", "final_layer_norm", "ln_f", "norm_f", "final_norm")
 
 
@@ -42,6 +47,7 @@ class Site:
     module: str
     read: str
     note: str = ""
+    readers: tuple[str, ...] = ()  # the Linear modules that read this tensor (full paths), for a Linear input
 
     @property
     def description(self) -> str:
@@ -134,8 +140,37 @@ def _router(mlp: nn.Module, num_experts: int | None) -> tuple[str, nn.Module] | 
     return None
 
 
-def discover(model: nn.Module) -> SiteMap:
-    """All measurement sites of `model`, and the ones it does not have, with the reason."""
+def _hidden_size(model: nn.Module) -> int | None:
+    config = _text_config(model)
+    for attr in ("hidden_size", "n_embd", "d_model"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _linear_dims(module: nn.Module) -> tuple[int, int] | None:
+    """(in, out) features of a Linear layer (nn.Linear and its subclasses, GPT-2's Conv1D), else None."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    weight = getattr(module, "weight", None)
+    if type(module).__name__ == "Conv1D" and weight is not None and weight.dim() == 2:
+        return int(weight.shape[0]), int(weight.shape[1])  # Conv1D stores [in, out]
+    return None
+
+
+def _input_projections(module: nn.Module, hidden: int | None, exclude: tuple[str, ...]) -> list[str]:
+    """Names of `module`'s Linear children that take the hidden state, in child order, not those in `exclude`."""
+    return [n for n, child in module.named_children()
+            if n not in exclude and (dims := _linear_dims(child)) is not None and dims[0] == hidden]
+
+
+def discover(model: nn.Module, *, gemm_inputs: bool = False) -> SiteMap:
+    """All measurement sites of `model`, and the ones it does not have, with the reason.
+
+    gemm_inputs: also the inputs of the attention projections, the attention output projection and
+    the MLP's input projections (off by default: three more hooked tensors per layer).
+    """
     paths = _named(model)
     sites: list[Site] = []
     missing: list[tuple[str, str]] = []
@@ -153,11 +188,12 @@ def discover(model: nn.Module) -> SiteMap:
         return SiteMap(tuple(sites), tuple(missing), None, 0)
     stack_path, stack = found
     num_experts = _num_experts(model)
+    hidden = _hidden_size(model) if gemm_inputs else None
 
     for i, block in enumerate(stack):
         prefix = f"{stack_path}.{i}"
         sites.append(Site(f"blocks.{i}.hook_resid_post", "residual", i, prefix, READ_OUTPUT))
-        sites.extend(_block_sites(i, prefix, block, num_experts, missing))
+        sites.extend(_block_sites(i, prefix, block, num_experts, missing, gemm_inputs, hidden))
 
     parent_path = stack_path.rsplit(".", 1)[0] if "." in stack_path else ""
     parent = model.get_submodule(parent_path) if parent_path else model
@@ -170,11 +206,55 @@ def discover(model: nn.Module) -> SiteMap:
     return SiteMap(tuple(sites), tuple(_group_missing(missing)), stack_path, len(stack))
 
 
-def _block_sites(i: int, prefix: str, block: nn.Module, num_experts: int | None,
-                 missing: list[tuple[str, str]]) -> Iterator[Site]:
+def _attention_inputs(i: int, attn_path: str, attention: nn.Module, hidden: int | None,
+                      missing: list[tuple[str, str]]) -> Iterator[Site]:
+    """The attention input, read where the first projection of the hidden state takes it (q_proj, or
+    a fused qkv_proj / c_attn / query_key_value), and the output projection's input."""
+    output = next((n for n, child in attention.named_children() if n in _O_PROJ_NAMES
+                   and (dims := _linear_dims(child)) is not None and dims[1] == hidden), None)
+    readers = _input_projections(attention, hidden, (output,) if output else ())
+    if readers:
+        yield Site(f"blocks.{i}.ln1.hook_normalized", "attn_input", i, f"{attn_path}.{readers[0]}", READ_INPUT,
+                   readers=tuple(f"{attn_path}.{n}" for n in readers))
+    else:
+        missing.append((f"blocks.{i}.ln1.hook_normalized", "no Linear in the attention module takes the hidden state"))
+    if output is not None:
+        yield Site(f"blocks.{i}.attn.hook_z", "o_proj_input", i, f"{attn_path}.{output}", READ_INPUT,
+                   readers=(f"{attn_path}.{output}",))
+    else:
+        missing.append((f"blocks.{i}.attn.hook_z", "no attention output projection (a Linear back to the hidden size)"))
+
+
+def _mlp_input(i: int, mlp_path: str, mlp: nn.Module, dense: bool, hidden: int | None,
+               missing: list[tuple[str, str]]) -> Iterator[Site]:
+    """The MLP input, read where its first input projection (gate_proj, gate_up_proj, c_fc, ...) takes
+    it; for fused MoE experts, the MoE block's input, which the router and every expert share."""
+    if not dense:
+        shared = _child(mlp, _SHARED_EXPERT_NAMES)
+        readers = () if shared is None else tuple(
+            f"{mlp_path}.{shared[0]}.{n}" for n in _input_projections(shared[1], hidden, _DOWN_NAMES))
+        yield Site(f"blocks.{i}.ln2.hook_normalized", "mlp_input", i, mlp_path, READ_INPUT,
+                   "MoE block input: the router and the fused experts share it (the experts' inputs are no "
+                   "separate modules)", readers=readers)
+        return
+    projections = _input_projections(mlp, hidden, _DOWN_NAMES)
+    if projections:
+        yield Site(f"blocks.{i}.ln2.hook_normalized", "mlp_input", i, f"{mlp_path}.{projections[0]}", READ_INPUT,
+                   readers=tuple(f"{mlp_path}.{n}" for n in projections))
+    else:
+        missing.append((f"blocks.{i}.ln2.hook_normalized", "no Linear in the MLP takes the hidden state"))
+
+
+def _block_sites(i: int, prefix: str, block: nn.Module, num_experts: int | None, missing: list[tuple[str, str]],
+                 gemm_inputs: bool, hidden: int | None) -> Iterator[Site]:
     children = dict(block.named_children())
     post_norm = "post_feedforward_layernorm" in children
     attention = _child(block, _ATTENTION_NAMES)
+    if gemm_inputs and attention is not None:
+        yield from _attention_inputs(i, f"{prefix}.{attention[0]}", attention[1], hidden, missing)
+    elif gemm_inputs:
+        for site in ("ln1.hook_normalized", "attn.hook_z"):
+            missing.append((f"blocks.{i}.{site}", "no attention submodule"))
     if post_norm and "post_attention_layernorm" in children:
         yield Site(f"blocks.{i}.hook_attn_out", "attention", i, f"{prefix}.post_attention_layernorm", READ_OUTPUT,
                    "attention output after its post-attention norm (post-norm block)")
@@ -186,20 +266,23 @@ def _block_sites(i: int, prefix: str, block: nn.Module, num_experts: int | None,
     mlp = _child(block, _MLP_NAMES)
     if mlp is None:
         missing.append((f"blocks.{i}.hook_mlp_out", "no MLP submodule"))
-        for site in ("mlp.hook_pre", "mlp.hook_post", "mlp.hook_router_logits"):
+        for site in ("mlp.hook_pre", "mlp.hook_post", "mlp.hook_router_logits") + (
+                ("ln2.hook_normalized",) if gemm_inputs else ()):
             missing.append((f"blocks.{i}.{site}", "no MLP submodule"))
         return
     mlp_name, mlp_module = mlp
     mlp_path = f"{prefix}.{mlp_name}"
+    mlp_children = dict(mlp_module.named_children())
+    dense = "experts" not in mlp_children
+    if gemm_inputs:
+        yield from _mlp_input(i, mlp_path, mlp_module, dense, hidden, missing)
     if post_norm:
         yield Site(f"blocks.{i}.hook_mlp_out", "mlp", i, f"{prefix}.post_feedforward_layernorm", READ_OUTPUT,
                    "MLP output after its post-feedforward norm (post-norm block)")
     else:
         yield Site(f"blocks.{i}.hook_mlp_out", "mlp", i, mlp_path, READ_OUTPUT)
 
-    mlp_children = dict(mlp_module.named_children())
     router = _router(mlp_module, num_experts)
-    dense = "experts" not in mlp_children
     if "gate_proj" in mlp_children and dense:
         yield Site(f"blocks.{i}.mlp.hook_pre", "gate", i, f"{mlp_path}.gate_proj", READ_OUTPUT)
     elif "gate_up_proj" in mlp_children and dense:
@@ -211,7 +294,8 @@ def _block_sites(i: int, prefix: str, block: nn.Module, num_experts: int | None,
 
     down = _child(mlp_module, _DOWN_NAMES) if dense else None
     if down is not None:
-        yield Site(f"blocks.{i}.mlp.hook_post", "down_proj_input", i, f"{mlp_path}.{down[0]}", READ_INPUT)
+        yield Site(f"blocks.{i}.mlp.hook_post", "down_proj_input", i, f"{mlp_path}.{down[0]}", READ_INPUT,
+                   readers=(f"{mlp_path}.{down[0]}",))
     else:
         missing.append((f"blocks.{i}.mlp.hook_post", "MoE experts are fused: no down projection module"
                         if not dense else "no down projection module"))

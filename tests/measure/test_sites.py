@@ -253,3 +253,134 @@ def test_fused_gate_up_projection_reads_the_gate_half() -> None:
     stats = m.stats[site.name]
     assert stats.width == 64
     assert (float(stats.max), float(stats.min)) == pytest.approx(want, rel=1e-5)
+
+
+# --- the inputs of the Linear layers (--gemm-inputs) -----------------------------------------------
+GEMM = ("attn_input", "o_proj_input", "mlp_input")
+_QKV = ("q_proj", "k_proj", "v_proj")
+
+
+def _gemm_layout(arch: str, i: int) -> tuple[str, tuple[str, ...], str, str, tuple[str, ...]]:
+    """Layer `i` of `arch`, relative to the layer: the attention module, its projections of the hidden
+    state, its output projection, the module the MLP input is read at, and the Linear modules reading it."""
+    attention: tuple[str, tuple[str, ...], str] = {
+        "phi3": ("self_attn", ("qkv_proj",), "o_proj"),
+        "deepseek_v3": ("self_attn", ("q_a_proj", "kv_a_proj_with_mqa"), "o_proj"),
+        "gpt2": ("attn", ("c_attn",), "c_proj"),
+        "gpt_neox": ("attention", ("query_key_value",), "dense"),
+    }.get(arch, ("self_attn", _QKV, "o_proj"))
+    if arch == "qwen3_next" and i == 0:  # a linear-attention layer
+        attention = ("linear_attn", ("in_proj_qkvz", "in_proj_ba"), "out_proj")
+    mlp: tuple[str, tuple[str, ...]] = {
+        "qwen3_moe": ("mlp", ()),
+        "mixtral": ("mlp", ()),
+        "gpt_oss": ("mlp", ()),
+        "qwen3_next": ("mlp", ("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj")),
+        "phi3": ("mlp.gate_up_proj", ("mlp.gate_up_proj",)),
+        "gpt2": ("mlp.c_fc", ("mlp.c_fc",)),
+        "gpt_neox": ("mlp.dense_h_to_4h", ("mlp.dense_h_to_4h",)),
+    }.get(arch, ("mlp.gate_proj", ("mlp.gate_proj", "mlp.up_proj")))
+    if arch == "deepseek_v3" and i == 1:  # routed experts beside a shared MLP
+        mlp = ("mlp", ("mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj"))
+    return (*attention, *mlp)
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+@pytest.mark.parametrize("arch", factory.ARCHITECTURES)
+def test_gemm_inputs_are_read_where_the_linear_layers_take_them(arch: str) -> None:
+    model = factory.build_model(arch)
+    plain, site_map = discover(model), discover(model, gemm_inputs=True)
+    # off by default; on, it only adds sites, and every family has all three in every layer
+    assert not any(s.component in GEMM for s in plain.sites)
+    assert [s for s in site_map.sites if s.component not in GEMM] == list(plain.sites)
+    assert site_map.missing == plain.missing
+    by = site_map.by_name()
+    modules = dict(model.named_modules())
+    for i in range(site_map.num_layers):
+        p = f"{site_map.layers_path}.{i}"
+        attn, qkv, out, mlp_at, mlp_readers = _gemm_layout(arch, i)
+        ln1, z, ln2 = (by[f"blocks.{i}.{n}"] for n in ("ln1.hook_normalized", "attn.hook_z", "ln2.hook_normalized"))
+        assert (ln1.component, ln1.module, ln1.read) == ("attn_input", f"{p}.{attn}.{qkv[0]}", READ_INPUT)
+        assert ln1.readers == tuple(f"{p}.{attn}.{n}" for n in qkv)
+        assert (z.component, z.module, z.read, z.readers) == (
+            "o_proj_input", f"{p}.{attn}.{out}", READ_INPUT, (f"{p}.{attn}.{out}",))
+        assert (ln2.component, ln2.module, ln2.read) == ("mlp_input", f"{p}.{mlp_at}", READ_INPUT)
+        assert ln2.readers == tuple(f"{p}.{n}" for n in mlp_readers)
+        moe = not _is_linear(modules[ln2.module])
+        assert moe == ("share" in ln2.note)
+        down = by.get(f"blocks.{i}.mlp.hook_post")
+        assert down is None or down.readers == (down.module,)
+        assert all(_is_linear(modules[r]) for s in (ln1, z, ln2) for r in s.readers)
+    # each is measured with the width its readers take
+    m = measure(model, IDS, batches=[[0, 1, 2]], device=CPU, gemm_inputs=True)
+    assert {s.name for s in m.site_map.sites} == set(by)
+    tokens = sum(map(len, IDS))
+    for s in site_map.sites:
+        if s.readers:
+            reader = modules[s.readers[0]]
+            width = reader.weight.shape[0] if type(reader).__name__ == "Conv1D" else reader.in_features
+            assert m.stats[s.name].width == width and int(m.stats[s.name].count) == tokens * width, s.name
+
+
+def test_a_block_without_the_linear_layers_lists_the_sites_missing() -> None:
+    model: Any = factory.build_model("llama")
+    layer = model.model.layers[1]
+    layer.self_attn.o_proj = nn.Identity()
+    layer.mlp.gate_proj, layer.mlp.up_proj = nn.Identity(), nn.Identity()
+    for n in _QKV:
+        setattr(layer.self_attn, n, nn.Identity())
+    site_map = discover(model, gemm_inputs=True)
+    assert {s.name for s in site_map.sites if s.component in GEMM} == {
+        "blocks.0.ln1.hook_normalized", "blocks.0.attn.hook_z", "blocks.0.ln2.hook_normalized"}
+    missing = dict(site_map.missing)
+    assert missing["blocks.{1}.ln1.hook_normalized"] == "no Linear in the attention module takes the hidden state"
+    assert missing["blocks.{1}.attn.hook_z"] == "no attention output projection (a Linear back to the hidden size)"
+    assert missing["blocks.{1}.ln2.hook_normalized"] == "no Linear in the MLP takes the hidden state"
+
+
+def test_gemm_inputs_match_a_pre_hook_on_the_linear_layer_exactly() -> None:
+    """A planted channel: layer 1's input norm scaled by 1000 at channel 5 makes the attention input
+    peak there, and each new site's max is, in fp32, the running max a pre-hook on its Linear sees
+    over the real (unpadded) tokens."""
+    from maxact_card.measure.loop import needs_attention_mask, prepare, run_measurement
+
+    model: Any = factory.build_model("llama").float()
+    with torch.no_grad():
+        model.model.layers[1].input_layernorm.weight[5] *= 1000
+    batches = [[0, 1], [2]]  # sample 1 is padded to sample 0's length
+    layer = model.model.layers[1]
+    targets = {"blocks.1.ln1.hook_normalized": layer.self_attn.q_proj,
+               "blocks.1.attn.hook_z": layer.self_attn.o_proj,
+               "blocks.1.ln2.hook_normalized": layer.mlp.gate_proj}
+    # the forwards before the loop's (the sites' widths, whether padding needs the mask), unseen
+    measurement = prepare(model, IDS, device=CPU, gemm_inputs=True)
+    needs_attention_mask(model, CPU)
+    seen: dict[str, list[torch.Tensor]] = {name: [] for name in targets}
+
+    def reference(name: str):  # type: ignore[no-untyped-def]
+        batch_of_call = iter(batches)  # the loop runs the batches in order, each row right-padded
+
+        def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            x = args[0].detach()
+            seen[name].extend(x[row, : len(IDS[i])] for row, i in enumerate(next(batch_of_call)))
+
+        return hook
+
+    handles = [module.register_forward_pre_hook(reference(name)) for name, module in targets.items()]
+    try:
+        run_measurement(measurement, model, batches=batches, device=CPU)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name in targets:
+        tokens = torch.cat(seen[name])
+        stats = measurement.stats[name]
+        assert float(stats.max) == float(tokens.max()), name
+        assert float(stats.min) == float(tokens.min()), name
+        assert int(stats.count) == tokens.numel(), name
+    attn_input = measurement.stats["blocks.1.ln1.hook_normalized"]
+    assert int(attn_input.channel_max.argmax()) == 5
+    assert float(attn_input.channel_max[5]) == float(torch.cat(seen["blocks.1.ln1.hook_normalized"])[:, 5].abs().max())

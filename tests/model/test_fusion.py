@@ -422,6 +422,33 @@ def test_gated_sites_are_read_once_through_the_mlp(monkeypatch: pytest.MonkeyPat
         assert int(accs[s.name].count) == tokens * accs[s.name].width, s.name  # each read once
 
 
+def test_the_mlp_input_is_read_at_gate_proj_in_a_swapped_mlp() -> None:
+    """The swapped MLP quiets its gate_proj's output hook and its down_proj's input hook, whose tensors its
+    reader hands on; the gate_proj's input (the MLP input site of --gemm-inputs) nothing hands on, so
+    its pre-hook reads it in the swapped MLP as in the model's own."""
+    from maxact_card.measure import loop as measure_mod
+    from maxact_card.measure.sites import discover
+
+    model = _bf16("qwen3")
+    ids = [row[: 5 + i] for i, row in enumerate(_ids(batch=2, length=9, seed=3).tolist())]
+    sites = [s for s in discover(model, gemm_inputs=True).sites if s.component in ("mlp_input", "down_proj_input")]
+    assert {s.module.rsplit(".", 1)[1] for s in sites} == {"gate_proj", "down_proj"}
+
+    def run() -> dict[str, list[torch.Tensor]]:
+        seen: dict[str, list[torch.Tensor]] = {s.name: [] for s in sites}
+        consumers = {s.name: (lambda x, ctx, n=s.name: seen[n].append(x.clone())) for s in sites}
+        measure_mod.run_hooked(model, ids, batches=[[0, 1]], sites=sites, consumers=consumers, device=CPU)
+        return seen
+
+    plain = run()
+    with fusion.fused_forward(model, enabled=True, backend="eager") as fused:
+        assert fused.mlps == 2
+        through = run()
+    for name, tensors in plain.items():
+        assert len(tensors) == len(through[name]) == 1, name
+        assert torch.equal(tensors[0], through[name][0]), name
+
+
 def test_gated_switch_keeps_the_mlps(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MAXACT_CARD_GATED", "0")
     model = _bf16("llama")
