@@ -78,6 +78,12 @@ BatchSizeOpt = Annotated[
                              envvar="MAXACT_CARD_BATCH_SIZE")
 ]
 TopKOpt = Annotated[int, typer.Option("--top-k", help="Largest tokens kept per site.", envvar="MAXACT_CARD_TOP_K")]
+GemmInputsOpt = Annotated[
+    bool, typer.Option("--gemm-inputs/--no-gemm-inputs",
+                       help="Also measure the inputs of the attention projections, the attention output projection "
+                       "and the MLP input projections, what W8A8/FP8 quantizes (3 more sites per layer).",
+                       envvar="MAXACT_CARD_GEMM_INPUTS")
+]
 QuantOpt = Annotated[bool, typer.Option("--quant/--no-quant", help="Also check INT8/FP8 activation scales on held-out data.",
                                         envvar="MAXACT_CARD_QUANT")]
 EvalFractionOpt = Annotated[float, typer.Option("--eval-fraction", help="Share of the samples held out for --quant "
@@ -300,6 +306,7 @@ def measure_cmd(
     max_batch_tokens: BatchTokensOpt = "auto",
     batch_size: BatchSizeOpt = None,
     top_k: TopKOpt = 16,
+    gemm_inputs: GemmInputsOpt = False,
     force: ForceOpt = False,
     quant: QuantOpt = False,
     eval_fraction: EvalFractionOpt = 1 / 3,
@@ -318,7 +325,7 @@ def measure_cmd(
         model=model, revision=revision, token=token, corpus=corpus, samples=samples, max_seq_len=max_seq_len,
         truncate=truncate, seed=seed, dtype=dtype, device=device, device_map=device_map,
         trust_remote_code=trust_remote_code, max_batch_tokens=max_batch_tokens,
-        batch_size=batch_size, top_k=top_k, force=force, quant=quant, eval_fraction=eval_fraction,
+        batch_size=batch_size, top_k=top_k, gemm_inputs=gemm_inputs, force=force, quant=quant, eval_fraction=eval_fraction,
         quant_sites=quant_sites, clip_quantile=clip_quantile, min_sqnr=min_sqnr,
         state_dir=state_dir, resume=resume, checkpoint_every=checkpoint_every,
     )

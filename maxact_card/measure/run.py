@@ -64,6 +64,7 @@ class MeasureOptions:
     max_batch_tokens: int | str | None = "auto"  # an int, or "auto": sized from free device memory
     batch_size: int | None = None
     top_k: int = 16
+    gemm_inputs: bool = False  # also the inputs of the other Linear layers of each block (`discover`)
     force: bool = False
     quant: bool = False
     eval_fraction: float = 1 / 3
@@ -296,7 +297,7 @@ class _Run:
     def execute(self, started: _dt.datetime) -> dict[str, Any] | None:
         opts, loaded = self.opts, self.loaded
         if opts.quant:
-            check_quant_sites(opts.quant_sites, discover(loaded.model))
+            check_quant_sites(opts.quant_sites, discover(loaded.model, gemm_inputs=opts.gemm_inputs))
         builtin = self.corpus.id == corpus_mod.BUILTIN_ID
         token_ids, truncate = prepare_tokens(loaded, opts, self.samples, builtin)
         budget = batch_budget(opts, loaded)
@@ -304,7 +305,8 @@ class _Run:
         if opts.state_dir:
             self.store = self._open_state(Path(opts.state_dir), truncate)
         progress.step("finding the sites", "discover")
-        measurement = prepare(loaded.model, token_ids, device=loaded.device, top_k=opts.top_k)
+        measurement = prepare(loaded.model, token_ids, device=loaded.device, top_k=opts.top_k,
+                              gemm_inputs=opts.gemm_inputs)
         stats = measurement.stats
 
         # this process's share of the padded tokens: what its loop costs, and so whether compiling pays
@@ -346,7 +348,7 @@ class _Run:
             "held_out": fingerprint_digest([s.id for s in self.held_out]),
             "settings": {"max_seq_len": opts.max_seq_len, "truncate": truncate, "seed": opts.seed,
                          "dtype": str(self.loaded.dtype).removeprefix("torch."), "top_k": opts.top_k,
-                         "quant": opts.quant, "eval_fraction": opts.eval_fraction if opts.quant else None,
+                         "gemm_inputs": opts.gemm_inputs, "quant": opts.quant, "eval_fraction": opts.eval_fraction if opts.quant else None,
                          "quant_sites": opts.quant_sites if opts.quant else None,
                          "clip_quantile": opts.clip_quantile if opts.quant else None,
                          "min_sqnr": opts.min_sqnr if opts.quant else None},
@@ -518,6 +520,7 @@ def assemble(loaded: LoadedModel, opts: MeasureOptions, corpus: corpus_mod.Corpu
         "tokens": tokens,
         "max_seq_len": opts.max_seq_len,
         "truncate": truncate,
+        "gemm_inputs": opts.gemm_inputs,
         "batching": batching or (f"batch_size={opts.batch_size}" if opts.batch_size is not None
                                  else f"max_batch_tokens={opts.max_batch_tokens}"),
         "wall_time_s": round(measurement.wall_time_s, 3),

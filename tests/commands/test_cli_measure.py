@@ -165,6 +165,38 @@ def planted(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return factory.save("llama", tmp_path_factory.mktemp("planted") / "ckpt", edit=edit)
 
 
+def test_gemm_inputs_are_measured_only_when_asked(shelf: Path, tmp_path: Path) -> None:
+    """--gemm-inputs (or MAXACT_CARD_GEMM_INPUTS) adds the Linear-input sites with their readers, and the
+    run says so; without it the sites are those of every run before it, and a section renders either way."""
+    gemm = ("attn_input", "o_proj_input", "mlp_input")
+    args = ["measure", str(shelf / "llama"), "--corpus", str(shelf / "corpus.jsonl"), "--format", "json"]
+    docs = {}
+    for key, extra, env in (("off", [], {}), ("flag", ["--gemm-inputs"], {}),
+                            ("env", [], {"MAXACT_CARD_GEMM_INPUTS": "1"})):
+        out = tmp_path / f"{key}.json"
+        res = _invoke([*args, *extra, "--out", str(out)], env=env)
+        assert res.exit_code == 0, res.stderr
+        docs[key] = load_results(out)  # schema-valid
+    assert docs["off"]["run"]["gemm_inputs"] is False and docs["flag"]["run"]["gemm_inputs"] is True
+    assert [s["name"] for s in docs["flag"]["sites"]] == [s["name"] for s in docs["env"]["sites"]]
+    off = [s["name"] for s in docs["off"]["sites"]]
+    assert not any(s["component"] in gemm for s in docs["off"]["sites"])
+    on = {s["name"]: s for s in docs["flag"]["sites"]}
+    assert [n for n in on if on[n]["component"] not in gemm] == off
+    for i in range(2):
+        attn_input = on[f"blocks.{i}.ln1.hook_normalized"]
+        assert attn_input["component"] == "attn_input" and attn_input["read"] == "input"
+        assert attn_input["readers"] == [f"model.layers.{i}.self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj")]
+        assert on[f"blocks.{i}.attn.hook_z"]["readers"] == [f"model.layers.{i}.self_attn.o_proj"]
+        assert on[f"blocks.{i}.ln2.hook_normalized"]["readers"] == [f"model.layers.{i}.mlp.gate_proj",
+                                                                    f"model.layers.{i}.mlp.up_proj"]
+        assert on[f"blocks.{i}.mlp.hook_post"]["readers"] == [f"model.layers.{i}.mlp.down_proj"]
+    assert set(gemm) <= set(docs["flag"]["components"])
+    res = _invoke(["render", str(tmp_path / "flag.json")])
+    assert res.exit_code == 0, res.stderr
+    assert "Attention input" in res.stdout and "o_proj input" in res.stdout and "MLP input" in res.stdout
+
+
 def test_text_output_shows_the_global_max_and_its_site(planted: Path, shelf: Path, tmp_path: Path) -> None:
     out = tmp_path / "r.json"
     res = _invoke(["measure", str(planted), "--corpus", str(shelf / "corpus.jsonl"), "--out", str(out)])

@@ -94,6 +94,20 @@ def test_a_broken_copy_names_the_json_path(
     assert isinstance(info.value, UsageError) and info.value.exit_code == 2
 
 
+def test_readers_are_optional_and_must_be_module_paths() -> None:
+    """A results file written before sites named their readers still validates; a reader is a string."""
+    old = json.loads(EXAMPLE.read_text(encoding="utf-8"))
+    assert not any("readers" in s for s in old["sites"]) and "gemm_inputs" not in old["run"]
+    validate_results(old)
+    new = copy.deepcopy(old)
+    new["sites"][0]["readers"] = ["model.layers.0.mlp.down_proj"]
+    new["run"]["gemm_inputs"] = True
+    validate_results(new)
+    new["sites"][0]["readers"] = [3]
+    with pytest.raises(SchemaError):
+        validate_results(new)
+
+
 def test_several_errors_are_counted(measured: dict[str, Any]) -> None:
     doc = copy.deepcopy(measured["doc"])
     doc["global"]["max_abs"] = "large"
