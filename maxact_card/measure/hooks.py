@@ -89,7 +89,8 @@ class Hooks:
             if mlp is not None:
                 gated.setdefault(mlp, {})[role] = (site, acc)
             if site.read == READ_INPUT:
-                self.handles.append(module.register_forward_pre_hook(self._pre_hook(site, acc, mlp is not None)))
+                hook = self._pre_hook(site, acc, mlp is not None)
+                self.handles.append(module.register_forward_pre_hook(hook))
             else:
                 self.handles.append(module.register_forward_hook(self._hook(site, acc, module)))
         for path, reads in gated.items():

@@ -7,9 +7,11 @@ inside a block, for its attention, MLP/MoE, gate and down-projection submodules 
 With `gemm_inputs`, it also reads the inputs of the block's other Linear layers, what a W8A8 or FP8
 deployment quantizes: the attention input (read where q/k/v or their fused projection take it, not
 at the norm, whose placement varies), the output projection's input and the MLP input. Every site
-that is a Linear input names the Linear modules that read it (`Site.readers`). The one family rule: blocks that normalise their sub-layer outputs before the residual add
-(Gemma 2/3 sandwich norms, OLMo 2 post-norms, recognisable by a `post_feedforward_layernorm`) are
-read after those norms, because that is what enters the residual stream.
+that is a Linear input names the Linear modules that read it (`Site.readers`).
+
+The one family rule: blocks that normalise their sub-layer outputs before the residual add (Gemma
+2/3 sandwich norms, OLMo 2 post-norms, recognisable by a `post_feedforward_layernorm`) are read
+after those norms, because that is what enters the residual stream.
 """
 
 from __future__ import annotations
