@@ -88,8 +88,9 @@ QuantOpt = Annotated[bool, typer.Option("--quant/--no-quant", help="Also check I
                                         envvar="MAXACT_CARD_QUANT")]
 EvalFractionOpt = Annotated[float, typer.Option("--eval-fraction", help="Share of the samples held out for --quant "
                                                 "(default: 1/3).", envvar="MAXACT_CARD_EVAL_FRACTION", show_default=False)]
-QuantSitesOpt = Annotated[str, typer.Option("--quant-sites", help="default, all, residual, peak, or site names (comma-separated).",
-                                            envvar="MAXACT_CARD_QUANT_SITES")]
+QuantSitesOpt = Annotated[str, typer.Option(
+    "--quant-sites", help="default (the residual, the Linear inputs and the peak), all, residual, linear, peak, or "
+    "site names (comma-separated).", envvar="MAXACT_CARD_QUANT_SITES")]
 ClipQuantileOpt = Annotated[float, typer.Option("--clip-quantile", help="Quantile of |a| the percentile policy clips at.",
                                                 envvar="MAXACT_CARD_CLIP_QUANTILE")]
 MinSqnrOpt = Annotated[float, typer.Option("--min-sqnr", help="SQNR in dB a policy needs, over the tensor and per token.",

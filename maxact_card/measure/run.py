@@ -348,7 +348,8 @@ class _Run:
             "held_out": fingerprint_digest([s.id for s in self.held_out]),
             "settings": {"max_seq_len": opts.max_seq_len, "truncate": truncate, "seed": opts.seed,
                          "dtype": str(self.loaded.dtype).removeprefix("torch."), "top_k": opts.top_k,
-                         "gemm_inputs": opts.gemm_inputs, "quant": opts.quant, "eval_fraction": opts.eval_fraction if opts.quant else None,
+                         "gemm_inputs": opts.gemm_inputs, "quant": opts.quant,
+                         "eval_fraction": opts.eval_fraction if opts.quant else None,
                          "quant_sites": opts.quant_sites if opts.quant else None,
                          "clip_quantile": opts.clip_quantile if opts.quant else None,
                          "min_sqnr": opts.min_sqnr if opts.quant else None},
@@ -448,10 +449,13 @@ def check_quant_sites(spec: str, site_map: SiteMap) -> None:
     if unknown:
         examples = ", ".join(sorted(known)[:4])
         raise UsageError(f"unknown --quant-sites name {unknown[0]!r}",
-                         hint=f"use all, residual, peak, default or site names such as {examples}")
+                         hint=f"use all, residual, linear, peak, default or site names such as {examples}")
 
 
-QUANT_SITE_SETS = ("default", "all", "residual", "peak")
+QUANT_SITE_SETS = ("default", "all", "residual", "linear", "peak")
+# What a W8A8 or FP8 deployment quantizes: the inputs of the Linear layers (all four with --gemm-inputs,
+# the down_proj input always)
+LINEAR_INPUTS = ("attn_input", "o_proj_input", "mlp_input", "down_proj_input")
 
 
 def _split_names(spec: str) -> list[str]:
@@ -467,10 +471,12 @@ def quant_sites(spec: str, results: dict[str, Any]) -> list[str]:
         chosen = set(names)
     elif spec == "residual":
         chosen = {n for n in names if by_name[n]["component"] == "residual"}
+    elif spec == "linear":
+        chosen = {n for n in names if by_name[n]["component"] in LINEAR_INPUTS}
     elif spec == "peak":
         chosen = {peak}
     elif spec == "default":
-        chosen = {n for n in names if by_name[n]["component"] in ("residual", "down_proj_input")} | {peak}
+        chosen = {n for n in names if by_name[n]["component"] in ("residual", *LINEAR_INPUTS)} | {peak}
     else:
         chosen = {n for n in _split_names(spec) if n in by_name}
     return [n for n in names if n in chosen]

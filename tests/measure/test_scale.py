@@ -314,6 +314,8 @@ def test_a_state_dir_of_another_run_is_refused(work: Path, tmp_path: Path) -> No
     other = _invoke([*base, "--resume", "--top-k", "4"])
     assert other.exit_code == 2
     assert "holds a run with a different settings.top_k (16, now 4)" in other.output
+    gemm = _invoke([*base, "--resume", "--gemm-inputs"])  # more sites: another run
+    assert gemm.exit_code == 2 and "different settings.gemm_inputs (false, now true)" in gemm.output
     seed = _invoke([*base, "--resume", "--seed", "9"])
     assert seed.exit_code == 2 and "different samples" in seed.output
     assert _invoke([*base, "--resume"]).exit_code == 0  # same run: the finished state gives the results again

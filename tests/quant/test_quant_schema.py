@@ -284,3 +284,20 @@ def test_render_refuses_a_broken_quant_block_in_one_line(measured: dict[str, Any
     where = "$.quant.sites[0].policies.int8-static-maxabs.clip_rate"
     assert res.stderr.startswith(f"error: {path}::{where}: 1.5 is greater than the maximum of 1")
     assert res.stderr.count("\n") == 1
+
+
+def test_the_named_quant_site_sets() -> None:
+    from maxact_card.measure.run import quant_sites
+
+    components = ["embedding", "residual", "attn_input", "o_proj_input", "attention", "mlp_input", "mlp", "gate",
+                  "down_proj_input", "final_norm"]
+    results = {"sites": [{"name": f"s{i}.{c}", "component": c} for i, c in enumerate(components)],
+               "global": {"site": "s6.mlp"}}
+    linear = ["s2.attn_input", "s3.o_proj_input", "s5.mlp_input", "s8.down_proj_input"]
+    # what a W8A8 deployment quantizes, the residual and the peak; in results order
+    assert quant_sites("default", results) == ["s1.residual", "s2.attn_input", "s3.o_proj_input", "s5.mlp_input",
+                                               "s6.mlp", "s8.down_proj_input"]
+    assert quant_sites("linear", results) == linear
+    assert quant_sites("residual", results) == ["s1.residual"]
+    assert quant_sites("peak", results) == ["s6.mlp"]
+    assert quant_sites("s9.final_norm, s0.embedding", results) == ["s0.embedding", "s9.final_norm"]
