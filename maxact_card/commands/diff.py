@@ -9,8 +9,8 @@ from typing import Annotated, Any
 import typer
 
 from maxact_card.commands._common import FormatOpt, OutputFormat, examples_epilog, handle_errors
+from maxact_card.documents import load_results
 from maxact_card.fmt import number
-from maxact_card.gate.baseline import read_results
 from maxact_card.gate.diff import diff_results
 from maxact_card.gate.summary import percent, signed, template_environment
 
@@ -168,5 +168,5 @@ def register(app: typer.Typer) -> None:
         new: Annotated[Path, typer.Argument(help="The later results JSON.", show_default=False, metavar="NEW")],
         fmt: FormatOpt = OutputFormat.text,
     ) -> None:
-        result = diff_results(read_results(old), read_results(new))
+        result = diff_results(load_results(old), load_results(new))
         typer.echo(RENDERERS[fmt](result), nl=False)

@@ -13,11 +13,6 @@ from maxact_card.errors import UsageError
 HUB_RESULTS_PATH = "maxact/results.json"
 
 
-def validate_results(doc: Any, source: str) -> None:
-    """Validate a results document; raise SchemaError (exit 2) as ``source::$.path: message``."""
-    documents.validate_results(doc, source=source)
-
-
 def parse_results(data: bytes | str, source: str) -> dict[str, Any]:
     """Parse and validate results JSON that did not come from a file (e.g. from the Hub)."""
     try:
@@ -28,13 +23,8 @@ def parse_results(data: bytes | str, source: str) -> dict[str, Any]:
         ) from None
     except RecursionError:
         raise UsageError(f"{source} is nested too deeply to be a results file") from None
-    validate_results(doc, source)
+    documents.validate_results(doc, source=source)
     return doc
-
-
-def read_results(path: Path) -> dict[str, Any]:
-    """Read and validate a results file (maxact_card.documents.load_results)."""
-    return documents.load_results(Path(path))
 
 
 _HUB_SPEC = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>\S+))?")
@@ -47,7 +37,7 @@ def load_baseline(spec: str, token: str | None = None) -> dict[str, Any]:
     """
     path = Path(spec)
     if path.is_file():
-        return read_results(path)
+        return documents.load_results(path)
     match = _HUB_SPEC.fullmatch(spec)
     if match is None or spec.endswith(".json"):
         raise UsageError(

@@ -13,8 +13,9 @@ import pytest
 
 import maxact_card
 from maxact_card.commands import action_outputs
+from maxact_card.documents import validate_results
 from maxact_card.errors import EXIT_USAGE, SchemaError, UsageError
-from maxact_card.gate.baseline import load_baseline, validate_results
+from maxact_card.gate.baseline import load_baseline
 from maxact_card.gate.diff import peak_growth_pct
 from maxact_card.gate.policy import CardRules, Policy, QuantRules
 from maxact_card.gate.rules import evaluate
@@ -147,18 +148,18 @@ def only(verdict: Verdict) -> RuleOutcome:
 
 
 def test_the_example_is_valid_results() -> None:
-    validate_results(example(), "example")
+    validate_results(example(), source="example")
 
 
 def test_crafted_quant_blocks_are_valid_results() -> None:
-    validate_results(with_quant(example()), "crafted")
+    validate_results(with_quant(example()), source="crafted")
     crafted = with_quant(
         example(),
         recommended="int8-dynamic-per-token",
         int8_static_maxabs=quant_entry("FAIL", None, PEAK_SITE, failing=3),
         int8_dynamic_per_token=quant_entry("PASS", 28.0),
     )
-    validate_results(crafted, "crafted")
+    validate_results(crafted, source="crafted")
     assert [s["site"] for s in crafted["quant"]["sites"]] == ["blocks.1.mlp.hook_post", PEAK_SITE]
     assert crafted["quant"]["peak_site"]["policies"]["int8-static-maxabs"] == {
         "sqnr_db": None, "token_sqnr_p05_db": None, "verdict": "FAIL",
