@@ -152,16 +152,10 @@ def floor_pass(model: torch.nn.Module, token_ids: list[list[int]], plan: list[li
 
 
 # Dense bf16 tensor-core peaks, TFLOP/s (vendor data sheets, SXM parts).
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}
-
-
 def peak_tflops(device: torch.device, override: float | None) -> float | None:
-    if override:
-        return override
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    from maxact_card.measure.budget import peak_bf16_tflops
+
+    return override or peak_bf16_tflops(device)
 
 
 def active_params(runner: torch.nn.Module, config) -> float:  # type: ignore[no-untyped-def]

@@ -1,4 +1,5 @@
-"""`--max-batch-tokens auto`: a token budget sized from free device memory and the model's shape.
+"""How a run is sized for its device: `--max-batch-tokens auto`, a token budget from free device memory
+and the model's shape; and whether compiling the fused pieces pays for the loop (`compile_choice`).
 
 A forward pass of a decoder holds, per token in flight, a few residual-width tensors (the stream,
 the normed input, q/k/v/o), the widest MLP intermediate two or three times (gate, up, the product
@@ -11,9 +12,12 @@ fit is split and retried by the loop, so an estimate on the high side costs one 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from maxact_card.switches import switched_off
 
 MIN_BUDGET = 256
 # Past 16,384 tokens nothing is gained, on a CPU or a GPU: the GEMMs are already as fast per token,
@@ -23,6 +27,17 @@ MIN_BUDGET = 256
 # smaller batches also balance better over data-parallel processes.
 MAX_BUDGET = 16384
 HEADROOM = 0.5  # share of the free memory the batch may use
+# Dense bf16 peaks by the device's name, TFLOP/s: what the compile choice predicts a loop from and
+# what bench/bench_overhead.py reports MFU against
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "B200": 2250.0, "A100": 312.0, "L40S": 362.0}
+
+
+def peak_bf16_tflops(device: torch.device) -> float | None:
+    """The dense bf16 peak of a CUDA device named in `PEAK_BF16_TFLOPS`, else None."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
 def bytes_per_token(config: Any, dtype: torch.dtype, max_seq_len: int, attn_implementation: str | None) -> int:
@@ -70,3 +85,42 @@ def auto_batch_tokens(model: Any, device: torch.device, dtype: torch.dtype, max_
     budget = int(free_bytes(device, all_gpus=sharded) * HEADROOM) // max(per_token, 1)
     budget = max(MIN_BUDGET, min(MAX_BUDGET, budget))
     return budget - budget % 256
+
+
+# What compiling the norms and rotary costs and gains, measured with Qwen3-8B on H100 and H200 (the
+# whole CLI, bench/bench_e2e.py): 9-24 s of compile on empty caches; the loop about 6% faster.
+COMPILE_COST_S = 15.0
+COMPILE_GAIN = 0.06
+# The loop is predicted from its matmuls: 2 x parameters x padded tokens, at half the device's dense
+# bf16 peak (measuring Qwen3-8B reaches about 0.6 of it on an H100); devices without a known peak
+# (`PEAK_BF16_TFLOPS`) get 100 TFLOP/s.
+_ACHIEVED = 0.5
+
+
+@dataclass(frozen=True)
+class CompileChoice:
+    """Whether a loop compiles its norms and rotary, the loop's predicted length, and why."""
+
+    chosen: bool
+    predicted_loop_s: float | None
+    why: str
+
+    def record(self) -> dict[str, Any]:
+        loop = None if self.predicted_loop_s is None else round(self.predicted_loop_s, 1)
+        return {"chosen": self.chosen, "predicted_loop_s": loop, "why": self.why}
+
+
+def compile_choice(padded_tokens: int, parameters: int, device: torch.device) -> CompileChoice:
+    """Compile the fused pieces only when the predicted loop gains more than the compile costs."""
+    if device.type != "cuda":
+        return CompileChoice(False, None, "not on CUDA: norms and rotary run as the model has them")
+    if switched_off("MAXACT_CARD_FUSE"):
+        return CompileChoice(False, None, "MAXACT_CARD_FUSE=0")
+    peak = (peak_bf16_tflops(device) or 100.0) * 1e12
+    loop = 2.0 * parameters * padded_tokens / (peak * _ACHIEVED)
+    gain = COMPILE_GAIN * loop
+    if gain > COMPILE_COST_S:
+        why = f"a loop of about {loop:.0f} s gains about {gain:.0f} s, more than compiling costs"
+        return CompileChoice(True, loop, f"{why} (about {COMPILE_COST_S:.0f} s)")
+    why = f"a loop of about {loop:.0f} s would gain about {gain:.1f} s, less than compiling costs"
+    return CompileChoice(False, loop, f"{why} (about {COMPILE_COST_S:.0f} s on empty compile caches)")

@@ -22,7 +22,7 @@ from maxact_card import quant as quant_mod
 from maxact_card.corpus.tokenizing import DEFAULT_MAX_SEQ_LEN
 from maxact_card.errors import RuntimeFailure, UsageError
 from maxact_card.measure import distributed
-from maxact_card.measure.budget import auto_batch_tokens
+from maxact_card.measure.budget import auto_batch_tokens, compile_choice
 from maxact_card.measure.loop import (
     Accumulators,
     LoopControl,
@@ -38,7 +38,6 @@ from maxact_card.measure.results import build_results
 from maxact_card.measure.sites import SiteMap, discover
 from maxact_card.measure.state import PassState, StateDir, fingerprint_digest
 from maxact_card.model.checkpoint import LoadedModel, load
-from maxact_card.model.fusion import compile_choice
 
 #: Largest --top-k: the top-K rows of every site are kept on the device, K x width each.
 MAX_TOP_K = 1024
@@ -311,7 +310,8 @@ class _Run:
 
         # this process's share of the padded tokens: what its loop costs, and so whether compiling pays
         share = sum(padded_tokens(token_ids, b) for b in plan) / self.world.size
-        choice = compile_choice(round(share), sum(p.numel() for p in loaded.model.parameters()), loaded.device)
+        parameters = sum(p.numel() for p in loaded.model.parameters())
+        choice = compile_choice(round(share), parameters, loaded.device)
 
         def run_fn(batches: list[list[int]], control: LoopControl) -> LoopReport:
             return run_measurement(measurement, loaded.model, batches=batches, device=loaded.device,

@@ -25,9 +25,10 @@ on a norm keep running, since only the forward is swapped, never the module's ca
 duration of the block, and put back after. A piece that fails to compile costs speed, never the
 run: it falls back to its eager code. MAXACT_CARD_FUSE=0 keeps everything eager.
 
-Compiling pays only for a long loop (`compile_choice`): on a machine whose compile caches are empty,
-as on every fresh CI runner, the compile takes 9 to 24 s, and the compiled norms and rotary save
-about 6% of the loop, so a release check of a few hundred samples finishes sooner without them.
+Compiling pays only for a long loop (`measure.budget.compile_choice`): on a machine whose compile
+caches are empty, as on every fresh CI runner, the compile takes 9 to 24 s, and the compiled norms
+and rotary save about 6% of the loop, so a release check of a few hundred samples finishes sooner
+without them.
 
 A SwiGLU MLP (`down_proj(act_fn(gate_proj(x)) * up_proj(x))` with a SiLU, found by reading its
 forward's source) gets a forward that calls the same modules and makes silu(gate) * up with one
@@ -61,45 +62,6 @@ ROTARY = "apply_rotary_pos_emb"  # the name transformers' modelling files give t
 _COMPILED: dict[tuple[Callable[..., Any], Backend], Callable[..., Any]] = {}
 _FAILED: dict[tuple[Callable[..., Any], Backend], str] = {}
 _OPTIONS: dict[str, str | int | bool | Callable[..., Any]] = {"emulate_precision_casts": True}
-
-# What compiling the norms and rotary costs and gains, measured with Qwen3-8B on H100 and H200 (the
-# whole CLI, bench/bench_e2e.py): 9-24 s of compile on empty caches; the loop about 6% faster.
-COMPILE_COST_S = 15.0
-COMPILE_GAIN = 0.06
-# The loop is predicted from its matmuls: 2 x parameters x padded tokens, at half the device's dense
-# bf16 peak (measuring Qwen3-8B reaches about 0.6 of it on an H100); other devices get 100 TFLOP/s.
-_PEAK_BF16 = {(8, 0): 312e12, (9, 0): 989e12, (10, 0): 2250e12}
-_ACHIEVED = 0.5
-
-
-@dataclass(frozen=True)
-class CompileChoice:
-    """Whether a loop compiles its norms and rotary, the loop's predicted length, and why."""
-
-    chosen: bool
-    predicted_loop_s: float | None
-    why: str
-
-    def record(self) -> dict[str, Any]:
-        loop = None if self.predicted_loop_s is None else round(self.predicted_loop_s, 1)
-        return {"chosen": self.chosen, "predicted_loop_s": loop, "why": self.why}
-
-
-def compile_choice(padded_tokens: int, parameters: int, device: torch.device) -> CompileChoice:
-    """Compile the fused pieces only when the predicted loop gains more than the compile costs."""
-    if device.type != "cuda":
-        return CompileChoice(False, None, "not on CUDA: norms and rotary run as the model has them")
-    if switched_off("MAXACT_CARD_FUSE"):
-        return CompileChoice(False, None, "MAXACT_CARD_FUSE=0")
-    peak = _PEAK_BF16.get(torch.cuda.get_device_capability(device), 100e12)
-    loop = 2.0 * parameters * padded_tokens / (peak * _ACHIEVED)
-    gain = COMPILE_GAIN * loop
-    if gain > COMPILE_COST_S:
-        return CompileChoice(True, loop, f"a loop of about {loop:.0f} s gains about {gain:.0f} s, more than "
-                                         f"compiling costs (about {COMPILE_COST_S:.0f} s)")
-    return CompileChoice(False, loop, f"a loop of about {loop:.0f} s would gain about {gain:.1f} s, less than "
-                                      f"compiling costs (about {COMPILE_COST_S:.0f} s on empty compile caches)")
-
 
 @dataclass(frozen=True)
 class Fused:
@@ -369,8 +331,8 @@ def fused_forward(model: nn.Module, *, enabled: bool | None = None, compile_piec
     runs; yields what was swapped.
 
     enabled: None fuses when the model's norms live on a CUDA device and MAXACT_CARD_FUSE is not 0.
-    compile_pieces: False leaves norms and rotary as they are (`compile_choice`); the MLPs, which
-    compile nothing, are swapped either way.
+    compile_pieces: False leaves norms and rotary as they are (`measure.budget.compile_choice`); the
+    MLPs, which compile nothing, are swapped either way.
     """
     modules = norm_modules(model)
     if enabled is None:

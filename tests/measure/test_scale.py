@@ -404,3 +404,26 @@ def test_device_map_needs_a_known_strategy_and_accelerate(work: Path, monkeypatc
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "accelerate" else real(name, *a))
     res = _invoke([*base, "--device-map", "auto"])
     assert res.exit_code == 2 and "--device-map needs the accelerate package" in res.output
+
+
+@pytest.mark.parametrize(("tokens", "chosen"), [(300_000, False), (17_000_000, True)])
+def test_compiling_is_chosen_only_when_the_predicted_loop_gains_more_than_it_costs(
+        monkeypatch: pytest.MonkeyPatch, tokens: int, chosen: bool) -> None:
+    # Qwen3-8B on an H100 (sm90): 256 release-check samples (~300k tokens) predict a loop of about
+    # 10 s, which would gain 0.6 s; the paper's 5,000 samples (~17M tokens) about 550 s, gaining 33 s
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    monkeypatch.delenv("MAXACT_CARD_FUSE", raising=False)
+    choice = budget.compile_choice(tokens, 8_190_000_000, torch.device("cuda", 0))
+    assert choice.chosen is chosen
+    expected = 2 * 8_190_000_000 * tokens / (989e12 * 0.5)
+    assert choice.predicted_loop_s == pytest.approx(expected)
+    assert choice.record() == {"chosen": chosen, "predicted_loop_s": round(expected, 1), "why": choice.why}
+    assert ("more than" if chosen else "less than") in choice.why
+
+
+def test_no_compile_off_cuda_or_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert budget.compile_choice(10**9, 10**10, torch.device("cpu")).record() == {
+        "chosen": False, "predicted_loop_s": None,
+        "why": "not on CUDA: norms and rotary run as the model has them"}
+    monkeypatch.setenv("MAXACT_CARD_FUSE", "0")
+    assert budget.compile_choice(10**9, 10**10, torch.device("cuda", 0)).why == "MAXACT_CARD_FUSE=0"
