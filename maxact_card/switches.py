@@ -49,19 +49,21 @@ SWITCHES: dict[str, Switch] = {
 }
 
 
-def switched_off(name: str) -> bool:
-    """Whether environment variable `name`, one of `SWITCHES`, turns its path off."""
+def _known(name: str) -> str:
     if name not in SWITCHES:
         raise KeyError(f"{name} is not a switch; see maxact_card.switches.SWITCHES")
-    return os.environ.get(name, "1") in ("0", "false", "off")
+    return name
+
+
+def switched_off(name: str) -> bool:
+    """Whether environment variable `name`, one of `SWITCHES`, turns its path off."""
+    return os.environ.get(_known(name), "1") in ("0", "false", "off")
 
 
 @contextlib.contextmanager
 def turned_off(name: str) -> Iterator[None]:
     """Switch `name` off for the block (the other side of a comparison run), then put it back as it was."""
-    if name not in SWITCHES:
-        raise KeyError(f"{name} is not a switch; see maxact_card.switches.SWITCHES")
-    before = os.environ.get(name)
+    before = os.environ.get(_known(name))
     os.environ[name] = "0"
     try:
         yield
