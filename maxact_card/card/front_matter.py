@@ -157,6 +157,18 @@ def _find_markers(text: str, body_start: int) -> list[tuple[str, int, int]]:
     return found
 
 
+def decode_card(data: bytes, *, source: str) -> str:
+    """A card's bytes as text; a card that is not UTF-8 is unreadable (exit 2)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CardError(
+            CardProblem.unreadable_card,
+            f"{source} is not UTF-8 text (byte {exc.start})",
+            hint="save the card as UTF-8",
+        ) from None
+
+
 def parse_card(card_text: str) -> CardParts:
     """Locate the front matter and the maxact section of a card.
 

@@ -14,8 +14,8 @@ from typing import Any, Protocol
 
 from maxact_card import fmt
 from maxact_card.card.chart import render_chart
-from maxact_card.card.front_matter import CardError, CardProblem, parse_card
-from maxact_card.card.paths import CARD_FILE, DEFAULT_CHART_PATH, DEFAULT_RESULTS_PATH, decode_card
+from maxact_card.card.front_matter import CardError, CardProblem, decode_card, parse_card
+from maxact_card.card.paths import CARD_FILE, DEFAULT_CHART_PATH, DEFAULT_RESULTS_PATH
 from maxact_card.card.section import SUMMARY_KEY, card_summary, parse_results, render_section
 from maxact_card.documents import sha256_file
 from maxact_card.errors import UsageError

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from maxact_card.card.front_matter import parse_card
-from maxact_card.card.paths import CARD_FILE, DEFAULT_RESULTS_PATH, decode_card, relative_link
+from maxact_card.card.front_matter import decode_card, parse_card
+from maxact_card.card.paths import CARD_FILE, DEFAULT_RESULTS_PATH, relative_link
 from maxact_card.card.validate import CheckStatus, LocalSource, validate_card
 from maxact_card.commands._common import (
     FormatOpt,

@@ -9,11 +9,11 @@ from typing import Annotated, Any
 import typer
 
 from maxact_card.card.chart import render_chart
+from maxact_card.card.front_matter import decode_card
 from maxact_card.card.paths import (
     CARD_FILE,
     DEFAULT_CHART_PATH,
     DEFAULT_RESULTS_PATH,
-    decode_card,
     relative_link,
 )
 from maxact_card.card.section import read_results, render_section
