@@ -23,8 +23,8 @@ RESULTS_SCHEMA = "maxact-results.schema.json"
 
 #: Components in model order (the results schema's enum); reports list them in this order.
 COMPONENTS: tuple[str, ...] = (
-    "embedding", "residual", "attn_input", "o_proj_input", "attention", "mlp_input", "mlp", "gate", "down_proj_input",
-    "router", "final_norm",
+    "embedding", "residual", "attn_input", "query", "key_cache", "value_cache", "o_proj_input", "attention",
+    "mlp_input", "mlp", "gate", "down_proj_input", "router", "final_norm",
 )
 
 

@@ -19,6 +19,9 @@ COMPONENT_STYLE: dict[str, tuple[str, str, str]] = {
     # component: (label, colour, stroke-dasharray or "")
     "residual": ("Residual stream", "#0072B2", ""),
     "attn_input": ("Attention input", "#E69F00", "1 3"),
+    "query": ("Queries", "#F0E442", "1 3"),
+    "key_cache": ("KV cache: keys", "#F0E442", ""),
+    "value_cache": ("KV cache: values", "#F0E442", "7 4"),
     "o_proj_input": ("o_proj input", "#E69F00", "3 2 1 2"),
     "attention": ("Attention output", "#E69F00", "7 4"),
     "mlp_input": ("MLP input", "#009E73", "1 3"),
