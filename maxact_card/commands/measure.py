@@ -84,12 +84,18 @@ GemmInputsOpt = Annotated[
                        "and the MLP input projections, what W8A8/FP8 quantizes (3 more sites per layer).",
                        envvar="MAXACT_CARD_GEMM_INPUTS")
 ]
+KvCacheOpt = Annotated[
+    bool, typer.Option("--kv-cache/--no-kv-cache",
+                       help="Also measure each attention layer's queries, and the keys and values a KV cache stores "
+                       "(after RoPE), per head; --quant then checks FP8 KV-cache scales (3 more sites per layer).",
+                       envvar="MAXACT_CARD_KV_CACHE")
+]
 QuantOpt = Annotated[bool, typer.Option("--quant/--no-quant", help="Also check INT8/FP8 activation scales on held-out data.",
                                         envvar="MAXACT_CARD_QUANT")]
 EvalFractionOpt = Annotated[float, typer.Option("--eval-fraction", help="Share of the samples held out for --quant "
                                                 "(default: 1/3).", envvar="MAXACT_CARD_EVAL_FRACTION", show_default=False)]
 QuantSitesOpt = Annotated[str, typer.Option(
-    "--quant-sites", help="default (the residual, the Linear inputs and the peak), all, residual, linear, peak, or "
+    "--quant-sites", help="default (the residual, the Linear inputs, the KV cache and the peak), all, residual, linear, kv, peak, or "
     "site names (comma-separated).", envvar="MAXACT_CARD_QUANT_SITES")]
 ClipQuantileOpt = Annotated[float, typer.Option("--clip-quantile", help="Quantile of |a| the percentile policy clips at.",
                                                 envvar="MAXACT_CARD_CLIP_QUANTILE")]
@@ -308,6 +314,7 @@ def measure_cmd(
     batch_size: BatchSizeOpt = None,
     top_k: TopKOpt = 16,
     gemm_inputs: GemmInputsOpt = False,
+    kv_cache: KvCacheOpt = False,
     force: ForceOpt = False,
     quant: QuantOpt = False,
     eval_fraction: EvalFractionOpt = 1 / 3,
@@ -326,7 +333,7 @@ def measure_cmd(
         model=model, revision=revision, token=token, corpus=corpus, samples=samples, max_seq_len=max_seq_len,
         truncate=truncate, seed=seed, dtype=dtype, device=device, device_map=device_map,
         trust_remote_code=trust_remote_code, max_batch_tokens=max_batch_tokens,
-        batch_size=batch_size, top_k=top_k, gemm_inputs=gemm_inputs, force=force, quant=quant, eval_fraction=eval_fraction,
+        batch_size=batch_size, top_k=top_k, gemm_inputs=gemm_inputs, kv_cache=kv_cache, force=force, quant=quant, eval_fraction=eval_fraction,
         quant_sites=quant_sites, clip_quantile=clip_quantile, min_sqnr=min_sqnr,
         state_dir=state_dir, resume=resume, checkpoint_every=checkpoint_every,
     )

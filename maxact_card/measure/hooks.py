@@ -8,17 +8,23 @@ of `model.fusion`, which folds the gate's statistics into the product's pass), o
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from maxact_card.errors import RuntimeFailure
+from maxact_card.measure.attention import NO_CALL, AttentionReader, read_attention, tokens_last
 from maxact_card.measure.sites import (
+    ATTENTION_READS,
     READ_GATE_HALF,
     READ_INPUT,
+    READ_KEYS,
     READ_OUTPUT,
+    READ_QUERIES,
     READ_ROUTER,
+    READ_VALUES,
     Site,
 )
 from maxact_card.measure.stats import BatchContext, SiteStats, gated_update
@@ -66,6 +72,10 @@ class Hooks:
     the gate's statistics, when its accumulator is in `stats`, into the kernel that makes the
     product (on the forward's stream: the product is needed next), and hands the product to its
     site as the hook would; the sites' own hooks stay quiet for that call.
+
+    Queries, keys and values are read where the attention module calls its attention function
+    (`measure.attention`); a site whose module never called it over a whole run (`forwards` > 0) is
+    unreadable on `remove()`.
     """
 
     def __init__(self, model: nn.Module, sites: Sequence[Site], consumers: dict[str, Consumer],
@@ -81,10 +91,18 @@ class Hooks:
         # one event, recorded again for each update (a wait takes the event as it is when queued)
         self._ready = torch.cuda.Event() if streams is not None else None
         self.stats = stats or {}
+        self.forwards = 0  # forward passes run (`_forward_one` counts them)
+        self._attention_sites: list[Site] = []
+        self._seen: set[str] = set()
         gated: dict[str, dict[str, tuple[Site, Consumer]]] = {}
+        attention: dict[nn.Module, dict[str, tuple[Site, Consumer]]] = {}
         for site in sites:
             module = model.get_submodule(site.module)
             acc = consumers[site.name]
+            if site.read in ATTENTION_READS:
+                attention.setdefault(module, {})[site.read] = (site, acc)
+                self._attention_sites.append(site)
+                continue
             mlp, role = _gated_role(site)
             if mlp is not None:
                 gated.setdefault(mlp, {})[role] = (site, acc)
@@ -95,6 +113,26 @@ class Hooks:
                 self.handles.append(module.register_forward_hook(self._hook(site, acc, module)))
         for path, reads in gated.items():
             self.undo.append(fusion.read_gated(model.get_submodule(path), self._gated(reads)))
+        if attention:
+            opened = contextlib.ExitStack()
+            opened.enter_context(read_attention({m: self._attention(reads) for m, reads in attention.items()}))
+            self.undo.append(opened.close)
+
+    def _attention(self, reads: dict[str, tuple[Site, Consumer]]) -> AttentionReader:
+        def read(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+            for kind, t in ((READ_QUERIES, query), (READ_KEYS, key), (READ_VALUES, value)):
+                entry = reads.get(kind)
+                if entry is None or self.ctx is None:
+                    continue
+                site, acc = entry
+                self._seen.add(site.name)
+                x = tokens_last(t, *self.shape)
+                if x is None:
+                    self.unreadable.setdefault(site.name, "its attention tensors are not [batch, heads, tokens, dim]")
+                    continue
+                self._consume(site, acc, x)
+
+        return read
 
     def _gated(self, reads: dict[str, tuple[Site, Consumer]]) -> fusion.GatedReader:
         gate, product = reads.get("gate"), reads.get("product")
@@ -177,6 +215,10 @@ class Hooks:
             handle.remove()
         for undo in self.undo:
             undo()
+        if self.forwards:
+            for site in self._attention_sites:
+                if site.name not in self._seen:
+                    self.unreadable.setdefault(site.name, NO_CALL)
 
 
 def _gated_role(site: Site) -> tuple[str | None, str]:

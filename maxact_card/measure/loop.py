@@ -15,7 +15,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import torch
@@ -23,12 +23,15 @@ from torch import nn
 
 from maxact_card.errors import RuntimeFailure, UsageError
 from maxact_card.measure.hooks import Consumer, Hooks, feed_hidden_states, first_tensor
+from maxact_card.measure.attention import NO_CALL, read_attention
 from maxact_card.measure.sites import (
+    ATTENTION_READS,
     READ_GATE_HALF,
     READ_INPUT,
     READ_ROUTER,
     Site,
     SiteMap,
+    group_missing,
     discover,
 )
 from maxact_card.measure.stats import BatchContext, SiteStats
@@ -221,10 +224,22 @@ def _hidden_size(model: nn.Module) -> int:
 
 
 def _probe_widths(model: nn.Module, runner: nn.Module, sites: Sequence[Site], device: torch.device,
-                  vocab: int) -> dict[str, int]:
-    """Widths of the sites whose width the weights do not tell, from one tiny forward."""
+                  vocab: int) -> tuple[dict[str, int], dict[str, int]]:
+    """Widths of the sites whose width the weights do not tell, from one tiny forward, and the heads
+    of the attention sites (queries, keys, values: heads x head_dim channels)."""
     widths: dict[str, int] = {}
+    heads: dict[str, int] = {}
     handles = []
+    attention: dict[nn.Module, list[Site]] = {}
+
+    def grab_attention(watched: list[Site]):  # type: ignore[no-untyped-def]
+        def read(*tensors: torch.Tensor) -> None:
+            for site in watched:
+                t = tensors[ATTENTION_READS.index(site.read)]
+                if t.dim() == 4:
+                    widths[site.name], heads[site.name] = int(t.shape[1] * t.shape[3]), int(t.shape[1])
+
+        return read
 
     def grab(site: Site):  # type: ignore[no-untyped-def]
         def hook(module: nn.Module, args: object, output: object) -> None:
@@ -236,18 +251,21 @@ def _probe_widths(model: nn.Module, runner: nn.Module, sites: Sequence[Site], de
 
     for site in sites:
         module = model.get_submodule(site.module)
-        if site.read == READ_INPUT:
+        if site.read in ATTENTION_READS:
+            attention.setdefault(module, []).append(site)
+        elif site.read == READ_INPUT:
             handles.append(module.register_forward_pre_hook(lambda m, a, s=site: grab(s)(m, a, None)))
         else:
             handles.append(module.register_forward_hook(grab(site)))
+    readers = {m: grab_attention(watched) for m, watched in attention.items()}
     try:
         ids = torch.zeros((1, 2), dtype=torch.long, device=device).clamp(max=max(vocab - 1, 0))
-        with torch.inference_mode():
+        with torch.inference_mode(), read_attention(readers) if readers else contextlib.nullcontext():
             runner(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
     finally:
         for h in handles:
             h.remove()
-    return widths
+    return widths, heads
 
 
 _MASK_NEEDED: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
@@ -318,11 +336,12 @@ def measure(
     pad_token_id: int = 0,
     top_k: int = 16,
     gemm_inputs: bool = False,
+    kv_cache: bool = False,
     progress: ProgressFn | None = None,
     control: LoopControl | None = None,
 ) -> Measurement:
     """Run every batch through the base model with hooks on every site; return the statistics."""
-    measurement = prepare(model, token_ids, device=device, top_k=top_k, gemm_inputs=gemm_inputs)
+    measurement = prepare(model, token_ids, device=device, top_k=top_k, gemm_inputs=gemm_inputs, kv_cache=kv_cache)
     report = run_measurement(measurement, model, batches=batches, device=device, pad_token_id=pad_token_id,
                              progress=progress, control=control)
     drop_sites(measurement, report.unreadable)
@@ -330,12 +349,13 @@ def measure(
 
 
 def prepare(model: nn.Module, token_ids: list[list[int]], *, device: torch.device, top_k: int = 16,
-            gemm_inputs: bool = False) -> Measurement:
-    """Discover the sites (`gemm_inputs` as `discover` takes it) and build a fresh accumulator for each
-    (nothing runs over the corpus yet)."""
+            gemm_inputs: bool = False, kv_cache: bool = False) -> Measurement:
+    """Discover the sites (`gemm_inputs` and `kv_cache` as `discover` takes them) and build a fresh
+    accumulator for each (nothing runs over the corpus yet). A site that gave no tensor in the probe
+    forward that tells the widths is missing, with the reason."""
     if not token_ids:
         raise UsageError("the corpus selected no samples", hint="check --corpus and --samples")
-    site_map = discover(model, gemm_inputs=gemm_inputs)
+    site_map = discover(model, gemm_inputs=gemm_inputs, kv_cache=kv_cache)
     runner = base_model(model)
     num_samples = len(token_ids)
     vocab = _vocab_size(model) or 1
@@ -344,9 +364,15 @@ def prepare(model: nn.Module, token_ids: list[list[int]], *, device: torch.devic
     sites = list(site_map.sites)
     widths = {s.name: w for s in sites if (w := _site_width(model, s)) is not None}
     unknown = [s for s in sites if s.name not in widths]
+    heads: dict[str, int] = {}
     if unknown:
-        widths.update(_probe_widths(model, runner, unknown, input_device, vocab))
-    sites = [s for s in sites if s.name in widths]
+        probed, heads = _probe_widths(model, runner, unknown, input_device, vocab)
+        widths.update(probed)
+    silent = [(s.name, NO_CALL if s.read in ATTENTION_READS else "its module gave no tensor in a probe forward")
+              for s in sites if s.name not in widths]
+    sites = [replace(s, heads=heads[s.name]) if s.name in heads else s for s in sites if s.name in widths]
+    site_map = SiteMap(tuple(sites), site_map.missing + tuple(group_missing(silent)), site_map.layers_path,
+                       site_map.num_layers)
     stats = {
         s.name: SiteStats(widths[s.name], num_samples, _module_device(model, s, input_device), top_k=top_k,
                           massive=s.component in ("residual", "embedding"))
@@ -523,6 +549,7 @@ def _forward_one(runner: nn.Module, hooks: Hooks, token_ids: list[list[int]], ba
     try:
         out = runner(input_ids=ids, attention_mask=mask.long() if use_mask else None, use_cache=False,
                      output_hidden_states=after_forward is not None)
+        hooks.forwards += 1
         if after_forward is not None:
             after_forward(out, hooks.ctx)
     finally:

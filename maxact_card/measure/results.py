@@ -109,6 +109,7 @@ def build_results(
             "module": site.module,
             "read": site.description,
             **({"readers": list(site.readers)} if site.readers else {}),
+            **_heads(site.heads, channel_max),
             "width": int(channel_max.numel()),
             "max": _finite(float(s["max"])),
             "min": _finite(float(s["min"])),
@@ -155,6 +156,13 @@ def build_results(
         "missing_sites": [{"site": name, "reason": reason} for name, reason in missing],
     }
     return results
+
+
+def _heads(heads: int | None, channel_max: torch.Tensor) -> dict[str, Any]:
+    """For queries, keys and values: the heads and each head's max|a| (its run of width / heads channels)."""
+    if not heads or channel_max.numel() % heads:
+        return {}
+    return {"heads": heads, "head_max_abs": channel_max.view(heads, -1).amax(dim=1).tolist()}
 
 
 def _order(site: dict[str, Any]) -> int:

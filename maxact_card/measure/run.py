@@ -64,6 +64,7 @@ class MeasureOptions:
     batch_size: int | None = None
     top_k: int = 16
     gemm_inputs: bool = False  # also the inputs of the other Linear layers of each block (`discover`)
+    kv_cache: bool = False  # also each attention layer's queries, keys and values (`discover`)
     force: bool = False
     quant: bool = False
     eval_fraction: float = 1 / 3
@@ -296,7 +297,8 @@ class _Run:
     def execute(self, started: _dt.datetime) -> dict[str, Any] | None:
         opts, loaded = self.opts, self.loaded
         if opts.quant:
-            check_quant_sites(opts.quant_sites, discover(loaded.model, gemm_inputs=opts.gemm_inputs))
+            check_quant_sites(opts.quant_sites, discover(loaded.model, gemm_inputs=opts.gemm_inputs,
+                                                                kv_cache=opts.kv_cache))
         builtin = self.corpus.id == corpus_mod.BUILTIN_ID
         token_ids, truncate = prepare_tokens(loaded, opts, self.samples, builtin)
         budget = batch_budget(opts, loaded)
@@ -305,7 +307,7 @@ class _Run:
             self.store = self._open_state(Path(opts.state_dir), truncate)
         progress.step("finding the sites", "discover")
         measurement = prepare(loaded.model, token_ids, device=loaded.device, top_k=opts.top_k,
-                              gemm_inputs=opts.gemm_inputs)
+                              gemm_inputs=opts.gemm_inputs, kv_cache=opts.kv_cache)
         stats = measurement.stats
 
         # this process's share of the padded tokens: what its loop costs, and so whether compiling pays
@@ -348,7 +350,7 @@ class _Run:
             "held_out": fingerprint_digest([s.id for s in self.held_out]),
             "settings": {"max_seq_len": opts.max_seq_len, "truncate": truncate, "seed": opts.seed,
                          "dtype": str(self.loaded.dtype).removeprefix("torch."), "top_k": opts.top_k,
-                         "gemm_inputs": opts.gemm_inputs, "quant": opts.quant,
+                         "gemm_inputs": opts.gemm_inputs, "kv_cache": opts.kv_cache, "quant": opts.quant,
                          "eval_fraction": opts.eval_fraction if opts.quant else None,
                          "quant_sites": opts.quant_sites if opts.quant else None,
                          "clip_quantile": opts.clip_quantile if opts.quant else None,
@@ -449,13 +451,14 @@ def check_quant_sites(spec: str, site_map: SiteMap) -> None:
     if unknown:
         examples = ", ".join(sorted(known)[:4])
         raise UsageError(f"unknown --quant-sites name {unknown[0]!r}",
-                         hint=f"use all, residual, linear, peak, default or site names such as {examples}")
+                         hint=f"use all, residual, linear, kv, peak, default or site names such as {examples}")
 
 
-QUANT_SITE_SETS = ("default", "all", "residual", "linear", "peak")
+QUANT_SITE_SETS = ("default", "all", "residual", "linear", "kv", "peak")
 # What a W8A8 or FP8 deployment quantizes: the inputs of the Linear layers (all four with --gemm-inputs,
-# the down_proj input always)
+# the down_proj input always) and, with FP8 KV-cache scales, the keys and values (with --kv-cache)
 LINEAR_INPUTS = ("attn_input", "o_proj_input", "mlp_input", "down_proj_input")
+KV_CACHE = ("key_cache", "value_cache")
 
 
 def _split_names(spec: str) -> list[str]:
@@ -473,10 +476,12 @@ def quant_sites(spec: str, results: dict[str, Any]) -> list[str]:
         chosen = {n for n in names if by_name[n]["component"] == "residual"}
     elif spec == "linear":
         chosen = {n for n in names if by_name[n]["component"] in LINEAR_INPUTS}
+    elif spec == "kv":
+        chosen = {n for n in names if by_name[n]["component"] in KV_CACHE}
     elif spec == "peak":
         chosen = {peak}
     elif spec == "default":
-        chosen = {n for n in names if by_name[n]["component"] in ("residual", *LINEAR_INPUTS)} | {peak}
+        chosen = {n for n in names if by_name[n]["component"] in ("residual", *LINEAR_INPUTS, *KV_CACHE)} | {peak}
     else:
         chosen = {n for n in _split_names(spec) if n in by_name}
     return [n for n in names if n in chosen]
@@ -527,6 +532,7 @@ def assemble(loaded: LoadedModel, opts: MeasureOptions, corpus: corpus_mod.Corpu
         "max_seq_len": opts.max_seq_len,
         "truncate": truncate,
         "gemm_inputs": opts.gemm_inputs,
+        "kv_cache": opts.kv_cache,
         "batching": batching or (f"batch_size={opts.batch_size}" if opts.batch_size is not None
                                  else f"max_batch_tokens={opts.max_batch_tokens}"),
         "wall_time_s": round(measurement.wall_time_s, 3),

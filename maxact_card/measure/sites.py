@@ -7,7 +7,9 @@ inside a block, for its attention, MLP/MoE, gate and down-projection submodules 
 With `gemm_inputs`, it also reads the inputs of the block's other Linear layers, what a W8A8 or FP8
 deployment quantizes: the attention input (read where q/k/v or their fused projection take it, not
 at the norm, whose placement varies), the output projection's input and the MLP input. Every site
-that is a Linear input names the Linear modules that read it (`Site.readers`).
+that is a Linear input names the Linear modules that read it (`Site.readers`). With `kv_cache`, it
+also reads what each attention layer hands its attention function: the queries, and the keys and
+values a KV cache stores (after the rotary embedding and any q/k norm; `measure.attention`).
 
 The one family rule: blocks that normalise their sub-layer outputs before the residual add (Gemma
 2/3 sandwich norms, OLMo 2 post-norms, recognisable by a `post_feedforward_layernorm`) are read
@@ -29,6 +31,11 @@ READ_OUTPUT = "output"
 READ_INPUT = "input"
 READ_GATE_HALF = "output_first_half"  # the gate half of a fused gate_up projection
 READ_ROUTER = "router_logits"
+# What the attention module hands its attention function (`measure.attention`), [batch, heads, tokens, dim]
+READ_QUERIES = "attention_queries"
+READ_KEYS = "attention_keys"
+READ_VALUES = "attention_values"
+ATTENTION_READS = (READ_QUERIES, READ_KEYS, READ_VALUES)
 
 _TOWER = re.compile(r"(^|\.)(vision|visual|audio|image|vit|mm_projector|multi_modal|speech)", re.I)
 _ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention", "linear_attn", "mixer", "temporal_block")
@@ -50,6 +57,7 @@ class Site:
     read: str
     note: str = ""
     readers: tuple[str, ...] = ()  # the Linear modules that read this tensor (full paths), for a Linear input
+    heads: int | None = None  # for queries, keys and values: the heads, each a run of width / heads channels
 
     @property
     def description(self) -> str:
@@ -59,6 +67,9 @@ class Site:
             READ_INPUT: "input",
             READ_GATE_HALF: "output, gate half of the fused gate/up projection",
             READ_ROUTER: "router logits (output)",
+            READ_QUERIES: "queries as the attention function receives them (after any rotary embedding)",
+            READ_KEYS: "keys as the KV cache stores them (after any rotary embedding)",
+            READ_VALUES: "values as the KV cache stores them",
         }[self.read]
         return f"{what}; {self.note}" if self.note else what
 
@@ -167,11 +178,12 @@ def _input_projections(module: nn.Module, hidden: int | None, exclude: tuple[str
             if n not in exclude and (dims := _linear_dims(child)) is not None and dims[0] == hidden]
 
 
-def discover(model: nn.Module, *, gemm_inputs: bool = False) -> SiteMap:
+def discover(model: nn.Module, *, gemm_inputs: bool = False, kv_cache: bool = False) -> SiteMap:
     """All measurement sites of `model`, and the ones it does not have, with the reason.
 
     gemm_inputs: also the inputs of the attention projections, the attention output projection and
     the MLP's input projections (off by default: three more hooked tensors per layer).
+    kv_cache: also each attention layer's queries, keys and values (off by default: three more).
     """
     paths = _named(model)
     sites: list[Site] = []
@@ -196,6 +208,8 @@ def discover(model: nn.Module, *, gemm_inputs: bool = False) -> SiteMap:
         prefix = f"{stack_path}.{i}"
         sites.append(Site(f"blocks.{i}.hook_resid_post", "residual", i, prefix, READ_OUTPUT))
         sites.extend(_block_sites(i, prefix, block, num_experts, missing, gemm_inputs, hidden))
+        if kv_cache:
+            sites.extend(_attention_tensors(i, prefix, block, _latent_kv(model), missing))
 
     parent_path = stack_path.rsplit(".", 1)[0] if "." in stack_path else ""
     parent = model.get_submodule(parent_path) if parent_path else model
@@ -205,7 +219,7 @@ def discover(model: nn.Module, *, gemm_inputs: bool = False) -> SiteMap:
         sites.append(Site("ln_final.hook_normalized", "final_norm", None, path, READ_OUTPUT))
     else:
         missing.append(("ln_final.hook_normalized", "no final norm beside the layer stack"))
-    return SiteMap(tuple(sites), tuple(_group_missing(missing)), stack_path, len(stack))
+    return SiteMap(tuple(sites), tuple(group_missing(missing)), stack_path, len(stack))
 
 
 def _attention_inputs(i: int, attn_path: str, attention: nn.Module, hidden: int | None,
@@ -225,6 +239,29 @@ def _attention_inputs(i: int, attn_path: str, attention: nn.Module, hidden: int 
                    readers=(f"{attn_path}.{output}",))
     else:
         missing.append((f"blocks.{i}.attn.hook_z", "no attention output projection (a Linear back to the hidden size)"))
+
+
+def _latent_kv(model: nn.Module) -> bool:
+    """Multi-head latent attention (DeepSeek-V2/V3): a runtime may cache the compressed latent instead."""
+    return isinstance(getattr(_text_config(model), "kv_lora_rank", None), int)
+
+
+def _attention_tensors(i: int, prefix: str, block: nn.Module, latent: bool,
+                       missing: list[tuple[str, str]]) -> Iterator[Site]:
+    """The queries, keys and values the block's attention hands its attention function. A layer with
+    no softmax attention (linear attention, a state-space mixer) is found out when nothing arrives."""
+    attention = _child(block, _ATTENTION_NAMES)
+    names = (("hook_rot_q", "query", READ_QUERIES), ("hook_rot_k", "key_cache", READ_KEYS),
+             ("hook_v", "value_cache", READ_VALUES))
+    if attention is None:
+        for name, _, _ in names:
+            missing.append((f"blocks.{i}.attn.{name}", "no attention submodule"))
+        return
+    note = ("as transformers caches them, decompressed per head; a runtime that caches the latent of "
+            "multi-head latent attention stores other tensors") if latent else ""
+    for name, component, read in names:
+        yield Site(f"blocks.{i}.attn.{name}", component, i, f"{prefix}.{attention[0]}", read,
+                   note if read != READ_QUERIES else "")
 
 
 def _mlp_input(i: int, mlp_path: str, mlp: nn.Module, dense: bool, hidden: int | None,
@@ -310,7 +347,7 @@ def _block_sites(i: int, prefix: str, block: nn.Module, num_experts: int | None,
         missing.append((f"blocks.{i}.mlp.hook_router_logits", "dense MLP: no router"))
 
 
-def _group_missing(missing: list[tuple[str, str]]) -> list[tuple[str, str]]:
+def group_missing(missing: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """Collapse per-layer misses with one reason into one entry naming the layers."""
     groups: dict[tuple[str, str], list[int]] = {}
     singles: list[tuple[str, str]] = []

@@ -197,6 +197,41 @@ def test_gemm_inputs_are_measured_only_when_asked(shelf: Path, tmp_path: Path) -
     assert "Attention input" in res.stdout and "o_proj input" in res.stdout and "MLP input" in res.stdout
 
 
+def test_kv_cache_sites_and_their_fp8_check_are_there_only_when_asked(shelf: Path, tmp_path: Path) -> None:
+    """--kv-cache (or MAXACT_CARD_KV_CACHE) adds each layer's queries, keys and values with their heads,
+    and --quant checks the keys and values under every policy, FP8 with one static scale per layer
+    (amax / 448) among them; a section renders with them."""
+    kv = ("query", "key_cache", "value_cache")
+    args = ["measure", str(shelf / "llama"), "--corpus", str(shelf / "corpus.jsonl"), "--format", "json"]
+    docs = {}
+    for key, extra, env in (("off", ["--quant"], {}), ("flag", ["--kv-cache", "--quant"], {}),
+                            ("env", [], {"MAXACT_CARD_KV_CACHE": "1"})):
+        out = tmp_path / f"{key}.json"
+        res = _invoke([*args, *extra, "--out", str(out)], env=env)
+        assert res.exit_code == 0, res.stderr
+        docs[key] = load_results(out)  # schema-valid
+    assert docs["off"]["run"]["kv_cache"] is False and docs["flag"]["run"]["kv_cache"] is True
+    assert not any(s["component"] in kv for s in docs["off"]["sites"])
+    on = {s["name"]: s for s in docs["flag"]["sites"]}
+    assert [n for n in on if on[n]["component"] not in kv] == [s["name"] for s in docs["off"]["sites"]]
+    assert [s["name"] for s in docs["env"]["sites"]] == list(on)
+    for i in range(2):
+        for name, component, heads in (("hook_rot_q", "query", 4), ("hook_rot_k", "key_cache", 2),
+                                       ("hook_v", "value_cache", 2)):
+            site = on[f"blocks.{i}.attn.{name}"]
+            assert (site["component"], site["module"], site["heads"]) == (component, f"model.layers.{i}.self_attn",
+                                                                          heads)
+            assert max(site["head_max_abs"]) == site["max_abs"] and len(site["head_max_abs"]) == heads
+    checked = {row["site"]: row for row in docs["flag"]["quant"]["sites"]}
+    cache = [n for n in on if on[n]["component"] in ("key_cache", "value_cache")]
+    assert cache and set(cache) <= set(checked)
+    assert not any(on[n]["component"] == "query" for n in checked)  # queries are not cached: not checked
+    assert all("fp8-e4m3-static" in checked[n]["policies"] for n in cache)
+    res = _invoke(["render", str(tmp_path / "flag.json")])
+    assert res.exit_code == 0, res.stderr
+    assert "KV cache: keys" in res.stdout and "KV cache: values" in res.stdout
+
+
 def test_text_output_shows_the_global_max_and_its_site(planted: Path, shelf: Path, tmp_path: Path) -> None:
     out = tmp_path / "r.json"
     res = _invoke(["measure", str(planted), "--corpus", str(shelf / "corpus.jsonl"), "--out", str(out)])
