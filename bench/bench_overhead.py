@@ -4,6 +4,7 @@
     python bench/bench_overhead.py --shape tiny --device cpu   # anywhere
     python bench/bench_overhead.py --shape qwen3-8b --max-batch-tokens auto --growth 64,256,1024
     python bench/bench_overhead.py --shape qwen3-8b --gemm-inputs   # with the Linear inputs measured too
+    python bench/bench_overhead.py --shape qwen3-8b --kv-cache      # with the queries and KV cache too
 
 Besides the ratios it prints tokens/s and bf16 MFU (model FLOPs: 2 x active parameters x tokens,
 plus causal attention, 2 x layers x heads x head_dim x sum of squared lengths; over the device's
@@ -87,8 +88,9 @@ def time_bare(runner: torch.nn.Module, token_ids: list[list[int]], plan: list[li
     return time.perf_counter() - start
 
 
-# `--gemm-inputs`: the hooked side also measures every Linear input (`measure --gemm-inputs`)
-GEMM_INPUTS = {"on": False}
+# `--gemm-inputs`: the hooked side also measures every Linear input (`measure --gemm-inputs`);
+# `--kv-cache`: each attention layer's queries, keys and values (`measure --kv-cache`)
+GEMM_INPUTS = {"on": False, "kv": False}
 
 def time_hooked(model: torch.nn.Module, token_ids: list[list[int]], plan: list[list[int]], device: torch.device,
                 loop: list[float] | None = None) -> float:
@@ -96,7 +98,8 @@ def time_hooked(model: torch.nn.Module, token_ids: list[list[int]], plan: list[l
     own share, which the bare forward is compared with, is appended to `loop`."""
     sync(device)
     start = time.perf_counter()
-    measurement = measure(model, token_ids, batches=plan, device=device, gemm_inputs=GEMM_INPUTS["on"])
+    measurement = measure(model, token_ids, batches=plan, device=device, gemm_inputs=GEMM_INPUTS["on"],
+                          kv_cache=GEMM_INPUTS["kv"])
     sync(device)
     if loop is not None:
         loop.append(measurement.wall_time_s)
@@ -197,10 +200,11 @@ def setup_costs(model: torch.nn.Module, token_ids: list[list[int]], device: torc
         sync(device)
         return (time.perf_counter() - start) * 1000
 
-    gemm = GEMM_INPUTS["on"]
-    prepare_ms = statistics.median(timed(lambda: prepare(model, token_ids, device=device, gemm_inputs=gemm))
+    gemm, kv = GEMM_INPUTS["on"], GEMM_INPUTS["kv"]
+    prepare_ms = statistics.median(timed(lambda: prepare(model, token_ids, device=device, gemm_inputs=gemm,
+                                                                  kv_cache=kv))
                                    for _ in range(3))
-    members = dict(prepare(model, token_ids, device=device, gemm_inputs=gemm).stats)
+    members = dict(prepare(model, token_ids, device=device, gemm_inputs=gemm, kv_cache=kv).stats)
     group = Accumulators(members)
     group.snapshot()
     snapshot_ms = statistics.median(timed(group.snapshot) for _ in range(5))
@@ -265,6 +269,8 @@ def main() -> None:
     parser.add_argument("--quant", action="store_true", help="also time the INT8/FP8 held-out pass")
     parser.add_argument("--gemm-inputs", action="store_true",
                         help="measure the Linear inputs too (three more sites per layer), as measure --gemm-inputs")
+    parser.add_argument("--kv-cache", action="store_true",
+                        help="measure the queries, keys and values too (three more sites per layer), as measure --kv-cache")
     parser.add_argument("--variants", action="store_true",
                         help="also time the bare forward with the attention mask alone, and with eager norms and rotary alone")
     parser.add_argument("--floor", action="store_true",
@@ -272,7 +278,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true",
                         help="also profile one bare and one hooked pass: device time per kernel, and the difference")
     args = parser.parse_args()
-    GEMM_INPUTS["on"] = args.gemm_inputs
+    GEMM_INPUTS["on"], GEMM_INPUTS["kv"] = args.gemm_inputs, args.kv_cache
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
@@ -296,7 +302,7 @@ def main() -> None:
     print(f"shape={args.shape} params={params / 1e9:.2f}B active={active_params(runner, model.config) / 1e9:.2f}B "
           f"device={torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} "
           f"dtype={args.dtype} samples={args.samples} tokens={tokens} batches={len(plan)} budget={budget}"
-          f"{' (auto)' if args.max_batch_tokens == 'auto' else ''}{' gemm-inputs' if args.gemm_inputs else ''}")
+          f"{' (auto)' if args.max_batch_tokens == 'auto' else ''}{' gemm-inputs' if args.gemm_inputs else ''}{' kv-cache' if args.kv_cache else ''}")
 
     def mfu(seconds: float) -> str:
         achieved = flops / seconds / 1e12
