@@ -47,7 +47,7 @@ def implementations(modules: list[nn.Module]) -> set[str]:
 
 def _eager(module: nn.Module) -> Callable[..., Any]:
     """The eager attention function of `module`'s modeling file (what `get_interface` falls back to)."""
-    found = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    found: Callable[..., Any] | None = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
     if found is None:
         from transformers.models.llama.modeling_llama import eager_attention_forward as found
     return found
@@ -61,7 +61,7 @@ def read_attention(readers: dict[nn.Module, AttentionReader]) -> Iterator[None]:
 
     interface = ALL_ATTENTION_FUNCTIONS
     names = implementations(list(readers))
-    before: dict[str, Any] = {name: interface[name] if name in interface else None for name in names}
+    before: dict[str, Any] = {name: interface.get(name) for name in names}
     for name, original in before.items():
         interface[name] = _reading(readers, original)
     try:
