@@ -48,9 +48,11 @@ def implementations(modules: list[nn.Module]) -> set[str]:
 def _eager(module: nn.Module) -> Callable[..., Any]:
     """The eager attention function of `module`'s modeling file (what `get_interface` falls back to)."""
     found: Callable[..., Any] | None = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
-    if found is None:
-        from transformers.models.llama.modeling_llama import eager_attention_forward as found
-    return found
+    if found is not None:
+        return found
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    return eager_attention_forward
 
 
 @contextmanager
