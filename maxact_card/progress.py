@@ -47,6 +47,10 @@ class PhaseClock:
             self.totals[self._current] = self.totals.get(self._current, 0.0) + now - self._since
         self._current, self._since = phase, now
 
+    def add(self, phase: str, seconds: float) -> None:
+        """Count `seconds` spent in `phase` before the clock started (the imports that precede it)."""
+        self.totals[phase] = self.totals.get(phase, 0.0) + seconds
+
     def stop(self) -> dict[str, float]:
         """End the phase in progress; the totals, rounded to milliseconds."""
         self.mark(None)

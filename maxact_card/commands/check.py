@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -277,10 +278,12 @@ def run_check(request: CheckRequest) -> CheckOutcome | None:
 
     Returns None in the processes other than rank 0 of a data-parallel run.
     """
+    started = time.perf_counter()
     from maxact_card.measure.run import run_measure  # torch: only when a command runs
 
+    import_s = time.perf_counter() - started
     policy, baseline = _preflight(request)
-    results = run_measure(request.measure)
+    results = run_measure(request.measure, import_s=import_s)
     if results is None:
         return None
     if request.out is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -327,7 +328,10 @@ def measure_cmd(
     gpus: GpusOpt = None,
 ) -> None:
     """Measure max|a| at every site of MODEL over a calibration corpus."""
+    started = time.perf_counter()
     from maxact_card.measure.run import MeasureOptions, run_measure  # torch: only when a command runs
+
+    import_s = time.perf_counter() - started
 
     opts = MeasureOptions(
         model=model, revision=revision, token=token, corpus=corpus, samples=samples, max_seq_len=max_seq_len,
@@ -340,7 +344,7 @@ def measure_cmd(
     check_writable(out, "--out")
     launch_if_asked(gpus, opts, "measure")
     with Display(enabled=sys.stderr.isatty() and fmt is not OutputFormat.json):
-        results = run_measure(opts)
+        results = run_measure(opts, import_s=import_s)
     if results is None:  # another process of a data-parallel run: rank 0 reports
         return
     if out is not None:

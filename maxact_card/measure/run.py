@@ -213,15 +213,17 @@ def decoder(tokenizer: Any) -> Callable[[int], str]:
     return lambda token_id: decode_ids(tokenizer, [token_id])
 
 
-def run_measure(opts: MeasureOptions) -> dict[str, Any] | None:
+def run_measure(opts: MeasureOptions, *, import_s: float = 0.0) -> dict[str, Any] | None:
     """Measure `opts.model` (and with `opts.quant`, check INT8/FP8 on held-out data); return the results.
 
     Under torchrun every process measures its share of the batches and all of them end up with
     the same merged statistics; only rank 0 gets the results, the others get None. Each step is
-    announced through `progress` (rank 0's only).
+    announced through `progress` (rank 0's only). `import_s`: the seconds the caller spent importing
+    this module (torch with it), counted in the "import" phase.
     """
     world = distributed.world_from_env()
     with progress.timing() as clock, (progress.listening(None) if not world.is_main else contextlib.nullcontext()):
+        clock.add("import", import_s)
         results = _measure(opts, world)
         if results is not None:
             results["run"]["phases"] = clock.stop()
