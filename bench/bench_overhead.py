@@ -32,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from maxact_card.corpus import batches as make_batches  # noqa: E402
+from maxact_card.measure.budget import active_parameters  # noqa: E402
 from maxact_card.measure.loop import base_model, measure, needs_attention_mask, pad_batch  # noqa: E402
 from maxact_card.model.fusion import fused_forward  # noqa: E402
 from maxact_card.switches import turned_off  # noqa: E402
@@ -162,14 +163,8 @@ def peak_tflops(device: torch.device, override: float | None) -> float | None:
 
 
 def active_params(runner: torch.nn.Module, config) -> float:  # type: ignore[no-untyped-def]
-    """Parameters one token passes through: all of them, less the experts it is not routed to."""
-    total = sum(p.numel() for p in runner.parameters())
-    experts = int(getattr(config, "num_experts", 0) or 0)
-    routed = int(getattr(config, "num_experts_per_tok", 0) or 0)
-    if not experts or not routed:
-        return float(total)
-    expert_params = sum(p.numel() for n, p in runner.named_parameters() if ".experts." in n or n.endswith(".experts"))
-    return total - expert_params * (1 - routed / experts)
+    """Parameters one token passes through (`measure.budget.active_parameters`)."""
+    return active_parameters(runner)
 
 
 def model_flops(runner: torch.nn.Module, config, lengths: list[int]) -> float:  # type: ignore[no-untyped-def]

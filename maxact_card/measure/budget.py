@@ -91,7 +91,7 @@ def auto_batch_tokens(model: Any, device: torch.device, dtype: torch.dtype, max_
 # whole CLI, bench/bench_e2e.py): 9-24 s of compile on empty caches; the loop about 6% faster.
 COMPILE_COST_S = 15.0
 COMPILE_GAIN = 0.06
-# The loop is predicted from its matmuls: 2 x parameters x padded tokens, at half the device's dense
+# The loop is predicted from its matmuls: 2 x active parameters x padded tokens, at half the device's dense
 # bf16 peak (measuring Qwen3-8B reaches about 0.6 of it on an H100); devices without a known peak
 # (`PEAK_BF16_TFLOPS`) get 100 TFLOP/s.
 _ACHIEVED = 0.5
@@ -110,7 +110,23 @@ class CompileChoice:
         return {"chosen": self.chosen, "predicted_loop_s": loop, "why": self.why}
 
 
-def compile_choice(padded_tokens: int, parameters: int, device: torch.device) -> CompileChoice:
+def active_parameters(model: torch.nn.Module) -> float:
+    """Parameters one token passes through: all of them, less the share of the routed experts it is
+    not sent to (a mixture of experts runs num_experts_per_tok of its experts per token)."""
+    total = sum(p.numel() for p in model.parameters())
+    config = getattr(model, "config", None)
+    get_text = getattr(config, "get_text_config", None)
+    text = get_text() if callable(get_text) else config
+    experts = next((int(v) for a in ("num_experts", "num_local_experts", "n_routed_experts")
+                    if isinstance(v := getattr(text, a, None), int) and v > 1), 0)
+    routed = getattr(text, "num_experts_per_tok", None)
+    if not experts or not isinstance(routed, int) or not 0 < routed < experts:
+        return float(total)
+    in_experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n or n.endswith(".experts"))
+    return total - in_experts * (1 - routed / experts)
+
+
+def compile_choice(padded_tokens: int, parameters: float, device: torch.device) -> CompileChoice:
     """Compile the fused pieces only when the predicted loop gains more than the compile costs."""
     if device.type != "cuda":
         return CompileChoice(False, None, "not on CUDA: norms and rotary run as the model has them")

@@ -22,7 +22,7 @@ from maxact_card import quant as quant_mod
 from maxact_card.corpus.tokenizing import DEFAULT_MAX_SEQ_LEN
 from maxact_card.errors import RuntimeFailure, UsageError
 from maxact_card.measure import distributed
-from maxact_card.measure.budget import auto_batch_tokens, compile_choice
+from maxact_card.measure.budget import active_parameters, auto_batch_tokens, compile_choice
 from maxact_card.measure.loop import (
     Accumulators,
     LoopControl,
@@ -314,8 +314,7 @@ class _Run:
 
         # this process's share of the padded tokens: what its loop costs, and so whether compiling pays
         share = sum(padded_tokens(token_ids, b) for b in plan) / self.world.size
-        parameters = sum(p.numel() for p in loaded.model.parameters())
-        choice = compile_choice(round(share), parameters, loaded.device)
+        choice = compile_choice(round(share), active_parameters(loaded.model), loaded.device)
 
         def run_fn(batches: list[list[int]], control: LoopControl) -> LoopReport:
             return run_measurement(measurement, loaded.model, batches=batches, device=loaded.device,

@@ -427,3 +427,16 @@ def test_no_compile_off_cuda_or_switched_off(monkeypatch: pytest.MonkeyPatch) ->
         "why": "not on CUDA: norms and rotary run as the model has them"}
     monkeypatch.setenv("MAXACT_CARD_FUSE", "0")
     assert budget.compile_choice(10**9, 10**10, torch.device("cuda", 0)).why == "MAXACT_CARD_FUSE=0"
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "deepseek_v3", "llama"])
+def test_a_mixture_of_experts_is_costed_by_the_experts_a_token_runs(arch: str) -> None:
+    """The compile choice's loop prediction counts the parameters a token passes through: a tiny MoE
+    with 4 experts of which 2 run per token counts half its expert weights; a dense model all."""
+    model: Any = build_model(arch)
+    total = sum(p.numel() for p in model.parameters())
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n or n.endswith(".experts"))
+    if arch == "llama":
+        assert experts == 0 and budget.active_parameters(model) == total
+    else:
+        assert experts > 0 and budget.active_parameters(model) == total - experts / 2
