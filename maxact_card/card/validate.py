@@ -18,10 +18,11 @@ from maxact_card.card.chart import render_chart
 from maxact_card.card.front_matter import CardError, CardProblem, decode_card, parse_card
 from maxact_card.card.paths import CARD_FILE, DEFAULT_CHART_PATH, DEFAULT_RESULTS_PATH
 from maxact_card.card.section import SUMMARY_KEY, card_summary, parse_results, render_section
-from maxact_card.documents import check_companion, sha256_file
+from maxact_card.documents import COMPANION_SUFFIX, check_companion, sha256_file
 from maxact_card.errors import UsageError
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
+EXPORT_PREFIX = "maxact-"  # the default names of `maxact-card export`'s files (maxact_card.export.FORMATS)
 
 
 class CheckStatus(str, enum.Enum):
@@ -123,7 +124,9 @@ class LocalSource:
         for current, dirs, names in os.walk(self.root):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             for name in sorted(names):
-                if name.endswith(WEIGHT_SUFFIXES):
+                # our own files are not weights: the results' per-channel companion and the exports
+                if name.endswith(WEIGHT_SUFFIXES) and not name.endswith(COMPANION_SUFFIX) \
+                        and not name.startswith(EXPORT_PREFIX):
                     full = Path(current) / name
                     rel = full.relative_to(self.root).as_posix()
                     files.append(WeightFile(rel, full.stat().st_size, functools.partial(sha256_file, full)))
