@@ -39,7 +39,7 @@ def _options(
 def _register() -> None:
     import importlib
 
-    for name in ("measure", "render", "validate", "publish", "check", "diff"):
+    for name in ("measure", "render", "validate", "publish", "check", "diff", "export"):
         try:
             module = importlib.import_module(f"maxact_card.commands.{name}")
         except ModuleNotFoundError as exc:

@@ -18,8 +18,14 @@ from typing import Any
 from maxact_card.errors import SchemaError, UsageError
 from maxact_card.resources import load_schema
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+#: The oldest results schema version still read: version 3 only added the per-channel companion file
+#: (`channels`), so a version 2 file renders, gates and diffs as before; what needs the vectors
+#: (`require_channels`) says that it predates them.
+OLDEST_READABLE_VERSION = 2
 RESULTS_SCHEMA = "maxact-results.schema.json"
+#: The suffix of the companion file beside a results file: `results.json` → `results.channels.safetensors`.
+COMPANION_SUFFIX = ".channels.safetensors"
 
 #: Components in model order (the results schema's enum); reports list them in this order.
 COMPONENTS: tuple[str, ...] = (
@@ -100,10 +106,10 @@ _RERUN_HINT = "re-run `maxact-card measure` to write a valid results file"
 def _version_problem(doc: Any) -> tuple[str, str] | None:
     """(`$.schema_version: ...`, what to do) for a results document of another schema version; else None."""
     version = doc.get("schema_version") if isinstance(doc, dict) else None
-    if not isinstance(version, int) or isinstance(version, bool) or version == SCHEMA_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or OLDEST_READABLE_VERSION <= version <= SCHEMA_VERSION:
         return None  # a missing or mistyped version is an ordinary schema violation
-    if version < SCHEMA_VERSION:
-        return f"$.schema_version: schema version {version} is older than {SCHEMA_VERSION}", _RERUN_HINT
+    if version < OLDEST_READABLE_VERSION:
+        return f"$.schema_version: schema version {version} is older than {OLDEST_READABLE_VERSION}", _RERUN_HINT
     newer = f"schema version {version} is newer than this maxact-card understands ({SCHEMA_VERSION})"
     return f"$.schema_version: {newer}", "upgrade maxact-card, or re-run `maxact-card measure` with this version"
 
@@ -249,7 +255,78 @@ def dumps(results: dict[str, Any]) -> str:
     return json.dumps(results, indent=1, ensure_ascii=False, allow_nan=False) + "\n"
 
 
-def write_results(results: dict[str, Any], path: Path) -> None:
-    """Validate, then write atomically."""
-    validate_results(results, source=str(path))
-    atomic_write_text(path, dumps(results))
+def companion_path(results_path: Path) -> Path:
+    """Where the per-channel companion of a results file lies: beside it, `<stem>.channels.safetensors`."""
+    results_path = Path(results_path)
+    return results_path.with_name(results_path.stem + COMPANION_SUFFIX)
+
+
+def write_results(results: dict[str, Any], path: Path, *, channels: bytes | None = None,
+                  sites: int | None = None) -> dict[str, Any]:
+    """Validate, then write atomically; returns the document as written.
+
+    With `channels` (the bytes of the per-channel safetensors file, `sites` vectors in it) the
+    companion is written beside `path` and the document records its name and sha256 in `channels`.
+    Both files are staged whole before either is renamed into place, the companion first: an
+    interrupted write leaves the old pair or, for an instant, a new companion beside the old JSON,
+    which names the old companion's sha256 and so is refused, never read as the new results.
+    """
+    path = Path(path)
+    doc = dict(results)
+    doc.pop("channels", None)
+    if channels is not None:
+        companion = companion_path(path)
+        doc["channels"] = {"file": companion.name, "sha256": hashlib.sha256(channels).hexdigest(),
+                           "sites": len(doc["sites"]) if sites is None else sites}
+    validate_results(doc, source=str(path))
+    files = [(companion_path(path), channels)] if channels is not None else []
+    atomic_write_set([*files, (path, dumps(doc).encode("utf-8"))])
+    return doc
+
+
+# --- the per-channel companion ------------------------------------------------------------------
+def require_channels(results: dict[str, Any], *, source: str, what: str) -> None:
+    """Refuse (UsageError, exit 2) results that hold no per-channel vectors, saying why and what to do."""
+    version = results.get("schema_version")
+    if isinstance(version, int) and version < SCHEMA_VERSION:
+        raise UsageError(f"{source}::$.schema_version: schema version {version} predates the per-channel vectors "
+                         f"{what} needs (schema version {SCHEMA_VERSION})",
+                         hint="measure again with this maxact-card and --out to write them")
+    if not results.get("channels"):
+        raise UsageError(f"{source} names no per-channel companion file, which {what} needs",
+                         hint="it was printed rather than written: measure again with --out FILE")
+
+
+def check_companion(results: dict[str, Any], data: bytes | None, *, source: str) -> None:
+    """Refuse (UsageError, exit 2) a missing or altered companion of results that name one.
+
+    `data` is the companion's bytes (None when it does not exist); `source` names the results file.
+    """
+    named = results.get("channels")
+    if not named:
+        return
+    if data is None:
+        raise UsageError(f"{source} names the companion file {named['file']}, which is missing beside it",
+                         hint="keep the two files together (copy or upload both), or measure again")
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != named["sha256"]:
+        raise UsageError(f"the companion file {named['file']} of {source} has sha256 {digest[:12]}…, "
+                         f"the results name {named['sha256'][:12]}…",
+                         hint="it was altered or belongs to other results: restore it, or measure again")
+
+
+def read_companion(results: dict[str, Any], results_path: Path) -> bytes | None:
+    """The checked bytes of the companion that `results` (read from `results_path`) name; None when
+    they name none. A missing or altered companion is a UsageError (`check_companion`)."""
+    named = results.get("channels")
+    if not named:
+        return None
+    name = named["file"]
+    if "/" in name or "\\" in name or name in (".", ".."):
+        raise UsageError(f"{results_path}::$.channels.file: {name!r} is not a file name beside the results")
+    try:
+        data: bytes | None = (Path(results_path).parent / name).read_bytes()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        data = None
+    check_companion(results, data, source=str(results_path))
+    return data

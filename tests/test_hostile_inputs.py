@@ -98,7 +98,7 @@ def test_output_paths_that_cannot_be_written_are_refused_before_measuring(
     def must_not_run(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("measured before checking the output path")
 
-    monkeypatch.setattr("maxact_card.measure.run.run_measure", must_not_run)
+    monkeypatch.setattr("maxact_card.measure.run.measure_run", must_not_run)
     folder = tmp_path / "folder"
     folder.mkdir()
     a_file = tmp_path / "a_file"
@@ -115,7 +115,7 @@ def test_output_paths_that_cannot_be_written_are_refused_before_measuring(
 
 def test_results_that_cannot_be_written_after_a_run_are_kept(
         llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def disk_full(results: dict[str, Any], path: Path) -> None:
+    def disk_full(results: dict[str, Any], path: Path, **kwargs: Any) -> None:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(measure_cmd, "write_results", disk_full)

@@ -55,7 +55,7 @@ def test_a_message_that_quotes_the_token_shows_it_redacted(monkeypatch: pytest.M
     def leaky(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError(f"Illegal header value b'Bearer {SECRET}\\r' (and again: {SECRET})")
 
-    monkeypatch.setattr("maxact_card.measure.run.run_measure", leaky)
+    monkeypatch.setattr("maxact_card.measure.run.measure_run", leaky)
     for env in ({}, {"MAXACT_CARD_DEBUG": "1"}):
         res = CliRunner().invoke(app, ["check", "org/model", "--token", SECRET + "\r", "--device", "cpu"], env=env)
         assert res.exit_code == 3

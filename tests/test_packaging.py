@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import venv
@@ -41,7 +42,9 @@ for name in cuda:  # as the kernels read them (importing the package alone needs
 print(json.dumps({"file": maxact_card.__file__, "schemas": schemas, "templates": templates, "cuda": cuda,
                   "corpus": len(builtin_corpus().samples)}))
 """
-    out = subprocess.run([str(python), "-c", probe], check=True, capture_output=True, text=True, cwd=tmp_path)
+    # without PYTHONPATH: a source tree put on it (a worktree's tests) would be imported instead of the wheel
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([str(python), "-c", probe], check=True, capture_output=True, text=True, cwd=tmp_path, env=env)
     import json
 
     found = json.loads(out.stdout.strip().splitlines()[-1])

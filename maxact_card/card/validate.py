@@ -7,6 +7,7 @@ from __future__ import annotations
 import enum
 import functools
 import os
+import posixpath
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,10 +18,11 @@ from maxact_card.card.chart import render_chart
 from maxact_card.card.front_matter import CardError, CardProblem, decode_card, parse_card
 from maxact_card.card.paths import CARD_FILE, DEFAULT_CHART_PATH, DEFAULT_RESULTS_PATH
 from maxact_card.card.section import SUMMARY_KEY, card_summary, parse_results, render_section
-from maxact_card.documents import sha256_file
+from maxact_card.documents import COMPANION_SUFFIX, check_companion, sha256_file
 from maxact_card.errors import UsageError
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
+EXPORT_PREFIX = "maxact-"  # the default names of `maxact-card export`'s files (maxact_card.export.FORMATS)
 
 
 class CheckStatus(str, enum.Enum):
@@ -122,7 +124,9 @@ class LocalSource:
         for current, dirs, names in os.walk(self.root):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             for name in sorted(names):
-                if name.endswith(WEIGHT_SUFFIXES):
+                # our own files are not weights: the results' per-channel companion and the exports
+                if name.endswith(WEIGHT_SUFFIXES) and not name.endswith(COMPANION_SUFFIX) \
+                        and not name.startswith(EXPORT_PREFIX):
                     full = Path(current) / name
                     rel = full.relative_to(self.root).as_posix()
                     files.append(WeightFile(rel, full.stat().st_size, functools.partial(sha256_file, full)))
@@ -231,12 +235,15 @@ def _check_weights(results: Mapping[str, Any], source: CardSource) -> Check:
     return Check("weights", CheckStatus.passed, message + (f" ({'; '.join(notes)})" if notes else ""))
 
 
-def validate_card(source: CardSource, *, results_file: tuple[str, bytes] | None = None) -> ValidationReport:
+def validate_card(source: CardSource, *, results_file: tuple[str, bytes] | None = None,
+                  read_beside_results: Callable[[str], bytes | None] | None = None) -> ValidationReport:
     """Check a card against its results: one section, valid results, section/summary/chart/weights agree.
 
-    `results_file` is (name, bytes) of a results file given explicitly; otherwise the file named in
-    the card's `maxact:` summary, or `maxact/results.json` beside the card. Raises CardError (exit 2)
-    for an unreadable card, broken markers or duplicate sections; everything else is a check.
+    `results_file` is (name, bytes) of a results file given explicitly, and `read_beside_results`
+    reads a file beside it (its companion); otherwise the file named in the card's `maxact:` summary,
+    or `maxact/results.json` beside the card. Raises CardError (exit 2) for an unreadable card, broken
+    markers or duplicate sections, and UsageError (exit 2) when the results name a per-channel
+    companion that is missing or altered (`documents.check_companion`); everything else is a check.
     """
     raw = source.read(source.card_name)
     if raw is None:
@@ -283,11 +290,19 @@ def validate_card(source: CardSource, *, results_file: tuple[str, bytes] | None 
         except UsageError as exc:
             checks.append(Check("results", CheckStatus.failed, exc.message, exc.hint))
         else:
+            if results.get("channels"):
+                if read_beside_results is None:
+                    folder = posixpath.dirname(results_name)
+                    data = source.read(posixpath.join(folder, results["channels"]["file"]))
+                else:
+                    data = read_beside_results(results["channels"]["file"])
+                check_companion(results, data, source=results_name)
+            companion = ", its companion's sha256 matches" if results.get("channels") else ""
             checks.append(
                 Check(
                     "results",
                     CheckStatus.passed,
-                    f"{results_name} is valid (schema version {results['schema_version']})",
+                    f"{results_name} is valid (schema version {results['schema_version']}){companion}",
                 )
             )
 

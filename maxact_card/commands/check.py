@@ -64,6 +64,7 @@ from maxact_card.commands.measure import (
 from maxact_card.commands.render import CardOpt, run_render
 from maxact_card.documents import atomic_write_text, check_writable, validate_results, write_results
 from maxact_card.errors import EXIT_GATE, UsageError
+from maxact_card.export import parse_formats
 from maxact_card.fmt import printable
 from maxact_card.gate.baseline import load_baseline
 from maxact_card.gate.policy import DEFAULT_POLICY, FP16_MAX, Policy, load_policy
@@ -131,6 +132,16 @@ PrBaseOpt = Annotated[
         show_default=False,
     ),
 ]
+CheckExportsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--exports",
+        help="With --create-pr, also add these exports to the commit, comma-separated: smoothquant, kv-scales, "
+        "input-scales, outliers (see `maxact-card export`).",
+        envvar="MAXACT_CARD_EXPORTS",
+        show_default=False,
+    ),
+]
 VerdictOutOpt = Annotated[
     Path | None,
     typer.Option(
@@ -153,6 +164,7 @@ class CheckRequest:
     card: Path | None = None
     create_pr: bool = False
     pr_base: str | None = None
+    exports: tuple[str, ...] = ()  # export formats added to the --create-pr commit
 
 
 @dataclass(frozen=True)
@@ -226,6 +238,13 @@ def _preflight(request: CheckRequest) -> tuple[Policy, dict[str, Any] | None]:
                 parse_card(decode_card(target.read_bytes(), source=str(target)))
             except OSError as exc:
                 raise UsageError(f"cannot read the card {target}: {exc.strerror}") from None
+    if request.exports and not request.create_pr:
+        raise UsageError("--exports adds files to the --create-pr commit", hint="pass --create-pr, or run "
+                         "`maxact-card export` on the results file")
+    needs_gemm = [f for f in request.exports if f in ("smoothquant", "input-scales")]
+    if needs_gemm and not request.measure.gemm_inputs:
+        raise UsageError(f"--exports {needs_gemm[0]} needs the input of every Linear layer",
+                         hint="add --gemm-inputs")
     if request.create_pr:
         from maxact_card.hub.client import is_repo_id
 
@@ -241,19 +260,20 @@ def _preflight(request: CheckRequest) -> tuple[Policy, dict[str, Any] | None]:
     return policy, baseline
 
 
-def _write_card(results: dict[str, Any], card: Path, out: Path | None) -> Path:
+def _write_card(results: dict[str, Any], card: Path, out: Path | None, channels: bytes | None) -> Path:
     """Write results where the card links them, then splice the section and the chart (render's code)."""
     target = card_file(card)
     beside = target.parent / DEFAULT_RESULTS_PATH
     # The card links the results file: --out when it lies under the card's folder, else a copy beside it.
     linked = out if out is not None and relative_link(out, target.parent) is not None else beside
     if linked != out:
-        write_results(results, linked)
+        write_results(results, linked, channels=channels)
     run_render(linked, target, None, None)
     return target
 
 
-def _publish(results: dict[str, Any], results_path: Path | None, request: CheckRequest) -> str | None:
+def _publish(results: dict[str, Any], results_path: Path | None, request: CheckRequest,
+             channels: bytes | None) -> str | None:
     """Open or update the Hub pull request through `publish`'s own code path; the PR's URL."""
     from maxact_card.commands.publish import run_publish
 
@@ -262,14 +282,14 @@ def _publish(results: dict[str, Any], results_path: Path | None, request: CheckR
     def publish(path: Path) -> str | None:
         # the measured revision is in the results; the PR goes to the branch that receives the card
         outcome = run_publish(opts.model, path, revision=request.pr_base, direct=False, dry_run=False,
-                              allow_stale=False, token=opts.token)  # fmt: skip
+                              allow_stale=False, token=opts.token, exports=request.exports)  # fmt: skip
         return outcome.url
 
     if results_path is not None:
         return publish(results_path)
     with tempfile.TemporaryDirectory(prefix="maxact-card-") as tmp:  # publish reads a results file
         path = Path(tmp) / "results.json"
-        write_results(results, path)
+        write_results(results, path, channels=channels)
         return publish(path)
 
 
@@ -279,15 +299,16 @@ def run_check(request: CheckRequest) -> CheckOutcome | None:
     Returns None in the processes other than rank 0 of a data-parallel run.
     """
     started = time.perf_counter()
-    from maxact_card.measure.run import run_measure  # torch: only when a command runs
+    from maxact_card.measure.run import measure_run  # torch: only when a command runs
 
     import_s = time.perf_counter() - started
     policy, baseline = _preflight(request)
-    results = run_measure(request.measure, import_s=import_s)
-    if results is None:
+    measured = measure_run(request.measure, import_s=import_s)
+    if measured is None:
         return None
+    results, channels = measured.results, measured.channels
     if request.out is not None:
-        write_results(results, request.out)
+        results = write_results(results, request.out, channels=channels)
     else:
         validate_results(results, source="measured results")
     results_path = request.out
@@ -298,13 +319,13 @@ def run_check(request: CheckRequest) -> CheckOutcome | None:
         # that fixing a stale card is one commit of what this check left in place.
         given = card_file(request.card)
         status = card_status(given, fresh=results) if given.is_file() else CardStatus(present=False, stale=None)
-        card_path = _write_card(results, request.card, request.out)
+        card_path = _write_card(results, request.card, request.out, channels)
         results_path = results_path or card_path.parent / DEFAULT_RESULTS_PATH
     verdict = evaluate(results, policy, baseline=baseline, card=status)
     pr_url = None
     pr_skipped = request.create_pr and not verdict.passed
     if request.create_pr and verdict.passed:
-        pr_url = _publish(results, results_path, request)
+        pr_url = _publish(results, results_path, request, channels)
     return CheckOutcome(results, results_path, verdict, card_path, pr_url, pr_skipped,
                         card_was_stale=bool(status is not None and status.stale))
 
@@ -371,6 +392,7 @@ def check_cmd(
     card: CardOpt = None,
     create_pr: CreatePrOpt = False,
     pr_base: PrBaseOpt = None,
+    exports: CheckExportsOpt = None,
     verdict_out: VerdictOutOpt = None,
     fmt: FormatOpt = OutputFormat.text,
     revision: RevisionOpt = None,
@@ -413,6 +435,7 @@ def check_cmd(
             checkpoint_every=checkpoint_every,
         ),
         policy_path=policy, baseline=baseline, out=out, card=card, create_pr=create_pr, pr_base=pr_base,
+        exports=parse_formats(exports),
     )  # fmt: skip
     check_writable(verdict_out, "--verdict-out")
     launch_if_asked(gpus, request.measure, "check")

@@ -178,10 +178,12 @@ def summary_lines(results: dict[str, Any], width: int | None) -> list[str]:
     return lines
 
 
-def save_results(results: dict[str, Any], out: Path) -> None:
-    """Write the results to `out`; if that fails after a run, keep them in a temp file and say where."""
+def save_results(results: dict[str, Any], out: Path, channels: bytes | None = None) -> dict[str, Any]:
+    """Write the results to `out` and their per-channel companion beside it; returns the document as
+    written (it names the companion). If that fails after a run, keep the results in a temp file and
+    say where."""
     try:
-        write_results(results, out)
+        return write_results(results, out, channels=channels)
     except OSError as exc:
         import tempfile
 
@@ -329,7 +331,7 @@ def measure_cmd(
 ) -> None:
     """Measure max|a| at every site of MODEL over a calibration corpus."""
     started = time.perf_counter()
-    from maxact_card.measure.run import MeasureOptions, run_measure  # torch: only when a command runs
+    from maxact_card.measure.run import MeasureOptions, measure_run  # torch: only when a command runs
 
     import_s = time.perf_counter() - started
 
@@ -344,11 +346,12 @@ def measure_cmd(
     check_writable(out, "--out")
     launch_if_asked(gpus, opts, "measure")
     with Display(enabled=sys.stderr.isatty() and fmt is not OutputFormat.json):
-        results = run_measure(opts, import_s=import_s)
-    if results is None:  # another process of a data-parallel run: rank 0 reports
+        measured = measure_run(opts, import_s=import_s)
+    if measured is None:  # another process of a data-parallel run: rank 0 reports
         return
+    results = measured.results
     if out is not None:
-        save_results(results, Path(out))
+        results = save_results(results, Path(out), measured.channels)
     print_results(results, fmt)
     if out is not None and fmt is not OutputFormat.json:
         stderr_console().print(f"results written to {out}")

@@ -34,8 +34,9 @@ from maxact_card.commands._common import (
     stderr_console,
 )
 from maxact_card.corpus import BUILTIN_ID
-from maxact_card.documents import COMPONENTS, dumps
+from maxact_card.documents import COMPONENTS, companion_path, dumps, read_companion
 from maxact_card.errors import UsageError
+from maxact_card.export import file_names, parse_formats
 from maxact_card.resources import template_text
 
 DESCRIPTION_TEMPLATE = "pr_description.md.j2"
@@ -74,6 +75,16 @@ DryRunOpt = Annotated[
     bool,
     typer.Option(
         "--dry-run", help="Print the card's diff and the files; write nothing.", envvar="MAXACT_CARD_DRY_RUN"
+    ),
+]
+ExportsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--exports",
+        help="Also add these exports to the commit, comma-separated: smoothquant, kv-scales, input-scales, "
+        "outliers (see `maxact-card export`).",
+        envvar="MAXACT_CARD_EXPORTS",
+        show_default=False,
     ),
 ]
 AllowStaleOpt = Annotated[
@@ -344,11 +355,14 @@ def run_publish(
     dry_run: bool,
     allow_stale: bool,
     token: str | None,
+    exports: str | tuple[str, ...] | None = None,
 ) -> hub.PublishOutcome:
     """Check, build and publish; returns what hub.publish did. Raises typed errors."""
     if not _REPO_ID.fullmatch(repo_id) or ".." in repo_id:
         raise UsageError(f"{repo_id!r} is not a Hub repo id", hint="pass the model repo as org/name")
+    formats = parse_formats(exports)
     results = read_results(results_path)
+    companion = read_companion(results, results_path)  # the JSON names it: the repo must hold it too
     hub.check_publish_target(repo_id, revision or "main", token, dry_run=dry_run)
     commit = check_weights(results, repo_id, revision, token, allow_stale=allow_stale)
     if results["model"].get("source") == "hub" and results["model"]["id"] != repo_id:
@@ -356,10 +370,14 @@ def run_publish(
             f"note: the results name {results['model']['id']}; its weights match {repo_id}", markup=False
         )
     # Everything is rendered before anything is sent: an error leaves the repo untouched.
-    files = {
-        DEFAULT_RESULTS_PATH: dumps(results).encode("utf-8"),
-        DEFAULT_CHART_PATH: render_chart(results).encode("utf-8"),
-    }
+    files = {DEFAULT_CHART_PATH: render_chart(results).encode("utf-8"),
+             **export_files(results, results_path, formats)}
+    if companion is not None:
+        # beside the results under their repo name, so the published JSON names the file next to it
+        published = companion_path(Path(DEFAULT_RESULTS_PATH))
+        results = {**results, "channels": {**results["channels"], "file": published.name}}
+        files[published.as_posix()] = companion
+    files = {DEFAULT_RESULTS_PATH: dumps(results).encode("utf-8"), **files}
     return hub.publish(
         repo_id,
         build_card=lambda current: splice_card(
@@ -373,6 +391,25 @@ def run_publish(
         dry_run=dry_run,
         token=token,
     )
+
+
+def export_files(results: dict[str, Any], results_path: Path, formats: tuple[str, ...]) -> dict[str, bytes]:
+    """{repo path: bytes} of each export asked for, beside the results (`maxact/<format's file name>`)."""
+    if not formats:
+        return {}
+    from maxact_card.export import build
+    from maxact_card.export.inputs import Inputs
+
+    inputs = Inputs.read(results, results_path)
+    paths = published_exports(formats)
+    return {paths[name]: build(inputs, name) for name in formats}
+
+
+def published_exports(formats: tuple[str, ...]) -> dict[str, str]:
+    """format → where publish puts its file, relative to the card (`maxact/maxact-act-scales.pt`):
+    the links the card's section gives to what was exported."""
+    folder = Path(DEFAULT_RESULTS_PATH).parent
+    return {name: (folder / file_name).as_posix() for name, file_name in file_names(formats).items()}
 
 
 def outcome_text(outcome: hub.PublishOutcome, repo_id: str, revision: str | None, *, direct: bool) -> str:
@@ -439,6 +476,7 @@ def register(app: typer.Typer) -> None:
         allow_stale: AllowStaleOpt = False,
         token: TokenOpt = None,
         fmt_: FormatOpt = OutputFormat.text,
+        exports: ExportsOpt = None,
     ) -> None:
         if fmt_ is OutputFormat.markdown:
             raise UsageError("publish reports as text or json", hint="pass --format text or --format json")
@@ -450,6 +488,7 @@ def register(app: typer.Typer) -> None:
             dry_run=dry_run,
             allow_stale=allow_stale,
             token=token,
+            exports=exports,
         )
         out = (
             outcome_json(outcome)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import posixpath
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -72,17 +75,26 @@ def resolve_source(target: str, *, revision: str | None, token: str | None) -> C
     )
 
 
-def read_results_option(results: Path, source: CardSource) -> tuple[str, bytes]:
-    """An explicit --results: a local file, or (for a Hub repo) a path inside the repo."""
+def read_results_option(results: Path, source: CardSource) -> tuple[str, bytes, Callable[[str], bytes | None]]:
+    """An explicit --results: a local file, or (for a Hub repo) a path inside the repo; with a reader
+    of the files beside it (its per-channel companion)."""
     if results.is_file():
-        return str(results), results.read_bytes()
+        return str(results), results.read_bytes(), functools.partial(_read_local, results.parent)
     if isinstance(source, HubSource):
         data = source.read(results.as_posix())
         if data is not None:
-            return results.as_posix(), data
+            folder = posixpath.dirname(results.as_posix())
+            return results.as_posix(), data, lambda name: source.read(posixpath.join(folder, name))
     raise UsageError(
         f"results file {results} does not exist", hint="pass the file `maxact-card measure --out` wrote"
     )
+
+
+def _read_local(folder: Path, name: str) -> bytes | None:
+    try:
+        return (folder / name).read_bytes()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return None
 
 
 def format_text(report: ValidationReport) -> str:
@@ -145,8 +157,11 @@ def register(app: typer.Typer) -> None:
         output_format: FormatOpt = OutputFormat.text,
     ) -> None:
         source = resolve_source(target, revision=revision, token=token)
-        results_file = read_results_option(results, source) if results is not None else None
-        report = validate_card(source, results_file=results_file)
+        if results is not None:
+            name, data, beside = read_results_option(results, source)
+            report = validate_card(source, results_file=(name, data), read_beside_results=beside)
+        else:
+            report = validate_card(source)
         if output_format is OutputFormat.json:
             text = json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n"
         elif output_format is OutputFormat.markdown:

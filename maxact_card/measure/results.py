@@ -165,6 +165,22 @@ def _heads(heads: int | None, channel_max: torch.Tensor) -> dict[str, Any]:
     return {"heads": heads, "head_max_abs": channel_max.view(heads, -1).amax(dim=1).tolist()}
 
 
+def channel_file(measurement: Measurement, results: dict[str, Any]) -> bytes:
+    """The bytes of the per-channel companion file: per site of `results`, its `channel_max` (float32
+    [width], max|a| per input channel over every measured token), keyed by the site's name.
+
+    The accumulators already hold these vectors, merged by max across batches, resumed sessions
+    and processes, so a resumed or data-parallel run writes the same bytes as one process. The
+    safetensors layout (tensors ordered by name, no metadata) makes the bytes a function of the
+    vectors alone, so the sha256 the results record identifies them.
+    """
+    from safetensors.torch import save
+
+    vectors = {site["name"]: measurement.stats[site["name"]].channel_max.detach().to("cpu", torch.float32).clone()
+               for site in results["sites"]}
+    return save(vectors)
+
+
 def _order(site: dict[str, Any]) -> int:
     layer = site["layer"]
     return -1 if layer is None else layer

@@ -34,7 +34,7 @@ from maxact_card.measure.loop import (
     run_hooked,
     run_measurement,
 )
-from maxact_card.measure.results import build_results
+from maxact_card.measure.results import build_results, channel_file
 from maxact_card.measure.sites import SiteMap, discover
 from maxact_card.measure.state import PassState, StateDir, fingerprint_digest
 from maxact_card.model.checkpoint import LoadedModel, load
@@ -213,6 +213,15 @@ def decoder(tokenizer: Any) -> Callable[[int], str]:
     return lambda token_id: decode_ids(tokenizer, [token_id])
 
 
+@dataclass(frozen=True)
+class Measured:
+    """A finished run: the results document and the bytes of its per-channel companion file
+    (`results.channel_file`), which `documents.write_results` writes beside the results."""
+
+    results: dict[str, Any]
+    channels: bytes
+
+
 def run_measure(opts: MeasureOptions, *, import_s: float = 0.0) -> dict[str, Any] | None:
     """Measure `opts.model` (and with `opts.quant`, check INT8/FP8 on held-out data); return the results.
 
@@ -221,16 +230,22 @@ def run_measure(opts: MeasureOptions, *, import_s: float = 0.0) -> dict[str, Any
     announced through `progress` (rank 0's only). `import_s`: the seconds the caller spent importing
     this module (torch with it), counted in the "import" phase.
     """
+    measured = measure_run(opts, import_s=import_s)
+    return None if measured is None else measured.results
+
+
+def measure_run(opts: MeasureOptions, *, import_s: float = 0.0) -> Measured | None:
+    """`run_measure`, with the per-channel vectors the results file's companion holds."""
     world = distributed.world_from_env()
     with progress.timing() as clock, (progress.listening(None) if not world.is_main else contextlib.nullcontext()):
         clock.add("import", import_s)
-        results = _measure(opts, world)
-        if results is not None:
-            results["run"]["phases"] = clock.stop()
-        return results
+        measured = _measure(opts, world)
+        if measured is not None:
+            measured.results["run"]["phases"] = clock.stop()
+        return measured
 
 
-def _measure(opts: MeasureOptions, world: distributed.World) -> dict[str, Any] | None:
+def _measure(opts: MeasureOptions, world: distributed.World) -> Measured | None:
     opts.check()
     if world.distributed and opts.device_map:
         raise UsageError("--device-map spreads one model over the GPUs; it cannot be combined with several processes",
@@ -296,7 +311,7 @@ class _Run:
         self.resumed = False
         self.oom_splits = 0
 
-    def execute(self, started: _dt.datetime) -> dict[str, Any] | None:
+    def execute(self, started: _dt.datetime) -> Measured | None:
         opts, loaded = self.opts, self.loaded
         if opts.quant:
             check_quant_sites(opts.quant_sites, discover(loaded.model, gemm_inputs=opts.gemm_inputs,
@@ -339,7 +354,7 @@ class _Run:
         results["run"]["oom_splits"] = int(splits)
         results["run"]["resumed"] = self.resumed
         results["run"]["forward"] = forward
-        return results if self.world.is_main else None
+        return Measured(results, channel_file(measurement, results)) if self.world.is_main else None
 
     def _open_state(self, directory: Path, truncate: bool) -> StateDir:
         opts, info = self.opts, self.loaded.info

@@ -190,7 +190,7 @@ def test_create_pr_opens_a_pull_request_when_the_gate_passes(
 def test_schema_invalid_policy_exits_2_before_measuring(
     shelf: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("maxact_card.measure.run.run_measure", _must_not_run)
+    monkeypatch.setattr("maxact_card.measure.run.measure_run", _must_not_run)
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"schema_version": 1, "limits": {"global_max_abs": "big"}}), encoding="utf-8")
     res = invoke(shelf, "--policy", bad)
@@ -209,7 +209,7 @@ def test_schema_invalid_policy_exits_2_before_measuring(
 def test_bad_input_exits_2_before_measuring(
     shelf: dict[str, Path], monkeypatch: pytest.MonkeyPatch, args: list[str], message: str
 ) -> None:
-    monkeypatch.setattr("maxact_card.measure.run.run_measure", _must_not_run)
+    monkeypatch.setattr("maxact_card.measure.run.measure_run", _must_not_run)
     res = invoke(shelf, *args)
     assert res.exit_code == 2, res.stderr
     assert message in res.stderr and "Traceback" not in res.stderr
@@ -225,7 +225,7 @@ def test_runtime_failure_exits_3(shelf: dict[str, Path], monkeypatch: pytest.Mon
     def broken(*args: Any, **kwargs: Any) -> None:
         raise RuntimeFailure("the device fell over", hint="try --device cpu")
 
-    monkeypatch.setattr("maxact_card.measure.run.run_measure", broken)
+    monkeypatch.setattr("maxact_card.measure.run.measure_run", broken)
     res = invoke(shelf, "--format", "json")
     assert res.exit_code == 3
     assert res.stderr.strip() == "error: the device fell over; try --device cpu"
@@ -259,7 +259,7 @@ def _must_not_run(*args: Any, **kwargs: Any) -> None:
 def test_a_card_that_cannot_take_the_section_fails_before_measuring(
     shelf: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, card_text: str
 ) -> None:
-    monkeypatch.setattr("maxact_card.measure.run.run_measure", _must_not_run)
+    monkeypatch.setattr("maxact_card.measure.run.measure_run", _must_not_run)
     card = tmp_path / "README.md"
     card.write_text(card_text, encoding="utf-8")
     res = invoke(shelf, "--card", card)
@@ -299,7 +299,7 @@ def test_create_pr_that_cannot_be_published_fails_before_measuring(
     shelf: dict[str, Path], hub_server: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     extra: list[str], token: str | None, says: str,
 ) -> None:
-    monkeypatch.setattr("maxact_card.measure.run.run_measure", _must_not_run)
+    monkeypatch.setattr("maxact_card.measure.run.measure_run", _must_not_run)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # no cached login either

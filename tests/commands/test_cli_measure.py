@@ -93,7 +93,8 @@ def test_every_family_measures(shelf: Path, tmp_path: Path, arch: str) -> None:
     assert res.stdout == out.read_text(encoding="utf-8")
     doc = load_results(out)
     assert doc == json.loads(res.stdout)
-    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temp file left beside it
+    # the results and their per-channel companion, no temp file left beside them
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.channels.safetensors", "r.json"]
 
     sites = {s["name"]: s for s in doc["sites"]}
     layers = doc["model"]["num_layers"]

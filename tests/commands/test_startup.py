@@ -29,7 +29,8 @@ def _run(*argv: str) -> str:
     return proc.stderr.strip().splitlines()[-1]
 
 
-@pytest.mark.parametrize("argv", [("--help",), ("measure", "--help"), ("check", "--help"), ("--version",)])
+@pytest.mark.parametrize("argv", [("--help",), ("measure", "--help"), ("check", "--help"), ("export", "--help"),
+                                  ("--version",)])
 def test_help_does_not_import_torch(argv: tuple[str, ...]) -> None:
     assert _run(*argv) == "exit=0 torch=False"
 
@@ -44,7 +45,7 @@ def test_the_card_the_gate_and_the_hub_client_do_not_import_torch() -> None:
     modules = ["maxact_card.card.section", "maxact_card.card.splice", "maxact_card.card.validate",
                "maxact_card.card.chart", "maxact_card.gate.rules", "maxact_card.gate.diff", "maxact_card.gate.summary",
                "maxact_card.gate.baseline", "maxact_card.documents", "maxact_card.hub",
-               "maxact_card.commands.action_outputs"]
+               "maxact_card.commands.action_outputs", "maxact_card.export"]
     code = f"import importlib, sys\nfor m in {modules!r}: importlib.import_module(m)\nprint('torch' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=paths.ROOT)
     assert proc.stdout.strip() == "False", proc.stderr

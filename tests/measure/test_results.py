@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from maxact_card.cli import app
-from maxact_card.documents import RESULTS_SCHEMA, SCHEMA_VERSION
+from maxact_card.documents import OLDEST_READABLE_VERSION, RESULTS_SCHEMA, SCHEMA_VERSION
 from maxact_card.errors import SchemaError, UsageError
 from maxact_card.measure import results as results_mod
 from maxact_card.measure.results import dumps, load_results, validate_results, write_results
@@ -119,14 +119,24 @@ def test_several_errors_are_counted(measured: dict[str, Any]) -> None:
 
 def test_an_older_schema_version_asks_for_a_rerun(measured: dict[str, Any], tmp_path: Path) -> None:
     doc = copy.deepcopy(measured["doc"])
-    doc["schema_version"] = SCHEMA_VERSION - 1
+    doc["schema_version"] = OLDEST_READABLE_VERSION - 1
     old = _write(tmp_path / "old.json", doc)
     with pytest.raises(SchemaError) as info:
         load_results(old)
     assert info.value.line() == (
-        f"{old}::$.schema_version: schema version {SCHEMA_VERSION - 1} is older than {SCHEMA_VERSION}; "
-        "re-run `maxact-card measure` to write a valid results file"
+        f"{old}::$.schema_version: schema version {OLDEST_READABLE_VERSION - 1} is older than "
+        f"{OLDEST_READABLE_VERSION}; re-run `maxact-card measure` to write a valid results file"
     )
+
+
+def test_a_version_2_file_is_still_read_but_cannot_name_a_companion(measured: dict[str, Any], tmp_path: Path) -> None:
+    """Version 3 only added `channels`: a version 2 document (without it) still loads; the schema's
+    version enum admits both and nothing else."""
+    doc = copy.deepcopy(measured["doc"])
+    doc.pop("channels", None)
+    doc["schema_version"] = 2
+    assert load_results(_write(tmp_path / "v2.json", doc))["schema_version"] == 2
+    assert load_schema(RESULTS_SCHEMA)["properties"]["schema_version"]["enum"] == [2, 3]
 
 
 def test_a_newer_schema_version_asks_for_an_upgrade(measured: dict[str, Any]) -> None:
@@ -141,9 +151,11 @@ def test_a_newer_schema_version_asks_for_an_upgrade(measured: dict[str, Any]) ->
 
 def test_the_schema_carries_the_version_the_code_writes() -> None:
     schema = load_schema(RESULTS_SCHEMA)
-    assert schema["properties"]["schema_version"] == {"const": SCHEMA_VERSION}
+    assert schema["properties"]["schema_version"]["enum"][-1] == SCHEMA_VERSION
+    assert schema["properties"]["schema_version"]["enum"][0] == OLDEST_READABLE_VERSION
     assert schema["$id"].endswith(f"/maxact-results/v{SCHEMA_VERSION}.schema.json")
-    assert SCHEMA_VERSION == 2  # version 2 added the quant block; bump it (and the $id) with any change
+    # version 2 added the quant block, 3 the per-channel companion; bump it (and the $id) with any change
+    assert SCHEMA_VERSION == 3
 
 
 # A results file of schema version 1, the version before the quant block, read by every command.
@@ -200,14 +212,15 @@ def test_unreadable_files_are_usage_errors(tmp_path: Path, content: str | None, 
 
 
 def test_shipped_example_validates() -> None:
-    assert load_results(EXAMPLE)["schema_version"] == SCHEMA_VERSION
+    # the example stays a version 2 file (no companion beside it): it also shows that version 2 still reads
+    assert load_results(EXAMPLE)["schema_version"] == 2
 
 
 # --- writing ---------------------------------------------------------------------------------------
 def test_write_results_round_trips(measured: dict[str, Any], tmp_path: Path) -> None:
     out = tmp_path / "nested" / "r.json"
-    write_results(measured["doc"], out)
-    assert load_results(out) == measured["doc"]
+    written = write_results(measured["doc"], out)  # without channels: no companion, none named
+    assert load_results(out) == written and "channels" not in written
     assert [p.name for p in out.parent.iterdir()] == ["r.json"]
 
 
