@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -239,7 +240,9 @@ def _preflight(request: CheckRequest) -> tuple[Policy, dict[str, Any] | None]:
     return policy, baseline
 
 
-def _write_card(results: dict[str, Any], card: Path, out: Path | None) -> Path:
+def _write_card(
+    results: dict[str, Any], card: Path, out: Path | None, exports: Mapping[str, str] | None = None
+) -> Path:
     """Write results where the card links them, then splice the section and the chart (render's code)."""
     target = card_file(card)
     beside = target.parent / DEFAULT_RESULTS_PATH
@@ -247,11 +250,16 @@ def _write_card(results: dict[str, Any], card: Path, out: Path | None) -> Path:
     linked = out if out is not None and relative_link(out, target.parent) is not None else beside
     if linked != out:
         write_results(results, linked)
-    run_render(linked, target, None, None)
+    run_render(linked, target, None, None, exports)
     return target
 
 
-def _publish(results: dict[str, Any], results_path: Path | None, request: CheckRequest) -> str | None:
+def _publish(
+    results: dict[str, Any],
+    results_path: Path | None,
+    request: CheckRequest,
+    exports: Mapping[str, str] | None = None,
+) -> str | None:
     """Open or update the Hub pull request through `publish`'s own code path; the PR's URL."""
     from maxact_card.commands.publish import run_publish
 
@@ -260,7 +268,7 @@ def _publish(results: dict[str, Any], results_path: Path | None, request: CheckR
     def publish(path: Path) -> str | None:
         # the measured revision is in the results; the PR goes to the branch that receives the card
         outcome = run_publish(opts.model, path, revision=request.pr_base, direct=False, dry_run=False,
-                              allow_stale=False, token=opts.token)  # fmt: skip
+                              allow_stale=False, token=opts.token, exports=exports)  # fmt: skip
         return outcome.url
 
     if results_path is not None:

@@ -344,8 +344,12 @@ def run_publish(
     dry_run: bool,
     allow_stale: bool,
     token: str | None,
+    exports: Mapping[str, str] | None = None,
 ) -> hub.PublishOutcome:
-    """Check, build and publish; returns what hub.publish did. Raises typed errors."""
+    """Check, build and publish; returns what hub.publish did. Raises typed errors.
+
+    `exports` (export format -> file name relative to the results file) is linked from the card's
+    section; the files themselves are not uploaded here."""
     if not _REPO_ID.fullmatch(repo_id) or ".." in repo_id:
         raise UsageError(f"{repo_id!r} is not a Hub repo id", hint="pass the model repo as org/name")
     results = read_results(results_path)
@@ -363,7 +367,7 @@ def run_publish(
     return hub.publish(
         repo_id,
         build_card=lambda current: splice_card(
-            current, results, chart_path=DEFAULT_CHART_PATH, results_path=DEFAULT_RESULTS_PATH
+            current, results, chart_path=DEFAULT_CHART_PATH, results_path=DEFAULT_RESULTS_PATH, exports=exports
         ),
         files=files,
         title=pr_title(results),
