@@ -451,7 +451,6 @@ def _deploy_view(
     the held-out check at every checked site of the class; the classes not measured; the export links."""
     components = results.get("components", {})
     present = [c for c in DEPLOY_CLASSES if c in components]
-    exports = exports or {}
     links = export_links(exports, results_path) if exports else {}
     if not present and not links:
         return None
@@ -480,15 +479,15 @@ def _deploy_view(
                 "scheme": scheme,
             }
         )
-    not_measured = []
-    not_found = []
-    for flag, group, phrase in DEPLOY_FLAGS:
-        if not any(c in components for c in group):
-            not_measured.append(f"{phrase} (`{flag}`)")
-        else:  # the option was on: a class still absent has no such site in this model
-            not_found += [_label(c, moe) for c in group if c not in components and c != "query"]
-    if "down_proj_input" not in components:
-        not_found.append(_label("down_proj_input", moe))
+    not_measured = [
+        f"{phrase} (`{flag}`)" for flag, group, phrase in DEPLOY_FLAGS if not any(c in components for c in group)
+    ]
+    unmeasured = {c for _, group, _ in DEPLOY_FLAGS if not any(g in components for g in group) for c in group}
+    # The option was on (or the class needs none) and the class is still absent: the model has no
+    # such site. Queries are measured only where the model has them, so their absence says nothing.
+    not_found = [
+        _label(c, moe) for c in DEPLOY_CLASSES if c not in components and c not in unmeasured and c != "query"
+    ]
     return {
         "rows": rows,
         "checked": bool(quant),
@@ -496,8 +495,13 @@ def _deploy_view(
         "not_measured": ";\n".join(not_measured),
         "not_found": ", ".join(not_found),
         "exports": [
-            # shown as named beside the results (as the sentence says), linked from the card
-            {"format": md_code(name, in_table=False), "text": md_text(exports[name]), "target": _link_target(path)}
+            # shown relative to the results (as the sentence says), linked relative to the card; both
+            # from the normalized path, which is what the summary keeps and validate renders again
+            {
+                "format": md_code(name, in_table=False),
+                "text": md_text(posixpath.relpath(path, posixpath.dirname(results_path) or ".")),
+                "target": _link_target(path),
+            }
             for name, path in links.items()
         ],
     }

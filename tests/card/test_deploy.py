@@ -231,12 +231,12 @@ def test_gemm_inputs_without_kv_cache_names_only_the_kv_cache() -> None:
 
 
 def test_a_class_missing_although_its_option_was_on_is_not_in_the_model() -> None:
-    results = deploy_results(classes=("attn_input", "mlp_input", "key_cache", "value_cache"))
+    results = deploy_results(classes=("attn_input", "mlp_input", "value_cache"))
     del results["components"]["down_proj_input"]  # as for fused MoE experts
     results["sites"] = [s for s in results["sites"] if s["component"] != "down_proj_input"]
     part = deploy_part(render_section(results))
     # no queries: the KV cache option measures them only where the model has them
-    assert "Not in this model: o_proj input, down_proj input.\n" in part
+    assert "Not in this model: o_proj input, down_proj input, KV cache: keys.\n" in part
     assert "Not measured" not in part
 
 
@@ -374,6 +374,27 @@ def test_new_results_make_the_deployment_part_stale(card_folder: Path) -> None:
     _resummarize(results)
     (card_folder / "maxact" / "results.json").write_text(json.dumps(results), encoding="utf-8")
     assert _status(card_folder)["section-text"] == "fail"
+
+
+@pytest.mark.parametrize("results_dir", ["maxact", "."])
+def test_export_names_given_in_another_spelling_validate(tmp_path: Path, results_dir: str) -> None:
+    folder = tmp_path / "model"
+    results_path = f"{results_dir}/results.json" if results_dir != "." else "results.json"
+    results = deploy_results()
+    (folder / results_dir).mkdir(parents=True, exist_ok=True)
+    (folder / results_path).write_text(json.dumps(results), encoding="utf-8")
+    from maxact_card.card.chart import render_chart
+
+    (folder / "maxact").mkdir(exist_ok=True)
+    (folder / "maxact" / "profile.svg").write_text(render_chart(results), encoding="utf-8")
+    exports = {"smoothquant": "./scales.pt", "outliers": "sub/../outliers.json", "kv-scales": "kv/k.safetensors"}
+    card = splice_card(None, results, results_path=results_path, exports=exports)
+    (folder / "README.md").write_text(card, encoding="utf-8")
+    prefix = "" if results_dir == "." else "maxact/"
+    assert f"- `smoothquant`: [scales.pt]({prefix}scales.pt)" in card
+    assert f"- `outliers`: [outliers.json]({prefix}outliers.json)" in card
+    assert f"- `kv-scales`: [kv/k.safetensors]({prefix}kv/k.safetensors)" in card
+    assert _status(folder)["section-text"] == "pass" and _status(folder)["front-matter"] == "pass"
 
 
 def test_an_export_dropped_from_the_summary_is_stale(card_folder: Path) -> None:
