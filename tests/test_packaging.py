@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import venv
@@ -41,7 +42,10 @@ for name in cuda:  # as the kernels read them (importing the package alone needs
 print(json.dumps({"file": maxact_card.__file__, "schemas": schemas, "templates": templates, "cuda": cuda,
                   "corpus": len(builtin_corpus().samples)}))
 """
-    out = subprocess.run([str(python), "-c", probe], check=True, capture_output=True, text=True, cwd=tmp_path)
+    # without PYTHONPATH: a source tree on it (`PYTHONPATH=$PWD pytest`) would shadow the wheel
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    out = subprocess.run([str(python), "-c", probe], check=True, capture_output=True, text=True, cwd=tmp_path,
+                         env=env)
     import json
 
     found = json.loads(out.stdout.strip().splitlines()[-1])
