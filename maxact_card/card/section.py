@@ -6,7 +6,9 @@ the section renders inertly on the Hub.
 
 from __future__ import annotations
 
+import posixpath
 import re
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,27 @@ COMPONENT_LABELS = {
     "router": "Router logits",
     "final_norm": "Final norm",
 }
+
+# The inputs a W8A8 or FP8 deployment quantizes, in the order the "For deployment" part lists them:
+# the Linear layers' inputs, then the KV cache, then the queries (FP8 attention only).
+DEPLOY_CLASSES: tuple[str, ...] = (
+    "attn_input", "o_proj_input", "mlp_input", "down_proj_input", "key_cache", "value_cache", "query",
+)
+# Which option measures the classes that are off by default, and how the part names them when none
+# of a group was measured. down_proj_input is always measured (where the MLP has a down projection).
+DEPLOY_FLAGS: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    ("--gemm-inputs", ("attn_input", "o_proj_input", "mlp_input"), "the attention, o_proj and MLP inputs"),
+    ("--kv-cache", ("key_cache", "value_cache", "query"), "the KV cache and the queries"),
+)
+# maxact_card.quant.schemes.RECOMMENDATION_ORDER by name (quant imports torch, the card must not; a
+# test keeps the two equal): among the policies that pass, the first one here is recommended.
+RECOMMENDATION_ORDER: tuple[str, ...] = (
+    "fp8-e4m3-static",
+    "int8-static-mse",
+    "int8-static-percentile",
+    "int8-static-maxabs",
+    "int8-dynamic-per-token",
+)
 
 # --- Markdown helpers -----------------------------------------------------------------------------
 _MD_SPECIAL = re.compile(r"([\\`*_\[\]<>|~#!])")
@@ -389,12 +412,112 @@ def _run_view(results: Mapping[str, Any], results_path: str) -> dict[str, Any]:
 
 
 def _link_target(path: str) -> str:
-    """A relative link target: spaces and parentheses would end a Markdown link early."""
-    return path.replace(" ", "%20").replace("(", "%28").replace(")", "%29")
+    """A relative link target, percent-encoded: spaces, parentheses, angle brackets and line breaks
+    would end a Markdown link early, and a colon could turn a file name into a URL scheme."""
+    return urllib.parse.quote(path, safe="/!$&'*+,;=@-._~")
 
 
-def section_context(results: Mapping[str, Any], *, chart_path: str, results_path: str) -> dict[str, Any]:
-    """Everything the template shows, already formatted: the template only lays it out."""
+def _class_scheme(checked: list[Mapping[str, Any]]) -> str | None:
+    """The first policy of RECOMMENDATION_ORDER that passes at every checked site (as `quant.summarize`
+    picks the overall one); "" when none passes, None when no site was checked."""
+    if not checked:
+        return None
+    for policy in RECOMMENDATION_ORDER:
+        if all(str((site.get("policies") or {}).get(policy, {}).get("verdict")) == "PASS" for site in checked):
+            return policy
+    return ""
+
+
+def export_links(exports: Mapping[str, str], results_path: str) -> dict[str, str]:
+    """Each export format's file as a path relative to the card (normalized), from its name relative
+    to the results file; a name that leaves the card's folder is a UsageError."""
+    base = posixpath.dirname(results_path)
+    links = {}
+    for name, path in sorted(exports.items()):
+        joined = posixpath.normpath(posixpath.join(base, path))
+        if not path or posixpath.isabs(path) or joined == ".." or joined.startswith("../"):
+            raise UsageError(
+                f"export file {path!r} ({name}) is not inside the card's folder",
+                hint="name export files relative to the results file, beside it or below it",
+            )
+        links[name] = joined
+    return links
+
+
+def _deploy_view(
+    results: Mapping[str, Any], moe: bool, results_path: str, exports: Mapping[str, str] | None
+) -> dict[str, Any] | None:
+    """Per class of quantized input: its largest max|a|, where, and the cheapest scheme that passed
+    the held-out check at every checked site of the class; the classes not measured; the export links."""
+    components = results.get("components", {})
+    present = [c for c in DEPLOY_CLASSES if c in components]
+    links = export_links(exports, results_path) if exports else {}
+    if not present and not links:
+        return None
+    quant = results.get("quant") or {}
+    checked: dict[str, list[Mapping[str, Any]]] = {}
+    for site in quant.get("sites") or []:
+        checked.setdefault(site["component"], []).append(site)
+    measured: dict[str, int] = {}
+    for site in results.get("sites", []):
+        measured[site["component"]] = measured.get(site["component"], 0) + 1
+    rows = []
+    for name in present:
+        entry = components[name]
+        sites = checked.get(name, [])
+        policy = _class_scheme(sites)
+        scheme = "not checked" if policy is None else md_code(policy) if policy else "**none passes**"
+        total = max(measured.get(name, 0), len(sites))
+        if sites and len(sites) < total:
+            scheme += f" ({len(sites)} of {total} sites checked)"
+        rows.append(
+            {
+                "label": _label(name, moe),
+                "max_abs": fmt.number(entry["max_abs"]),
+                "layer": "–" if entry["layer"] is None else str(entry["layer"]),
+                "site": md_code(entry["site"]),
+                "scheme": scheme,
+            }
+        )
+    not_measured = [
+        f"{phrase} (`{flag}`)" for flag, group, phrase in DEPLOY_FLAGS if not any(c in components for c in group)
+    ]
+    unmeasured = {c for _, group, _ in DEPLOY_FLAGS if not any(g in components for g in group) for c in group}
+    # The option was on (or the class needs none) and the class is still absent: the model has no
+    # such site. Queries are measured only where the model has them, so their absence says nothing.
+    not_found = [
+        _label(c, moe) for c in DEPLOY_CLASSES if c not in components and c not in unmeasured and c != "query"
+    ]
+    return {
+        "rows": rows,
+        "checked": bool(quant),
+        # one group a line, so the raw Markdown stays within 80 columns
+        "not_measured": ";\n".join(not_measured),
+        "not_found": ", ".join(not_found),
+        "exports": [
+            # shown relative to the results (as the sentence says), linked relative to the card; both
+            # from the normalized path, which is what the summary keeps and validate renders again
+            {
+                "format": md_code(name, in_table=False),
+                "text": md_text(posixpath.relpath(path, posixpath.dirname(results_path) or ".")),
+                "target": _link_target(path),
+            }
+            for name, path in links.items()
+        ],
+    }
+
+
+def section_context(
+    results: Mapping[str, Any],
+    *,
+    chart_path: str,
+    results_path: str,
+    exports: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """Everything the template shows, already formatted: the template only lays it out.
+
+    `exports` maps an export format to its file, relative to the results file; the "For
+    deployment" part links each one."""
     sites = _site_index(results)
     moe = "router" in results.get("components", {})
     glob = results["global"]
@@ -438,6 +561,7 @@ def section_context(results: Mapping[str, Any], *, chart_path: str, results_path
             "max_ratio": None if massive.get("max_ratio") is None else fmt.ratio(massive["max_ratio"]),
         },
         "quant": _quant_view(results.get("quant")),
+        "deploy": _deploy_view(results, moe, results_path, exports),
         "chart_path": _link_target(chart_path),
         "layer_table": _layer_table(results, moe),
         "num_layers": len(results.get("layers", [])),
@@ -464,10 +588,15 @@ def render_section(
     *,
     chart_path: str = DEFAULT_CHART_PATH,
     results_path: str = DEFAULT_RESULTS_PATH,
+    exports: Mapping[str, str] | None = None,
 ) -> str:
-    """The "## Maximum activations" section, markers included, LF line endings, one trailing newline."""
+    """The "## Maximum activations" section, markers included, LF line endings, one trailing newline.
+
+    `exports` (export format -> file name relative to the results file) adds links to the files
+    published beside the card."""
     template = _environment().from_string(template_text(SECTION_TEMPLATE))
-    text = template.render(**section_context(results, chart_path=chart_path, results_path=results_path))
+    context = section_context(results, chart_path=chart_path, results_path=results_path, exports=exports)
+    text = template.render(**context)
     # Collapse accidental runs of blank lines and trailing spaces so the output never depends on
     # template whitespace details.
     lines = [line.rstrip() for line in text.strip("\n").split("\n")]
@@ -485,8 +614,12 @@ def card_summary(
     *,
     chart_path: str = DEFAULT_CHART_PATH,
     results_path: str = DEFAULT_RESULTS_PATH,
+    exports: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The machine-readable summary kept under `maxact:` in the card's front matter."""
+    """The machine-readable summary kept under `maxact:` in the card's front matter.
+
+    With `exports`, it lists each export format's file relative to the card (as the section links
+    it), so that `validate` renders the same links again."""
     glob = results["global"]
     summary: dict[str, Any] = {
         "schema_version": results["schema_version"],
@@ -502,6 +635,8 @@ def card_summary(
     if quant:
         summary["quant"] = {name: p.get("verdict") for name, p in (quant.get("policies") or {}).items()}
         summary["quant_recommended"] = quant.get("recommended")
+    if exports:
+        summary["exports"] = export_links(exports, results_path)
     return summary
 
 

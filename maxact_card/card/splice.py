@@ -69,15 +69,19 @@ def splice_card(
     *,
     chart_path: str = DEFAULT_CHART_PATH,
     results_path: str = DEFAULT_RESULTS_PATH,
+    exports: Mapping[str, str] | None = None,
 ) -> str:
     """Put the rendered section and the `maxact:` summary into a card; None (or blank) → a new card.
+
+    `exports` (export format -> file name relative to the results file) is linked from the section
+    and listed in the summary (see `render_section`).
 
     Only the section (between the markers) and the `maxact:` front-matter block change; the
     section is appended after one blank line when the card has none. Raises CardError for a card
     that cannot be parsed (broken markers, duplicate sections, unreadable front matter).
     """
-    section = render_section(results, chart_path=chart_path, results_path=results_path)
-    summary = card_summary(results, chart_path=chart_path, results_path=results_path)
+    section = render_section(results, chart_path=chart_path, results_path=results_path, exports=exports)
+    summary = card_summary(results, chart_path=chart_path, results_path=results_path, exports=exports)
     block = section.rstrip("\n")
     summary_text = summary_yaml(summary)
 

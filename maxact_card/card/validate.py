@@ -170,6 +170,22 @@ def _safe_relative(path: Any) -> str | None:
     return path
 
 
+def _summary_exports(summary: Mapping[str, Any], results_path: str) -> dict[str, str] | None:
+    """The export files the card's `maxact:` summary lists (relative to the card), as the `exports`
+    argument of `render_section` takes them (relative to the results file); unsafe paths are left
+    out, so a section that links them no longer matches."""
+    listed = summary.get("exports")
+    if not isinstance(listed, Mapping):
+        return None
+    base = posixpath.dirname(results_path) or "."
+    exports = {
+        str(name): posixpath.relpath(path, base)
+        for name, path in listed.items()
+        if _safe_relative(path) is not None
+    }
+    return exports or None
+
+
 def _first_difference(card: str, expected: str, first_line: int) -> str:
     have, want = card.split("\n"), expected.split("\n")
     for index, (a, b) in enumerate(zip(have, want)):
@@ -259,6 +275,7 @@ def validate_card(source: CardSource, *, results_file: tuple[str, bytes] | None 
     summary_now = summary_now if isinstance(summary_now, dict) else {}
     results_path = _safe_relative(summary_now.get("results")) or DEFAULT_RESULTS_PATH
     chart_path = _safe_relative(summary_now.get("chart")) or DEFAULT_CHART_PATH
+    exports = _summary_exports(summary_now, results_path)
     render_hint = source.render_hint.format(results=results_path)
 
     if parts.section is None:
@@ -314,7 +331,9 @@ def validate_card(source: CardSource, *, results_file: tuple[str, bytes] | None 
         return ValidationReport(source.label, source.card_name, results_name, tuple(checks))
 
     # The section, byte for byte.
-    expected = render_section(results, chart_path=chart_path, results_path=results_path).rstrip("\n")
+    expected = render_section(
+        results, chart_path=chart_path, results_path=results_path, exports=exports
+    ).rstrip("\n")
     if parts.section_text is None:
         checks.append(Check("section-text", CheckStatus.skipped, "no section to compare"))
     else:
@@ -336,7 +355,7 @@ def validate_card(source: CardSource, *, results_file: tuple[str, bytes] | None 
             )
 
     # The front-matter summary.
-    want = card_summary(results, chart_path=chart_path, results_path=results_path)
+    want = card_summary(results, chart_path=chart_path, results_path=results_path, exports=exports)
     if parts.front_matter is None or SUMMARY_KEY not in parts.front_matter.data:
         checks.append(
             Check(

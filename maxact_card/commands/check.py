@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -44,8 +44,8 @@ from maxact_card.commands.measure import (
     EvalFractionOpt,
     ForceOpt,
     GemmInputsOpt,
-    KvCacheOpt,
     GpusOpt,
+    KvCacheOpt,
     MaxSeqLenOpt,
     MinSqnrOpt,
     ModelArg,

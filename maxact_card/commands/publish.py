@@ -357,7 +357,10 @@ def run_publish(
     token: str | None,
     exports: str | tuple[str, ...] | None = None,
 ) -> hub.PublishOutcome:
-    """Check, build and publish; returns what hub.publish did. Raises typed errors."""
+    """Check, build and publish; returns what hub.publish did. Raises typed errors.
+
+    `exports` (export format names) are built from the results and uploaded beside them in the same
+    commit, and the card's section links them."""
     if not _REPO_ID.fullmatch(repo_id) or ".." in repo_id:
         raise UsageError(f"{repo_id!r} is not a Hub repo id", hint="pass the model repo as org/name")
     formats = parse_formats(exports)
@@ -381,7 +384,8 @@ def run_publish(
     return hub.publish(
         repo_id,
         build_card=lambda current: splice_card(
-            current, results, chart_path=DEFAULT_CHART_PATH, results_path=DEFAULT_RESULTS_PATH
+            current, results, chart_path=DEFAULT_CHART_PATH, results_path=DEFAULT_RESULTS_PATH,
+            exports=file_names(formats) or None,
         ),
         files=files,
         title=pr_title(results),

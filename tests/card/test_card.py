@@ -328,12 +328,12 @@ def test_section_is_markdown_with_table_headings_and_details() -> None:
     md = MarkdownIt("commonmark").enable("table")
     tokens = md.parse(render_section(with_quant(load_example())))
     types = [t.type for t in tokens]
-    assert types.count("table_open") == 3  # components, quant policies, per layer
+    assert types.count("table_open") == 4  # components, quant policies, for deployment, per layer
     headings = [tokens[i + 1].content for i, t in enumerate(tokens) if t.type == "heading_open"]
     assert headings[0] == "Maximum activations"
-    assert {"Per component", "Per layer", "How this was measured", "INT8 / FP8 activation scales"} <= set(
-        headings
-    )
+    assert {
+        "Per component", "Per layer", "How this was measured", "INT8 / FP8 activation scales", "For deployment"
+    } <= set(headings)  # fmt: skip
     html_blocks = [t.content for t in tokens if t.type == "html_block"]
     assert any(block.startswith("<details>") for block in html_blocks)
     assert any(block.startswith("</details>") for block in html_blocks)
