@@ -43,8 +43,8 @@ PLANTED: dict[str, tuple[str, str, list[float]]] = {
     "attn_input": ("blocks.{i}.ln1.hook_normalized", "model.layers.{i}.self_attn.q_proj", [3.5, 4.0, 1_200.0, 6.0]),
     "o_proj_input": ("blocks.{i}.attn.hook_z", "model.layers.{i}.self_attn.o_proj", [2.0, 2.5, 3.0, 96.5]),
     "mlp_input": ("blocks.{i}.ln2.hook_normalized", "model.layers.{i}.mlp.gate_proj", [5.0, 640.0, 7.0, 8.0]),
-    "query": ("blocks.{i}.attn.hook_q", "model.layers.{i}.self_attn", [12.0, 31.0, 14.0, 15.0]),
-    "key_cache": ("blocks.{i}.attn.hook_k", "model.layers.{i}.self_attn", [48.25, 22.0, 25.0, 20.0]),
+    "query": ("blocks.{i}.attn.hook_rot_q", "model.layers.{i}.self_attn", [12.0, 31.0, 14.0, 15.0]),
+    "key_cache": ("blocks.{i}.attn.hook_rot_k", "model.layers.{i}.self_attn", [48.25, 22.0, 25.0, 20.0]),
     "value_cache": ("blocks.{i}.attn.hook_v", "model.layers.{i}.self_attn", [1.5, 2.0, 3.0, 9.5]),
 }  # fmt: skip
 HEADS = 4
@@ -167,13 +167,13 @@ def test_each_class_shows_its_planted_largest_site_and_its_own_scheme() -> None:
         "| down_proj input | 8,832 | 1 | `blocks.1.mlp.hook_post` | `fp8-e4m3-static` (1 of 4 sites checked) |"
     )
     assert row_of(section, "KV cache: keys") == (
-        "| KV cache: keys | 48.25 | 0 | `blocks.0.attn.hook_k` | `int8-dynamic-per-token` |"
+        "| KV cache: keys | 48.25 | 0 | `blocks.0.attn.hook_rot_k` | `int8-dynamic-per-token` |"
     )
     assert row_of(section, "KV cache: values") == (
         "| KV cache: values | 9.5 | 3 | `blocks.3.attn.hook_v` | `int8-static-maxabs` |"
     )
     assert row_of(section, "Queries (after RoPE)") == (
-        "| Queries (after RoPE) | 31 | 1 | `blocks.1.attn.hook_q` | not checked |"
+        "| Queries (after RoPE) | 31 | 1 | `blocks.1.attn.hook_rot_q` | not checked |"
     )
     rows = [line for line in deploy_part(section).splitlines() if line.startswith("| ") and "---" not in line]
     assert len(rows) == 1 + 7  # the header and one row per class, in DEPLOY_CLASSES order
