@@ -149,7 +149,8 @@ def _corpus_spec(corpus_id: str) -> str:
 
 
 def reproduce_commands(
-    results: Mapping[str, Any], repo_id: str, commit: str, *, revision: str | None, direct: bool
+    results: Mapping[str, Any], repo_id: str, commit: str, *, revision: str | None, direct: bool,
+    exports: tuple[str, ...] = (),
 ) -> dict[str, str]:
     """The exact `maxact-card measure` and `maxact-card publish` command lines (no token: it is never written)."""
     model, run, corpus = results["model"], results["run"], results["corpus"]
@@ -179,6 +180,8 @@ def reproduce_commands(
     ]
     if "truncate" in run:
         measure.append("--truncate" if run["truncate"] else "--no-truncate")
+    # the sites measured: the Linear inputs and the KV cache are there only when asked for
+    measure += [flag for key, flag in (("gemm_inputs", "--gemm-inputs"), ("kv_cache", "--kv-cache")) if run.get(key)]
     if results.get("quant"):
         measure.append("--quant")
         min_sqnr = (results["quant"].get("thresholds") or {}).get("min_sqnr_db")
@@ -196,6 +199,8 @@ def reproduce_commands(
         publish += ["--revision", revision]
     if direct:
         publish.append("--direct")
+    if exports:
+        publish += ["--exports", ",".join(exports)]
     return {"measure": shell_join(measure), "publish": shell_join(publish)}
 
 
@@ -281,7 +286,8 @@ def _run_context(results: Mapping[str, Any], commit: str) -> dict[str, Any]:
 
 
 def pr_description(
-    results: Mapping[str, Any], repo_id: str, commit: str, *, revision: str | None, direct: bool
+    results: Mapping[str, Any], repo_id: str, commit: str, *, revision: str | None, direct: bool,
+    exports: tuple[str, ...] = (),
 ) -> str:
     """The pull request's Markdown description, rendered from templates/pr_description.md.j2."""
     glob, loc, boot, massive = (
@@ -331,7 +337,8 @@ def pr_description(
         "components": components,
         "quant": _quant_context(results),
         "run": _run_context(results, commit),
-        "reproduce": reproduce_commands(results, repo_id, commit, revision=revision, direct=direct),
+        "reproduce": reproduce_commands(results, repo_id, commit, revision=revision, direct=direct, exports=exports),
+        "exports": [{"format": md_code(name), "path": md_code(path)} for name, path in published_exports(exports).items()],
     }
     env = jinja2.Environment(
         undefined=jinja2.StrictUndefined,
@@ -389,7 +396,7 @@ def run_publish(
         ),
         files=files,
         title=pr_title(results),
-        description=pr_description(results, repo_id, commit, revision=revision, direct=direct),
+        description=pr_description(results, repo_id, commit, revision=revision, direct=direct, exports=formats),
         revision=revision,
         direct=direct,
         dry_run=dry_run,

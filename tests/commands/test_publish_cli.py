@@ -373,3 +373,24 @@ def test_a_card_the_hub_rejects_is_one_line_with_the_hubs_reason(
     assert result.exit_code == 2, result.stdout + result.stderr
     assert result.stderr.startswith(f"error: the Hub rejects the metadata of README.md in {REPO}@main: {says}")
     assert len(result.stderr.splitlines()) == 1 and hub.repo_state(REPO) == before
+
+
+def test_the_description_reproduces_the_sites_measured_and_lists_the_exports(
+    hub: HubServer, files: dict[str, bytes], tmp_path: Path
+) -> None:
+    """A run with the Linear inputs and the KV cache is reproduced with --gemm-inputs --kv-cache, and
+    the exports published with it are listed and named in the publish command."""
+    results = make_results(hub, files)
+    results["run"]["gemm_inputs"] = results["run"]["kv_cache"] = True
+    result = publish(write(tmp_path, results), "--exports", "outliers")
+    assert result.exit_code == 0, result.stderr
+    description = hub.repo_state(REPO)["pull_requests"][1]["description"]
+    measure_line = next(line for line in description.splitlines() if line.startswith("maxact-card measure"))
+    assert measure_line.endswith("--gemm-inputs --kv-cache --out maxact/results.json")
+    assert "## Exports" in description and "- `outliers`: `maxact/maxact-outliers.json`" in description
+    assert f"maxact-card publish {REPO} --results maxact/results.json --exports outliers" in description
+    assert hub.read(REPO, "maxact/maxact-outliers.json", "refs/pr/1") is not None
+    plain = make_results(hub, files)
+    assert publish(write(tmp_path, plain, "plain.json")).exit_code == 0
+    description = hub.repo_state(REPO)["pull_requests"][1]["description"]
+    assert "--gemm-inputs" not in description and "--kv-cache" not in description and "## Exports" not in description
