@@ -40,7 +40,8 @@ def _change(old: float | None, new: float | None) -> tuple[float | None, float |
 
 
 #: Run settings that change the numbers without changing the model, as `diff` names them.
-RUN_SETTINGS = ("dtype", "corpus", "samples", "seed", "max_seq_len", "device")
+# the sites measured (`--gemm-inputs`, `--kv-cache`) add sites without changing the others'
+RUN_SETTINGS = ("dtype", "corpus", "samples", "seed", "max_seq_len", "device", "gemm_inputs", "kv_cache")
 
 
 def _identity(results: Mapping[str, Any]) -> dict[str, Any]:
@@ -56,6 +57,8 @@ def _identity(results: Mapping[str, Any]) -> dict[str, Any]:
         "seed": run.get("seed"),
         "max_seq_len": run.get("max_seq_len"),
         "device": run.get("device"),
+        "gemm_inputs": bool(run.get("gemm_inputs")),
+        "kv_cache": bool(run.get("kv_cache")),
         "weights": sorted((w.get("path"), w.get("sha256")) for w in model.get("weight_files") or ()),
     }
 

@@ -132,6 +132,16 @@ def test_diff_notes_when_runs_are_not_alike() -> None:
     ]
 
 
+def test_diff_names_the_sites_asked_for_when_they_differ() -> None:
+    """A run with --kv-cache against one without: the added sites come from the option, and the note says so
+    (a file from before the option, with no such key, reads as off)."""
+    old, new = example(), example()
+    old["run"].pop("kv_cache", None)
+    new["run"]["kv_cache"] = True
+    assert diff_results(old, new)["notes"][0] == "kv_cache differs: False → True"
+    assert not any("differs" in n for n in diff_results(old, example())["notes"])
+
+
 def test_diff_of_the_same_weights_with_another_seed_says_so() -> None:
     """Two runs of the same weights with another --seed: the notes name the setting, not a model change."""
     new = example()
