@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from maxact_card.corpus import batches as make_batches  # noqa: E402
-from maxact_card.measure.budget import active_parameters  # noqa: E402
+from maxact_card.measure.budget import active_parameters
 from maxact_card.measure.loop import base_model, measure, needs_attention_mask, pad_batch  # noqa: E402
 from maxact_card.model.fusion import fused_forward  # noqa: E402
 from maxact_card.switches import turned_off  # noqa: E402

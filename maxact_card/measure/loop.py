@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from maxact_card.errors import RuntimeFailure, UsageError
-from maxact_card.measure.hooks import Consumer, Hooks, feed_hidden_states, first_tensor
 from maxact_card.measure.attention import NO_CALL, read_attention
+from maxact_card.measure.hooks import Consumer, Hooks, feed_hidden_states, first_tensor
 from maxact_card.measure.sites import (
     ATTENTION_READS,
     READ_GATE_HALF,
@@ -31,8 +31,8 @@ from maxact_card.measure.sites import (
     READ_ROUTER,
     Site,
     SiteMap,
-    group_missing,
     discover,
+    group_missing,
 )
 from maxact_card.measure.stats import BatchContext, SiteStats
 from maxact_card.model.fusion import fused_forward
