@@ -5,9 +5,9 @@ over the same tokens), in one run.
     python bench/bench_e2e.py --shape qwen3-8b --samples 256          # on a GPU
     python bench/bench_e2e.py --shape tiny --samples 16 --device cpu   # anywhere
 
-It builds the model folder once (random weights at the shape's real size, bf16 safetensors, and a
-word-level tokenizer over ids), writes a JSONL corpus of `--samples` samples of 256 to 2,048 words,
-then times, each as its own process:
+It builds the model folder once (random weights at the shape's real size, bf16 safetensors in
+shards of at most 4 GB, and a word-level tokenizer over ids), writes a JSONL corpus of `--samples`
+samples of 256 to 2,048 words, then times, each as its own process:
 
 * cold: the CLI with empty TorchInductor and Triton caches (a machine that never ran it);
 * warm: the CLI again, the caches as the cold run left them;
@@ -82,7 +82,9 @@ def build(shape: str, folder: Path) -> None:
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(folder)
+    # sharded as published checkpoints are (Qwen3-8B: five files of at most 4 GB): the weights are
+    # hashed one file per thread beside the loading, so one 16 GB file would time a layout nobody ships
+    model.save_pretrained(folder, max_shard_size="4GB")
     vocab = {"[UNK]": 0, **{f"w{i}": i + 1 for i in range(min(VOCAB_WORDS, config.vocab_size - 1))}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
