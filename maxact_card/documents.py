@@ -12,6 +12,7 @@ import json
 import math
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -241,11 +242,14 @@ def _umask() -> int:
     return mask
 
 
-def sha256_file(path: Path, *, chunk: int = 8 << 20) -> str:
-    """The sha256 of a file, read in chunks (weight files are large)."""
+def sha256_file(path: Path, *, chunk: int = 8 << 20, stop: threading.Event | None = None) -> str:
+    """The sha256 of a file, read in chunks (weight files are large). Once `stop` is set, it gives
+    up between chunks and returns "" (a run that failed need not wait for the rest of the file)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while block := handle.read(chunk):
+            if stop is not None and stop.is_set():
+                return ""
             digest.update(block)
     return digest.hexdigest()
 

@@ -121,9 +121,11 @@ def test_the_results_record_where_the_time_went(checkpoint: Path) -> None:
     assert line.endswith(phases_line(phases)) and "measure " in line and "(total " in line
 
 
-def test_the_weights_are_hashed_while_the_model_loads(checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The sha256 in the results is the file's; hashing that outlasts the loading is waited for as
-    its own step and phase."""
+def test_the_weights_are_hashed_while_the_model_loads_and_is_measured(
+        checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sha256 in the results is the file's; it is waited for only when the results are built,
+    after the measurement pass, and hashing that outlasts loading and measuring is its own step and
+    phase."""
     import hashlib
     import time
 
@@ -159,9 +161,53 @@ def test_the_weights_are_hashed_while_the_model_loads(checkpoint: Path, monkeypa
     assert weights["sha256"] == hashlib.sha256((checkpoint / weights["path"]).read_bytes()).hexdigest()
     steps = [e[1] for e in recorder.events if e[0] == "step"]
     assert steps.index("loading the tokenizer") < steps.index(next(s for s in steps if s.startswith("hashing 1 ")))
+    kinds = [e[0] if e[0] != "step" or not e[1].startswith("hashing 1 ") else "hash" for e in recorder.events]
+    assert kinds.index("pass") < kinds.index("hash")  # the measurement ran while the weights were hashed
     # the hash ran while the model loaded: the model's loading began while the 4 s hash was running,
     # and the wait for the hash came after; the part it outlasted the loading is a phase of its own
     # (no bound on that part: on a busy machine the loading may take any time)
     assert len(started) == len(waited) == len(loading) == 1
     assert started[0] < loading[0] < started[0] + 4.0 and loading[0] < waited[0]
     assert results["run"]["phases"]["hash"] > 0
+
+
+def test_a_run_that_fails_leaves_no_hashing_behind(checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run that fails after loading (an unknown --quant-sites name) stops the hashing still running:
+    the hashing thread gives up at its next chunk instead of reading the rest of the weights."""
+    import threading
+    import time
+
+    from maxact_card.errors import UsageError
+    from maxact_card.model import checkpoint as checkpoint_mod
+
+    gave_up = threading.Event()
+
+    def endless(path: Path, *, stop: threading.Event, **kwargs: object) -> str:
+        for _ in range(2000):  # a file that takes 20 s to hash, read chunk by chunk
+            if stop.wait(0.01):
+                gave_up.set()
+                return ""
+        return "0" * 64
+
+    monkeypatch.setattr(checkpoint_mod, "sha256_file", endless)
+    with pytest.raises(UsageError, match="unknown --quant-sites name"):
+        run_measure(_options(checkpoint, quant=True, quant_sites="blocks.99.nowhere"))
+    assert gave_up.wait(5.0)
+    deadline = time.monotonic() + 5.0
+    while any(t.name.startswith("sha256") for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not any(t.name.startswith("sha256") for t in threading.enumerate())
+
+
+def test_hashing_gives_up_between_chunks_once_stopped(tmp_path: Path) -> None:
+    import hashlib
+    import threading
+
+    from maxact_card.documents import sha256_file
+
+    path = tmp_path / "w.bin"
+    path.write_bytes(bytes(range(256)) * 64)
+    stop = threading.Event()
+    assert sha256_file(path, chunk=1000, stop=stop) == hashlib.sha256(path.read_bytes()).hexdigest()
+    stop.set()
+    assert sha256_file(path, chunk=1000, stop=stop) == ""

@@ -259,13 +259,16 @@ def _measure(opts: MeasureOptions, world: distributed.World) -> Measured | None:
     started = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0)
     loaded = load(opts.model, revision=opts.revision, token=opts.token, dtype=opts.dtype,
                   device=world.device(opts.device), device_map=opts.device_map,
-                  trust_remote_code=opts.trust_remote_code, force=opts.force)
-    distributed.init(world, loaded.device)
+                  trust_remote_code=opts.trust_remote_code, force=opts.force, wait_for_hashes=False)
+    # a local folder's weights go on hashing beside the measurement: their sha256 is waited for only
+    # where it is needed (the state dir's fingerprint, the results)
     try:
+        distributed.init(world, loaded.device)
         with _stop_on_signals(enabled=opts.state_dir is not None) as stop:
             run = _Run(opts, world, loaded, corpus, samples, held_out, stop)
             return run.execute(started)
     finally:
+        loaded.stop_hashing()
         distributed.close(world)
 
 
@@ -357,7 +360,7 @@ class _Run:
         return Measured(results, channel_file(measurement, results)) if self.world.is_main else None
 
     def _open_state(self, directory: Path, truncate: bool) -> StateDir:
-        opts, info = self.opts, self.loaded.info
+        opts, info = self.opts, self.loaded.weights_hashed()
         fingerprint = {
             "model": info["id"], "commit_sha": info.get("commit_sha"),
             "weights": fingerprint_digest(info.get("weight_files") or []),
@@ -557,7 +560,7 @@ def assemble(loaded: LoadedModel, opts: MeasureOptions, corpus: corpus_mod.Corpu
     }
     corpus_info = {"id": corpus.id, "sha256": corpus.sha256, "samples": len(samples), "categories": categories,
                    "eval_samples": eval_samples}
-    results = build_results(measurement, model_info=loaded.info, run_info=run_info, corpus_info=corpus_info,
+    results = build_results(measurement, model_info=loaded.weights_hashed(), run_info=run_info, corpus_info=corpus_info,
                             sample_ids=[s.id for s in samples], decode=decoder(loaded.tokenizer), seed=opts.seed,
                             spell=speller(loaded.tokenizer))
     results["global"]["context"] = peak_context(loaded.tokenizer, measurement.token_ids, samples,

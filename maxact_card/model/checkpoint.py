@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,20 @@ class LoadedModel:
     info: dict[str, Any]  # the results' "model" object
     device: torch.device
     dtype: torch.dtype
+    hashing: HashInBackground | None = None  # weights still being hashed (`load(wait_for_hashes=False)`)
+
+    def weights_hashed(self) -> dict[str, Any]:
+        """`info` with every weight file's sha256, waiting for the hashing still running (a `hash` phase)."""
+        if self.hashing is not None:
+            hashing, self.hashing = self.hashing, None
+            hashing.finish()
+        return self.info
+
+    def stop_hashing(self) -> None:
+        """Cancel the hashing still running (a run that failed: nothing is left running)."""
+        if self.hashing is not None:
+            self.hashing.stop()
+            self.hashing = None
 
 
 def pick_device(device: str) -> torch.device:
@@ -111,14 +126,21 @@ def resolve(ref: str, *, revision: str | None, token: str | None, memory_budget_
 
 class HashInBackground:
     """The sha256 of the weight files still without one, computed in threads while the model loads
-    (hashlib releases the GIL on large reads, and the loader reads the same files: one of the two
-    finds them in the page cache). `finish` waits for them and fills `weight_files` in place."""
+    and, where the caller waits later, while it is measured (hashlib releases the GIL on large reads,
+    and the loader reads the same files: one of the two finds them in the page cache). `finish`
+    waits for them and fills `weight_files` in place."""
 
     def __init__(self, ref: str, folder: Path, weight_files: list[dict[str, Any]]) -> None:
         self.ref = ref
         self.files = [w for w in weight_files if not w["sha256"]]
+        self._stop = threading.Event()
         self.pool = ThreadPoolExecutor(max_workers=max(1, min(4, len(self.files))), thread_name_prefix="sha256")
-        self.futures = [self.pool.submit(sha256_file, folder / w["path"]) for w in self.files]
+        self.futures = [self.pool.submit(sha256_file, folder / w["path"], stop=self._stop) for w in self.files]
+
+    def stop(self) -> None:
+        """Give up: files not begun are not hashed, and the ones being hashed stop at their next chunk."""
+        self._stop.set()
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
     def finish(self) -> None:
         if not all(f.done() for f in self.futures):
@@ -145,9 +167,12 @@ def _config_dtype(config: Any) -> str:
 
 def load(ref: str, *, revision: str | None = None, token: str | None = None, dtype: str | None = "auto",
          device: str = "auto", device_map: str | None = None, trust_remote_code: bool = False,
-         memory_budget_bytes: int | None = None, force: bool = False) -> LoadedModel:
+         memory_budget_bytes: int | None = None, force: bool = False, wait_for_hashes: bool = True) -> LoadedModel:
     """Resolve and load model and tokenizer (the weights hashed meanwhile); every failure is a typed
-    one-line error."""
+    one-line error. `wait_for_hashes=False` returns while a local folder's weights are still being
+    hashed: the caller reads their sha256 through `LoadedModel.weights_hashed()` when it needs them,
+    so the hashing runs on beside whatever comes next (the measurement), and calls `stop_hashing()`
+    on failure."""
     dtype_name = parse_dtype(dtype)
     dev = pick_device(device)
     if device_map:
@@ -158,10 +183,14 @@ def load(ref: str, *, revision: str | None = None, token: str | None = None, dty
                                          memory_budget_bytes=memory_budget_bytes, force=force)
     hashing = HashInBackground(ref, local_dir, info["weight_files"])
     try:
-        return _load(ref, local_dir, gguf_file, info, hashing, dtype_name=dtype_name, dev=dev,
-                     device_map=device_map, trust_remote_code=trust_remote_code)
-    finally:
-        hashing.pool.shutdown(wait=False, cancel_futures=True)  # a failed load leaves nothing running
+        loaded = _load(ref, local_dir, gguf_file, info, hashing, dtype_name=dtype_name, dev=dev,
+                       device_map=device_map, trust_remote_code=trust_remote_code)
+    except BaseException:
+        hashing.stop()  # a failed load leaves nothing running
+        raise
+    if wait_for_hashes:
+        loaded.weights_hashed()
+    return loaded
 
 
 def _load(ref: str, local_dir: Path, gguf_file: str | None, info: dict[str, Any], hashing: HashInBackground, *,
@@ -211,7 +240,6 @@ def _load(ref: str, local_dir: Path, gguf_file: str | None, info: dict[str, Any]
     except Exception as exc:  # noqa: BLE001 - tokenizer loaders raise many kinds of errors
         raise UsageError(f"cannot load the tokenizer of {ref}: {type(exc).__name__}",
                          hint="the checkpoint needs tokenizer files (tokenizer.json or tokenizer.model)") from None
-    hashing.finish()
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     info.update({
         "architecture": (getattr(config, "architectures", None) or [type(model).__name__])[0],
@@ -222,7 +250,7 @@ def _load(ref: str, local_dir: Path, gguf_file: str | None, info: dict[str, Any]
     info = {k: info[k] for k in ("id", "source", "revision", "commit_sha", "architecture", "model_type",
                                  "num_layers", "hidden_size", "weight_files", "notes")}
     first = next(model.parameters())
-    return LoadedModel(model, tokenizer, info, first.device if device_map else dev, torch_dtype)
+    return LoadedModel(model, tokenizer, info, first.device if device_map else dev, torch_dtype, hashing)
 
 
 _CAUSAL_HEADS = ("CausalLM", "LMHeadModel", "ForConditionalGeneration")
