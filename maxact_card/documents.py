@@ -328,9 +328,14 @@ def read_companion(results: dict[str, Any], results_path: Path) -> bytes | None:
     name = named["file"]
     if "/" in name or "\\" in name or name in (".", ".."):
         raise UsageError(f"{results_path}::$.channels.file: {name!r} is not a file name beside the results")
-    try:
-        data: bytes | None = (Path(results_path).parent / name).read_bytes()
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        data = None
+    data: bytes | None = None
+    # the name it was written under, or the one it has beside results copied under another name (the
+    # sha256 the results record decides, whichever is found)
+    for candidate in dict.fromkeys((name, companion_path(Path(results_path)).name)):
+        try:
+            data = (Path(results_path).parent / candidate).read_bytes()
+            break
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            continue
     check_companion(results, data, source=str(results_path))
     return data

@@ -308,11 +308,17 @@ def validate_card(source: CardSource, *, results_file: tuple[str, bytes] | None 
             checks.append(Check("results", CheckStatus.failed, exc.message, exc.hint))
         else:
             if results.get("channels"):
-                if read_beside_results is None:
-                    folder = posixpath.dirname(results_name)
-                    data = source.read(posixpath.join(folder, results["channels"]["file"]))
-                else:
-                    data = read_beside_results(results["channels"]["file"])
+                # the name it was written under, or the one beside results copied under another name
+                named = results["channels"]["file"]
+                stem = posixpath.splitext(posixpath.basename(results_name))[0]
+                data = None
+                for candidate in dict.fromkeys((named, stem + COMPANION_SUFFIX)):
+                    if read_beside_results is None:
+                        data = source.read(posixpath.join(posixpath.dirname(results_name), candidate))
+                    else:
+                        data = read_beside_results(candidate)
+                    if data is not None:
+                        break
                 check_companion(results, data, source=results_name)
             companion = ", its companion's sha256 matches" if results.get("channels") else ""
             checks.append(
@@ -411,4 +417,18 @@ def validate_card(source: CardSource, *, results_file: tuple[str, bytes] | None 
         )
     else:
         checks.append(Check("chart", CheckStatus.passed, f"{chart_path} matches the results"))
+    if exports:
+        checks.append(_check_exports(exports, results_path, source))
     return ValidationReport(source.label, source.card_name, results_name, tuple(checks), results)
+
+
+def _check_exports(exports: Mapping[str, str], results_path: str, source: CardSource) -> Check:
+    """Every export file the section links lies beside the card (a link to nothing is a broken card)."""
+    base = posixpath.dirname(results_path) or "."
+    linked = {name: posixpath.normpath(posixpath.join(base, path)) for name, path in sorted(exports.items())}
+    absent = [path for path in linked.values() if source.read(path) is None]
+    if absent:
+        return Check("exports", CheckStatus.failed, f"{', '.join(absent)} linked from the section but not beside "
+                     "the card", "publish them with `maxact-card publish ... --exports` "
+                     f"{','.join(sorted(linked))}, or render the section without them")
+    return Check("exports", CheckStatus.passed, f"the {len(linked)} linked export files lie beside the card")

@@ -344,6 +344,8 @@ def card_folder(tmp_path: Path) -> Path:
 
     (folder / "maxact" / "profile.svg").write_text(render_chart(results), encoding="utf-8")
     (folder / "README.md").write_text(splice_card(None, results, exports=EXPORTS), encoding="utf-8")
+    for name in EXPORTS.values():  # the files publish puts beside the results
+        (folder / "maxact" / name).write_bytes(b"export")
     return folder
 
 
@@ -355,8 +357,28 @@ def _status(folder: Path) -> dict[str, str]:
 def test_a_card_with_deployment_figures_and_exports_validates(card_folder: Path) -> None:
     assert _status(card_folder)["section-text"] == "pass"
     assert _status(card_folder)["front-matter"] == "pass"
+    assert _status(card_folder)["exports"] == "pass"
     result = runner.invoke(app, ["validate", str(card_folder)])
     assert result.exit_code == 0, result.stdout
+
+
+def test_a_linked_export_missing_beside_the_card_fails(card_folder: Path) -> None:
+    (card_folder / "maxact" / "maxact-kv-scales.safetensors").unlink()
+    assert _status(card_folder)["exports"] == "fail"
+    assert _status(card_folder)["section-text"] == "pass"  # the section is right; the file is gone
+    result = runner.invoke(app, ["validate", str(card_folder)])
+    assert result.exit_code == 1
+    line = next(line for line in result.stdout.splitlines() if line.startswith("FAIL  exports"))
+    assert "maxact/maxact-kv-scales.safetensors linked from the section but not beside the card" in line
+
+
+def test_a_card_without_exports_has_no_exports_check(tmp_path: Path) -> None:
+    folder = tmp_path / "model"
+    (folder / "maxact").mkdir(parents=True)
+    results = deploy_results()
+    (folder / "maxact" / "results.json").write_text(json.dumps(results), encoding="utf-8")
+    (folder / "README.md").write_text(splice_card(None, results), encoding="utf-8")
+    assert "exports" not in _status(folder)
 
 
 @pytest.mark.parametrize(

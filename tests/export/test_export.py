@@ -381,3 +381,28 @@ def test_publish_exports_puts_results_companion_and_exports_in_the_pull_request(
     # the published pair validates as a card on the Hub, companion included
     res = invoke("validate", repo, "--revision", "refs/pr/1", "--token", token)
     assert "its companion's sha256 matches" in res.stdout, res.stdout + res.stderr
+
+
+def test_results_copied_with_their_companion_under_another_name_still_read(copied: Path, tmp_path: Path) -> None:
+    """`cp r.json new.json; cp r.channels.safetensors new.channels.safetensors`: the JSON still names
+    r.channels.safetensors; the companion beside it under the new name is read, and its sha256 decides."""
+    new = tmp_path / "new.json"
+    new.write_bytes(copied.read_bytes())
+    new.with_name("new.channels.safetensors").write_bytes(copied.with_name("r.channels.safetensors").read_bytes())
+    copied.with_name("r.channels.safetensors").unlink()
+    assert json.loads(new.read_text(encoding="utf-8"))["channels"]["file"] == "r.channels.safetensors"
+    res = invoke("export", new, "--format", "smoothquant", "--out", tmp_path / "a.pt")
+    assert res.exit_code == 0, res.stderr
+    folder = tmp_path / "card"
+    (folder / "maxact").mkdir(parents=True)
+    (folder / "maxact" / "results.json").write_bytes(new.read_bytes())
+    (folder / "maxact" / "results.channels.safetensors").write_bytes(
+        new.with_name("new.channels.safetensors").read_bytes())
+    assert invoke("render", folder / "maxact" / "results.json", "--card", folder / "README.md").exit_code == 0
+    ok = invoke("validate", folder)
+    assert ok.exit_code == 0 and "its companion's sha256 matches" in ok.stdout, ok.stdout + ok.stderr
+    # the sha256 still decides: a companion of other results under the new name is refused
+    companion = new.with_name("new.channels.safetensors")
+    companion.write_bytes(companion.read_bytes()[:-4] + b"\0\0\0\0")
+    res = invoke("export", new, "--format", "smoothquant", "--out", tmp_path / "b.pt")
+    assert res.exit_code == 2 and "has sha256" in res.stderr and not (tmp_path / "b.pt").exists()
