@@ -462,7 +462,12 @@ class _Run:
 
 
 def check_quant_sites(spec: str, site_map: SiteMap) -> None:
-    """Refuse an unknown --quant-sites name before any forward pass."""
+    """Refuse an unknown --quant-sites name, or a set that selects no site of this run, before any
+    forward pass."""
+    wanted = {"kv": (KV_CACHE, "--kv-cache"), "linear": (LINEAR_INPUTS, "--gemm-inputs")}.get(spec)
+    if wanted is not None and not any(s.component in wanted[0] for s in site_map.sites):
+        raise UsageError(f"--quant-sites {spec} selects no site of this model as measured",
+                         hint=f"measure them with {wanted[1]}, or choose another --quant-sites")
     if spec in QUANT_SITE_SETS:
         return
     known = {s.name for s in site_map.sites}

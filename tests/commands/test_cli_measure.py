@@ -233,6 +233,17 @@ def test_kv_cache_sites_and_their_fp8_check_are_there_only_when_asked(shelf: Pat
     assert "KV cache: keys" in res.stdout and "KV cache: values" in res.stdout
 
 
+def test_a_quant_site_set_the_run_does_not_measure_is_refused_before_measuring(shelf: Path, tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    base = ["measure", str(shelf / "llama"), "--corpus", str(shelf / "corpus.jsonl"), "--quant", "--out", str(out)]
+    res = _invoke([*base, "--quant-sites", "kv"])
+    assert res.exit_code == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip() == ("error: --quant-sites kv selects no site of this model as measured; "
+                                  "measure them with --kv-cache, or choose another --quant-sites")
+    assert not out.exists()
+    assert _invoke([*base, "--quant-sites", "kv", "--kv-cache"]).exit_code == 0
+
+
 def test_text_output_shows_the_global_max_and_its_site(planted: Path, shelf: Path, tmp_path: Path) -> None:
     out = tmp_path / "r.json"
     res = _invoke(["measure", str(planted), "--corpus", str(shelf / "corpus.jsonl"), "--out", str(out)])
