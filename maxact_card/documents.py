@@ -11,8 +11,10 @@ import hashlib
 import json
 import math
 import os
+import posixpath
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -319,23 +321,40 @@ def check_companion(results: dict[str, Any], data: bytes | None, *, source: str)
                          hint="it was altered or belongs to other results: restore it, or measure again")
 
 
-def read_companion(results: dict[str, Any], results_path: Path) -> bytes | None:
-    """The checked bytes of the companion that `results` (read from `results_path`) name; None when
-    they name none. A missing or altered companion is a UsageError (`check_companion`)."""
+def find_companion(results: dict[str, Any], results_name: str, read_beside: Callable[[str], bytes | None]) -> bytes | None:
+    """The checked bytes of the companion that `results` (read from `results_name`) name; None when
+    they name none. `read_beside(name)` reads a file beside the results, None when there is none.
+    The companion is looked for under the name it was written with, then under the results' own stem
+    (results copied with their companion under another name); the sha256 the results record decides,
+    whichever is found. A missing or altered companion is a UsageError (`check_companion`)."""
     named = results.get("channels")
     if not named:
         return None
     name = named["file"]
     if "/" in name or "\\" in name or name in (".", ".."):
-        raise UsageError(f"{results_path}::$.channels.file: {name!r} is not a file name beside the results")
+        raise UsageError(f"{results_name}::$.channels.file: {name!r} is not a file name beside the results")
+    stem = posixpath.splitext(posixpath.basename(results_name))[0]
     data: bytes | None = None
-    # the name it was written under, or the one it has beside results copied under another name (the
-    # sha256 the results record decides, whichever is found)
-    for candidate in dict.fromkeys((name, companion_path(Path(results_path)).name)):
-        try:
-            data = (Path(results_path).parent / candidate).read_bytes()
+    for candidate in dict.fromkeys((name, stem + COMPANION_SUFFIX)):
+        data = read_beside(candidate)
+        if data is not None:
             break
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            continue
-    check_companion(results, data, source=str(results_path))
+    check_companion(results, data, source=results_name)
     return data
+
+
+def reader_beside(folder: Path) -> Callable[[str], bytes | None]:
+    """`read_beside` for a local folder: a file's bytes, None when it does not exist."""
+
+    def read(name: str) -> bytes | None:
+        try:
+            return (Path(folder) / name).read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            return None
+
+    return read
+
+
+def read_companion(results: dict[str, Any], results_path: Path) -> bytes | None:
+    """`find_companion` for results read from a local file."""
+    return find_companion(results, str(results_path), reader_beside(Path(results_path).parent))

@@ -17,8 +17,8 @@ from maxact_card import fmt
 from maxact_card.card.chart import render_chart
 from maxact_card.card.front_matter import CardError, CardProblem, decode_card, parse_card
 from maxact_card.card.paths import CARD_FILE, DEFAULT_CHART_PATH, DEFAULT_RESULTS_PATH
-from maxact_card.card.section import SUMMARY_KEY, card_summary, parse_results, render_section
-from maxact_card.documents import COMPANION_SUFFIX, check_companion, sha256_file
+from maxact_card.card.section import SUMMARY_KEY, card_summary, export_links, parse_results, render_section
+from maxact_card.documents import COMPANION_SUFFIX, find_companion, sha256_file
 from maxact_card.errors import UsageError
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
@@ -259,7 +259,7 @@ def validate_card(source: CardSource, *, results_file: tuple[str, bytes] | None 
     reads a file beside it (its companion); otherwise the file named in the card's `maxact:` summary,
     or `maxact/results.json` beside the card. Raises CardError (exit 2) for an unreadable card, broken
     markers or duplicate sections, and UsageError (exit 2) when the results name a per-channel
-    companion that is missing or altered (`documents.check_companion`); everything else is a check.
+    companion that is missing or altered (`documents.find_companion`); everything else is a check.
     """
     raw = source.read(source.card_name)
     if raw is None:
@@ -307,19 +307,9 @@ def validate_card(source: CardSource, *, results_file: tuple[str, bytes] | None 
         except UsageError as exc:
             checks.append(Check("results", CheckStatus.failed, exc.message, exc.hint))
         else:
-            if results.get("channels"):
-                # the name it was written under, or the one beside results copied under another name
-                named = results["channels"]["file"]
-                stem = posixpath.splitext(posixpath.basename(results_name))[0]
-                data = None
-                for candidate in dict.fromkeys((named, stem + COMPANION_SUFFIX)):
-                    if read_beside_results is None:
-                        data = source.read(posixpath.join(posixpath.dirname(results_name), candidate))
-                    else:
-                        data = read_beside_results(candidate)
-                    if data is not None:
-                        break
-                check_companion(results, data, source=results_name)
+            folder = posixpath.dirname(results_name)
+            find_companion(results, results_name, read_beside_results
+                           or (lambda name: source.read(posixpath.join(folder, name))))
             companion = ", its companion's sha256 matches" if results.get("channels") else ""
             checks.append(
                 Check(
@@ -424,8 +414,7 @@ def validate_card(source: CardSource, *, results_file: tuple[str, bytes] | None 
 
 def _check_exports(exports: Mapping[str, str], results_path: str, source: CardSource) -> Check:
     """Every export file the section links lies beside the card (a link to nothing is a broken card)."""
-    base = posixpath.dirname(results_path) or "."
-    linked = {name: posixpath.normpath(posixpath.join(base, path)) for name, path in sorted(exports.items())}
+    linked = export_links(exports, results_path)
     absent = [path for path in linked.values() if source.read(path) is None]
     if absent:
         return Check("exports", CheckStatus.failed, f"{', '.join(absent)} linked from the section but not beside "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import posixpath
 import re
@@ -30,6 +29,7 @@ from maxact_card.commands._common import (
     examples_epilog,
     handle_errors,
 )
+from maxact_card.documents import reader_beside
 from maxact_card.errors import EXIT_GATE, EXIT_PASS, UsageError
 
 EXAMPLES = [
@@ -79,7 +79,7 @@ def read_results_option(results: Path, source: CardSource) -> tuple[str, bytes, 
     """An explicit --results: a local file, or (for a Hub repo) a path inside the repo; with a reader
     of the files beside it (its per-channel companion)."""
     if results.is_file():
-        return str(results), results.read_bytes(), functools.partial(_read_local, results.parent)
+        return str(results), results.read_bytes(), reader_beside(results.parent)
     if isinstance(source, HubSource):
         data = source.read(results.as_posix())
         if data is not None:
@@ -88,13 +88,6 @@ def read_results_option(results: Path, source: CardSource) -> tuple[str, bytes, 
     raise UsageError(
         f"results file {results} does not exist", hint="pass the file `maxact-card measure --out` wrote"
     )
-
-
-def _read_local(folder: Path, name: str) -> bytes | None:
-    try:
-        return (folder / name).read_bytes()
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        return None
 
 
 def format_text(report: ValidationReport) -> str:
