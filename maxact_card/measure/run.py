@@ -464,10 +464,9 @@ class _Run:
 def check_quant_sites(spec: str, site_map: SiteMap) -> None:
     """Refuse an unknown --quant-sites name, or a set that selects no site of this run, before any
     forward pass."""
-    wanted = {"kv": (KV_CACHE, "--kv-cache"), "linear": (LINEAR_INPUTS, "--gemm-inputs")}.get(spec)
-    if wanted is not None and not any(s.component in wanted[0] for s in site_map.sites):
+    if spec in _MEASURED_WITH and not any(s.component in _SET_COMPONENTS[spec] for s in site_map.sites):
         raise UsageError(f"--quant-sites {spec} selects no site of this model as measured",
-                         hint=f"measure them with {wanted[1]}, or choose another --quant-sites")
+                         hint=f"measure them with {_MEASURED_WITH[spec]}, or choose another --quant-sites")
     if spec in QUANT_SITE_SETS:
         return
     known = {s.name for s in site_map.sites}
@@ -483,6 +482,9 @@ QUANT_SITE_SETS = ("default", "all", "residual", "linear", "kv", "peak")
 # the down_proj input always) and, with FP8 KV-cache scales, the keys and values (with --kv-cache)
 LINEAR_INPUTS = ("attn_input", "o_proj_input", "mlp_input", "down_proj_input")
 KV_CACHE = ("key_cache", "value_cache")
+# the sets chosen by component, and the option that measures a set a default run may lack
+_SET_COMPONENTS = {"residual": ("residual",), "linear": LINEAR_INPUTS, "kv": KV_CACHE}
+_MEASURED_WITH = {"linear": "--gemm-inputs", "kv": "--kv-cache"}
 
 
 def _split_names(spec: str) -> list[str]:
@@ -496,12 +498,8 @@ def quant_sites(spec: str, results: dict[str, Any]) -> list[str]:
     by_name = {s["name"]: s for s in results["sites"]}
     if spec == "all":
         chosen = set(names)
-    elif spec == "residual":
-        chosen = {n for n in names if by_name[n]["component"] == "residual"}
-    elif spec == "linear":
-        chosen = {n for n in names if by_name[n]["component"] in LINEAR_INPUTS}
-    elif spec == "kv":
-        chosen = {n for n in names if by_name[n]["component"] in KV_CACHE}
+    elif spec in _SET_COMPONENTS:
+        chosen = {n for n in names if by_name[n]["component"] in _SET_COMPONENTS[spec]}
     elif spec == "peak":
         chosen = {peak}
     elif spec == "default":
