@@ -35,6 +35,10 @@ COMPONENTS: tuple[str, ...] = (
     "embedding", "residual", "attn_input", "query", "key_cache", "value_cache", "o_proj_input", "attention",
     "mlp_input", "mlp", "gate", "down_proj_input", "router", "final_norm",
 )
+#: What a W8A8 or FP8 deployment quantizes: the inputs of the Linear layers (the down_proj input
+#: always, the others with --gemm-inputs) and the KV cache (with --kv-cache).
+LINEAR_INPUTS: tuple[str, ...] = ("attn_input", "o_proj_input", "mlp_input", "down_proj_input")
+KV_CACHE: tuple[str, ...] = ("key_cache", "value_cache")
 
 
 # --- schema checks --------------------------------------------------------------------------------

@@ -19,7 +19,14 @@ import yaml
 from maxact_card import fmt
 from maxact_card.card.front_matter import END_MARKER, START_MARKER
 from maxact_card.card.paths import DEFAULT_CHART_PATH, DEFAULT_RESULTS_PATH
-from maxact_card.documents import COMPONENTS, RESULTS_SCHEMA, parse_json, schema_error
+from maxact_card.documents import (
+    COMPONENTS,
+    KV_CACHE,
+    LINEAR_INPUTS,
+    RESULTS_SCHEMA,
+    parse_json,
+    schema_error,
+)
 from maxact_card.errors import SchemaError, UsageError
 from maxact_card.resources import template_text
 
@@ -48,9 +55,7 @@ COMPONENT_LABELS = {
 
 # The inputs a W8A8 or FP8 deployment quantizes, in the order the "For deployment" part lists them:
 # the Linear layers' inputs, then the KV cache, then the queries (FP8 attention only).
-DEPLOY_CLASSES: tuple[str, ...] = (
-    "attn_input", "o_proj_input", "mlp_input", "down_proj_input", "key_cache", "value_cache", "query",
-)
+DEPLOY_CLASSES: tuple[str, ...] = (*LINEAR_INPUTS, *KV_CACHE, "query")
 # Which option measures the classes that are off by default, and how the part names them when none
 # of a group was measured. down_proj_input is always measured (where the MLP has a down projection).
 DEPLOY_FLAGS: tuple[tuple[str, tuple[str, ...], str], ...] = (

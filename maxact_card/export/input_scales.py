@@ -13,9 +13,10 @@ import torch
 from safetensors.torch import save
 
 from maxact_card.errors import UsageError
-from maxact_card.export.inputs import Inputs
+from maxact_card.export.inputs import Inputs, static_scale
+from maxact_card.quant.schemes import FP8_E4M3_MAX, INT8_QMAX
 
-QMAX = {"fp8": 448.0, "int8": 127.0}
+QMAX = {"fp8": FP8_E4M3_MAX, "int8": float(INT8_QMAX)}
 WHAT = "the input-scales export"
 
 
@@ -26,7 +27,7 @@ def input_scales(inputs: Inputs, *, scheme: str = "fp8") -> dict[str, torch.Tens
     qmax = QMAX[scheme]
     scales: dict[str, float] = {}
     for site in inputs.linear_sites(WHAT):
-        scale = site["max_abs"] / qmax if site["max_abs"] > 0 else 1.0  # a scale of 0 cannot dequantize
+        scale = static_scale(site["max_abs"], qmax)
         for reader in site["readers"]:
             scales[f"{reader}.input_scale"] = max(scales.get(f"{reader}.input_scale", 0.0), scale)
     return {name: torch.tensor(value, dtype=torch.float32) for name, value in scales.items()}

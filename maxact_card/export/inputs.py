@@ -6,14 +6,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from maxact_card.documents import load_results, read_companion, require_channels
+from maxact_card.documents import LINEAR_INPUTS, load_results, read_companion, require_channels
 from maxact_card.errors import UsageError
 
 if TYPE_CHECKING:
     import torch
 
-#: The components whose sites are the input of Linear layers (what W8A8 / FP8 quantizes).
-LINEAR_INPUTS = ("attn_input", "o_proj_input", "mlp_input", "down_proj_input")
+def static_scale(amax: float, qmax: float) -> float:
+    """amax / qmax, the symmetric static scale of a tensor whose max|a| is amax (1 for an all-zero
+    tensor: a scale of 0 cannot dequantize)."""
+    return amax / qmax if amax > 0 else 1.0
 
 
 @dataclass(frozen=True)

@@ -24,26 +24,27 @@ from typing import Any
 import torch
 from safetensors.torch import save
 
+from maxact_card.documents import KV_CACHE
 from maxact_card.errors import UsageError
-from maxact_card.export.inputs import Inputs
+from maxact_card.export.inputs import Inputs, static_scale
+from maxact_card.quant.schemes import FP8_E4M3_MAX
 
-FP8_E4M3_MAX = 448.0
 SCALE_NAMES = {"key_cache": "k_scale", "value_cache": "v_scale", "query": "q_scale"}
 
 
 def fp8_scale(amax: float) -> float:
     """amax / 448, the symmetric E4M3 scale (1 for an all-zero tensor)."""
-    return amax / FP8_E4M3_MAX if amax > 0 else 1.0
+    return static_scale(amax, FP8_E4M3_MAX)
 
 
 def kv_scales(inputs: Inputs, *, per_head: bool = False) -> dict[str, torch.Tensor]:
     """{`{attention}.k_scale` | `.v_scale` | `.q_scale`: float32 scalar, or [KV heads] with `per_head`}."""
-    kv = inputs.sites("key_cache", "value_cache")
+    kv = inputs.sites(*KV_CACHE)
     if not kv:
         raise UsageError(f"this results file ({inputs.source}) has no KV-cache sites: measure with --kv-cache")
     kv_heads: dict[str, int] = {s["module"]: _heads(s, inputs.source) for s in kv if per_head}
     tensors: dict[str, torch.Tensor] = {}
-    for site in inputs.sites("key_cache", "value_cache", "query"):
+    for site in inputs.sites(*KV_CACHE, "query"):
         name = f"{site['module']}.{SCALE_NAMES[site['component']]}"
         if not per_head:
             tensors[name] = torch.tensor(fp8_scale(site["max_abs"]), dtype=torch.float32)

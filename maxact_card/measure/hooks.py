@@ -20,11 +20,8 @@ from maxact_card.measure.sites import (
     ATTENTION_READS,
     READ_GATE_HALF,
     READ_INPUT,
-    READ_KEYS,
     READ_OUTPUT,
-    READ_QUERIES,
     READ_ROUTER,
-    READ_VALUES,
     Site,
 )
 from maxact_card.measure.stats import BatchContext, SiteStats, gated_update
@@ -120,7 +117,7 @@ class Hooks:
 
     def _attention(self, reads: dict[str, tuple[Site, Consumer]]) -> AttentionReader:
         def read(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
-            for kind, t in ((READ_QUERIES, query), (READ_KEYS, key), (READ_VALUES, value)):
+            for kind, t in zip(ATTENTION_READS, (query, key, value)):  # the reads in that order
                 entry = reads.get(kind)
                 if entry is None or self.ctx is None:
                     continue

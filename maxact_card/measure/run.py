@@ -20,6 +20,7 @@ from maxact_card import corpus as corpus_mod
 from maxact_card import progress
 from maxact_card import quant as quant_mod
 from maxact_card.corpus.tokenizing import DEFAULT_MAX_SEQ_LEN
+from maxact_card.documents import KV_CACHE, LINEAR_INPUTS
 from maxact_card.errors import RuntimeFailure, UsageError
 from maxact_card.measure import distributed
 from maxact_card.measure.budget import active_parameters, auto_batch_tokens, compile_choice
@@ -478,10 +479,6 @@ def check_quant_sites(spec: str, site_map: SiteMap) -> None:
 
 
 QUANT_SITE_SETS = ("default", "all", "residual", "linear", "kv", "peak")
-# What a W8A8 or FP8 deployment quantizes: the inputs of the Linear layers (all four with --gemm-inputs,
-# the down_proj input always) and, with FP8 KV-cache scales, the keys and values (with --kv-cache)
-LINEAR_INPUTS = ("attn_input", "o_proj_input", "mlp_input", "down_proj_input")
-KV_CACHE = ("key_cache", "value_cache")
 # the sets chosen by component, and the option that measures a set a default run may lack
 _SET_COMPONENTS = {"residual": ("residual",), "linear": LINEAR_INPUTS, "kv": KV_CACHE}
 _MEASURED_WITH = {"linear": "--gemm-inputs", "kv": "--kv-cache"}
