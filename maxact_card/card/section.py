@@ -484,10 +484,9 @@ def _deploy_view(
                 "scheme": scheme,
             }
         )
-    not_measured = [
-        f"{phrase} (`{flag}`)" for flag, group, phrase in DEPLOY_FLAGS if not any(c in components for c in group)
-    ]
-    unmeasured = {c for _, group, _ in DEPLOY_FLAGS if not any(g in components for g in group) for c in group}
+    off = [(flag, group, phrase) for flag, group, phrase in DEPLOY_FLAGS if not any(c in components for c in group)]
+    not_measured = [f"{phrase} (`{flag}`)" for flag, _, phrase in off]
+    unmeasured = {c for _, group, _ in off for c in group}
     # The option was on (or the class needs none) and the class is still absent: the model has no
     # such site. Queries are measured only where the model has them, so their absence says nothing.
     not_found = [
