@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -72,29 +71,17 @@ def _link(target: Path, base: Path, default: str, what: str) -> str:
     return link
 
 
-def run_render(
-    results_path: Path,
-    card: Path | None,
-    out: Path | None,
-    chart_out: Path | None,
-    exports: Mapping[str, str] | None = None,
-) -> str | None:
-    """Do the work; returns the section text when it goes to stdout, else None. Raises typed errors.
-
-    `exports` (export format -> file name relative to the results file) links those files."""
+def run_render(results_path: Path, card: Path | None, out: Path | None, chart_out: Path | None) -> str | None:
+    """Do the work; returns the section text when it goes to stdout, else None. Raises typed errors."""
     results = read_results(results_path)
     if card is None:
-        return _render_alone(results, results_path, out, chart_out, exports)
-    _render_into_card(results, results_path, card, out, chart_out, exports)
+        return _render_alone(results, results_path, out, chart_out)
+    _render_into_card(results, results_path, card, out, chart_out)
     return None
 
 
 def _render_alone(
-    results: dict[str, Any],
-    results_path: Path,
-    out: Path | None,
-    chart_out: Path | None,
-    exports: Mapping[str, str] | None = None,
+    results: dict[str, Any], results_path: Path, out: Path | None, chart_out: Path | None
 ) -> str | None:
     # Printed alone, the section is meant for a card whose folder holds maxact/results.json and
     # maxact/profile.svg (where `publish` puts them); written to --out, links are relative to it.
@@ -103,7 +90,7 @@ def _render_alone(
         if chart_out is not None:
             chart_link = _link(chart_out, out.parent, DEFAULT_CHART_PATH, "the chart")
         results_link = relative_link(results_path, out.parent) or DEFAULT_RESULTS_PATH
-    section = render_section(results, chart_path=chart_link, results_path=results_link, exports=exports)
+    section = render_section(results, chart_path=chart_link, results_path=results_link)
     files = [(chart_out, render_chart(results).encode("utf-8"))] if chart_out else []
     if out is not None:
         files.append((out, section.encode("utf-8")))
@@ -115,12 +102,7 @@ def _render_alone(
 
 
 def _render_into_card(
-    results: dict[str, Any],
-    results_path: Path,
-    card: Path,
-    out: Path | None,
-    chart_out: Path | None,
-    exports: Mapping[str, str] | None = None,
+    results: dict[str, Any], results_path: Path, card: Path, out: Path | None, chart_out: Path | None
 ) -> None:
     card_path = card / CARD_FILE if card.is_dir() else card
     if card_path.exists() and not card_path.is_file():
@@ -144,9 +126,7 @@ def _render_into_card(
     except OSError as exc:
         raise UsageError(f"cannot read the card {card_path}: {exc.strerror}") from None
     # Everything is rendered before anything is written: an error leaves the card untouched.
-    data = splice_card(
-        card_text, results, chart_path=chart_link, results_path=results_link, exports=exports
-    ).encode("utf-8")
+    data = splice_card(card_text, results, chart_path=chart_link, results_path=results_link).encode("utf-8")
     files = [(chart_target, render_chart(results).encode("utf-8"))]
     if copy_to is not None:
         files.append((copy_to, Path(results_path).read_bytes()))  # the very file that was validated
