@@ -64,7 +64,7 @@ from maxact_card.commands.measure import (
 from maxact_card.commands.render import CardOpt, run_render
 from maxact_card.documents import atomic_write_text, check_writable, validate_results, write_results
 from maxact_card.errors import EXIT_GATE, UsageError
-from maxact_card.export import parse_formats
+from maxact_card.export import FORMATS, parse_formats
 from maxact_card.fmt import printable
 from maxact_card.gate.baseline import load_baseline
 from maxact_card.gate.policy import DEFAULT_POLICY, FP16_MAX, Policy, load_policy
@@ -241,10 +241,11 @@ def _preflight(request: CheckRequest) -> tuple[Policy, dict[str, Any] | None]:
     if request.exports and not request.create_pr:
         raise UsageError("--exports adds files to the --create-pr commit", hint="pass --create-pr, or run "
                          "`maxact-card export` on the results file")
-    needs_gemm = [f for f in request.exports if f in ("smoothquant", "input-scales")]
-    if needs_gemm and not request.measure.gemm_inputs:
-        raise UsageError(f"--exports {needs_gemm[0]} needs the input of every Linear layer",
-                         hint="add --gemm-inputs")
+    measured = {"--gemm-inputs": request.measure.gemm_inputs, "--kv-cache": request.measure.kv_cache}
+    for name in request.exports:
+        needs = FORMATS[name].needs
+        if needs is not None and not measured[needs[0]]:
+            raise UsageError(f"--exports {name} needs {needs[1]}", hint=f"add {needs[0]}")
     if request.create_pr:
         from maxact_card.hub.client import is_repo_id
 

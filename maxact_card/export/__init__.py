@@ -32,17 +32,22 @@ class ExportFormat:
     file_name: str
     module: str
     summary: str
+    # the measure option a run needs for this export, and what it measures (None: any run will do)
+    needs: tuple[str, str] | None = None
 
 
 FORMATS: dict[str, ExportFormat] = {
     f.name: f
     for f in (
         ExportFormat("smoothquant", "maxact-act-scales.pt", "smoothquant",
-                     "per Linear layer, max|a| of each input channel (SmoothQuant's act_scales)"),
+                     "per Linear layer, max|a| of each input channel (SmoothQuant's act_scales)",
+                     ("--gemm-inputs", "the input of every Linear layer")),
         ExportFormat("kv-scales", "maxact-kv-scales.safetensors", "kv_scales",
-                     "per attention layer, the FP8 E4M3 KV-cache scales k_scale and v_scale (and q_scale)"),
+                     "per attention layer, the FP8 E4M3 KV-cache scales k_scale and v_scale (and q_scale)",
+                     ("--kv-cache", "the keys and values of the KV cache")),
         ExportFormat("input-scales", "maxact-input-scales.safetensors", "input_scales",
-                     "per Linear layer, a static activation scale (input_scale), FP8 or INT8"),
+                     "per Linear layer, a static activation scale (input_scale), FP8 or INT8",
+                     ("--gemm-inputs", "the input of every Linear layer")),
         ExportFormat("outliers", "maxact-outliers.json", "outliers",
                      "per layer and site, the largest channels and the tokens that carry them"),
     )
