@@ -204,8 +204,8 @@ def test_schema_invalid_policy_exits_2_before_measuring(
     [
         (["--baseline", "missing.json"], "baseline 'missing.json' is neither an existing results file"),
         (["--create-pr"], "--create-pr needs a Hub repo id org/name"),
-        (["--create-pr", "--exports", "smoothquant"], "--exports smoothquant needs the input of every Linear layer"
-                                                      "; add --gemm-inputs"),
+        (["--create-pr", "--exports", "smoothquant"],
+         "--exports smoothquant needs the input of every Linear layer; add --gemm-inputs"),
         (["--create-pr", "--exports", "outliers,kv-scales", "--gemm-inputs"],
          "--exports kv-scales needs the keys and values of the KV cache; add --kv-cache"),
         (["--exports", "outliers"], "--exports adds files to the --create-pr commit"),
