@@ -4,6 +4,7 @@ over the same tokens), in one run.
 
     python bench/bench_e2e.py --shape qwen3-8b --samples 256          # on a GPU
     python bench/bench_e2e.py --shape tiny --samples 16 --device cpu   # anywhere
+    python bench/bench_e2e.py --shape qwen3-8b --samples 5000 --cold-only --work /tmp/w   # the paper's scale
 
 It builds the model folder once (random weights at the shape's real size, bf16 safetensors in
 shards of at most 4 GB, and a word-level tokenizer over ids), writes a JSONL corpus of `--samples`
@@ -15,7 +16,8 @@ samples of 256 to 2,048 words, then times, each as its own process:
   model and running its plain eager forward (transformers' own, attention mask included) over the
   same batches of up to 16,384 padded tokens.
 
-It prints one table: seconds per part, the CLI's own `run.phases`, and each CLI run over the floor.
+It prints, as each part ends: seconds per part, the CLI's own `run.phases` (with what they leave
+out of the whole process: the interpreter's start and exit), and each CLI run over the floor.
 The page cache is not dropped (that needs root and a quiet machine): the weights are read once before
 anything is timed, so every part reads them from memory alike.
 """
@@ -126,7 +128,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--work", type=Path, default=None, help="where to keep the model folder (default: a temp dir)")
+    parser.add_argument("--cold-only", action="store_true", help="skip the warm run (at thousands of samples it only repeats the cold one)")
     args = parser.parse_args()
+    labels = ["cold"] if args.cold_only else ["cold", "warm"]
 
     with tempfile.TemporaryDirectory(prefix="maxact-e2e-") as tmp:
         work = args.work or Path(tmp)
@@ -140,23 +144,23 @@ def main() -> None:
         floor_out = json.loads(timed([sys.executable, "-c", FLOOR_FORWARD, str(folder), str(corpus), args.device],
                                      env)[1].strip().splitlines()[-1])
         floor = floor_out["import"] + floor_read + floor_out["forward"]
-        runs = {}
+        print(f"shape {args.shape}, {args.samples} samples, device {args.device}")
+        print(f"floor: import {floor_out['import']:.1f} s + read weights {floor_read:.1f} s + plain forward "
+              f"{floor_out['forward']:.1f} s = {floor:.1f} s (model load in the floor's process: "
+              f"{floor_out['load']:.1f} s)", flush=True)
         caches = Path(tmp) / "caches"
-        for label in ("cold", "warm"):
+        for label in labels:
+            # cold: caches nobody has filled; warm: as the cold run left them
             run_env = dict(env, TORCHINDUCTOR_CACHE_DIR=str(caches / "inductor"), TRITON_CACHE_DIR=str(caches / "triton"))
             out = Path(tmp) / f"{label}.json"
             wall, _ = timed([sys.executable, "-m", "maxact_card", "measure", str(folder), "--corpus", str(corpus),
                              "--device", args.device, "--samples", str(args.samples), "--max-seq-len", "2048",
                              "--out", str(out), "--format", "json"], run_env)
-            results = json.loads(out.read_text(encoding="utf-8"))
-            runs[label] = (wall, results["run"].get("phases", {}), results["run"]["tokens"])
-
-    print(f"shape {args.shape}, {args.samples} samples, {runs['cold'][2]:,} tokens, device {args.device}")
-    print(f"floor: import {floor_out['import']:.1f} s + read weights {floor_read:.1f} s + plain forward "
-          f"{floor_out['forward']:.1f} s = {floor:.1f} s (model load in the floor's process: {floor_out['load']:.1f} s)")
-    for label, (wall, phases, _) in runs.items():
-        detail = ", ".join(f"{k} {v:.1f}" for k, v in phases.items())
-        print(f"{label}: whole process {wall:.1f} s = {wall / floor:.2f}x the floor; run.phases: {detail}")
+            run = json.loads(out.read_text(encoding="utf-8"))["run"]
+            phases = run.get("phases", {})
+            detail = ", ".join(f"{k} {v:.1f}" for k, v in phases.items())
+            print(f"{label}: whole process {wall:.1f} s = {wall / floor:.2f}x the floor ({run['tokens']:,} tokens); "
+                  f"run.phases: {detail}; outside them {wall - sum(phases.values()):.1f}", flush=True)
 
 
 if __name__ == "__main__":

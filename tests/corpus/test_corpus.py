@@ -511,6 +511,28 @@ def test_tokenize_passes_ids_through(tokenizer: PreTrainedTokenizerFast) -> None
     assert tokenize([Sample("i", "c", input_ids=(7, 3, 9))], tokenizer, 3) == [[7, 3, 9]]
 
 
+def test_tokenize_encodes_plain_texts_in_one_call(tokenizer: PreTrainedTokenizerFast,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    samples = [Sample("a", "c", text="the quick brown fox"), Sample("i", "c", input_ids=(7, 3)),
+               Sample("m", "chat", messages=TURNS), Sample("b", "c", text="jumps over")]
+    one_by_one = [tokenizer("the quick brown fox")["input_ids"], [7, 3],
+                  tokenizer("system: be brief\nuser: hi there")["input_ids"], tokenizer("jumps over")["input_ids"]]
+    calls: list[Any] = []
+    encode = type(tokenizer).__call__
+
+    def counting(self: PreTrainedTokenizerFast, text: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(text)
+        return encode(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(type(tokenizer), "__call__", counting)
+    assert tokenize(samples, tokenizer, 64) == one_by_one
+    assert calls == [["the quick brown fox", "system: be brief\nuser: hi there", "jumps over"]]
+    calls.clear()
+    monkeypatch.setattr(type(tokenizer), "is_fast", False)  # a Python tokenizer: one call per sample
+    assert tokenize(samples, tokenizer, 64) == one_by_one
+    assert calls == ["the quick brown fox", "system: be brief\nuser: hi there", "jumps over"]
+
+
 def test_tokenize_too_long_and_truncate(tokenizer: PreTrainedTokenizerFast) -> None:
     samples = [Sample("short", "c", text="fox"), Sample("wordy", "c", text="the quick brown fox " * 20)]
     full = tokenize(samples, tokenizer, 10_000)
