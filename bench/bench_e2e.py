@@ -45,7 +45,7 @@ import torch, transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 t1 = time.perf_counter()
 folder, corpus, device = sys.argv[1], sys.argv[2], sys.argv[3]
-model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto").to(device).eval()
+model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", use_kernels=False).to(device).eval()
 tok = AutoTokenizer.from_pretrained(folder)
 texts = [json.loads(line)["text"] for line in open(corpus)]
 ids = sorted((tok(t)["input_ids"] for t in texts), key=len)

@@ -221,7 +221,10 @@ def _load(ref: str, local_dir: Path, gguf_file: str | None, info: dict[str, Any]
         check_layer_count(ref, config, [local_dir / w["path"] for w in info["weight_files"]])
     chosen = dtype_name if dtype_name != "auto" else ("float32" if gguf_file else _config_dtype(config))
     torch_dtype = DTYPES[chosen]
-    load_kwargs: dict[str, Any] = dict(kwargs, dtype=torch_dtype)
+    # use_kernels=False: transformers swaps layers for kernels fetched from the Hub when the `kernels`
+    # package is installed (which recent transformers releases require), which would run code nobody
+    # asked for and measure someone else's numerics instead of the model's own forward
+    load_kwargs: dict[str, Any] = dict(kwargs, dtype=torch_dtype, use_kernels=False)
     if device_map:
         load_kwargs["device_map"] = device_map
     progress.step(f"loading the model ({chosen}" + (f", to {dev})" if not device_map else f", device map {device_map})"),

@@ -125,3 +125,13 @@ def test_a_llama_gguf_relabelled_as_another_architecture_is_refused(tmp_path: Pa
     res = CliRunner().invoke(app, ["measure", str(relabelled), "--samples", "2", "--max-seq-len", "32",
                                    "--device", "cpu", "--out", str(tmp_path / "r.json")])
     _refused(res, tmp_path / "r.json", "missing (backbone.layers.0.mixer.")
+
+
+def test_the_model_is_measured_with_its_own_layers_not_hub_kernels(llama: Path) -> None:
+    # transformers kernelizes by default where the `kernels` package is installed: layers swapped for
+    # code fetched from the Hub. The measurement is of the checkpoint's own modeling code.
+    from maxact_card.model.checkpoint import load
+
+    loaded = load(str(llama), device="cpu")
+    assert getattr(loaded.model, "_use_kernels", False) is False
+    assert not any("forward" in vars(module) for module in loaded.model.modules())  # no forward swapped in
