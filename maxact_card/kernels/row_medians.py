@@ -22,6 +22,11 @@ from maxact_card.switches import switched_off
 _row_median: dict[str, Any] = {"kernels": {}, "failed": False}
 
 
+def row_medians_kernel(device: torch.device) -> Any:
+    """The kernel's driver handle on `device`, built on first use; None where it cannot be."""
+    return driver_function(_row_median, device, ("row_medians.cu",), "maxact_row_median_bf16")
+
+
 def row_medians(x2: torch.Tensor, source: torch.Tensor, median: torch.Tensor) -> bool:
     """For each entry i with source[i] >= 0, the lower median |a| of row source[i] of bf16 rows `x2`
     [N, H] into float32 `median[i]` (what `x2[source[i]].abs().median()` gives, NaN included); the
@@ -34,7 +39,7 @@ def row_medians(x2: torch.Tensor, source: torch.Tensor, median: torch.Tensor) ->
         return False
     if source.numel() == 0:
         return True
-    func = driver_function(_row_median, x2.device, ("row_medians.cu",), "maxact_row_median_bf16")
+    func = row_medians_kernel(x2.device)
     if func is None:
         return False
     values = (ctypes.c_void_p(x2.data_ptr()), ctypes.c_longlong(x2.stride(0)), ctypes.c_int(x2.shape[-1]),

@@ -330,7 +330,16 @@ def cuda_scan_shape(x2: torch.Tensor, group: int | None = None, rows: int | None
             or switched_off("MAXACT_CARD_CUDA_SCAN")):
         return None
     n_rows, width = x2.shape
-    if width % 8 or x2.stride(-1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16 or n_rows == 0:
+    if x2.stride(-1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16 or n_rows == 0:
+        return None
+    return scan_shape_for(width, group, rows, gated=gated)
+
+
+def scan_shape_for(width: int, group: int | None = None, rows: int | None = None, *,
+                   gated: bool = False) -> CudaScanShape | None:
+    """`cuda_scan_shape` for bf16 rows `width` wide that are 16-byte aligned: the shape follows
+    from the width alone (which `prebuild` relies on, to build the kernels before any tensor)."""
+    if width % 8 or width <= 0:
         return None
     n4 = width // 8
     if group is None:

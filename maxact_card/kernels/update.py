@@ -21,12 +21,16 @@ CPU-only runs never import Triton): `__all__` is what it calls.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 
+from maxact_card.kernels import nvrtc
 from maxact_card.kernels.fold import fold, topk_block
 from maxact_card.kernels.histogram import cuda_abs_histogram, cuda_histogram_ready
 from maxact_card.kernels.nvrtc import INTERPRET, on_device, stream_of
-from maxact_card.kernels.row_medians import row_medians
+from maxact_card.kernels.row_medians import row_medians, row_medians_kernel
 from maxact_card.kernels.scan import (
     CudaScanShape,
     ScanConfig,
@@ -37,6 +41,7 @@ from maxact_card.kernels.scan import (
     launch_triton_scan,
     scan_config,
     scan_folds,
+    scan_shape_for,
 )
 from maxact_card.kernels.workspace import (
     Accumulator,
@@ -47,6 +52,7 @@ from maxact_card.kernels.workspace import (
     persistent_scratch,
     workspace_for,
 )
+from maxact_card.switches import switched_off
 
 
 class HistogramCounted(RuntimeError):
@@ -160,6 +166,26 @@ def gated_update(acc: Accumulator, g: torch.Tensor, up: torch.Tensor, mask: torc
     return out, ws.scan
 
 
+def prebuild(device: torch.device, sites: list[tuple[int, bool, bool, int]]) -> None:
+    """Start building, on background threads, the CUDA kernels that bf16 updates of these sites will
+    launch: (width, massive, gated, top_k) each, `gated` for a SwiGLU gate read by `gated_update`.
+    Returns at once; an update that comes first waits for its kernel (`nvrtc.built`). Off CUDA, or
+    with the CUDA scan switched off, nothing is built."""
+    if device.type != "cuda" or INTERPRET or switched_off("MAXACT_CARD_CUDA_SCAN"):
+        return
+    jobs: dict[tuple[object, ...], Callable[[], object]] = {}
+    for width, massive, gated, top_k in sites:
+        shape = scan_shape_for(width, gated=gated)
+        if shape is None:
+            continue
+        key = (shape.group, shape.rows, shape.vec, massive, gated, scan_folds(top_k))
+        jobs.setdefault(key, functools.partial(cuda_scan_kernel, device, shape, massive, 1, gated=gated,
+                                               fold=key[-1]))
+    if any(massive for _, massive, _, _ in sites):
+        jobs[("row_medians",)] = functools.partial(row_medians_kernel, device)
+    nvrtc.prebuild(list(jobs.values()))
+
+
 def _after_scan(exc: Exception, scanned: bool) -> None:
     """Raise HistogramCounted for a failure after the CUDA scan (out of memory aside: the batch loop
     rolls the whole batch back)."""
@@ -168,4 +194,4 @@ def _after_scan(exc: Exception, scanned: bool) -> None:
 
 
 __all__ = ["INTERPRET", "HistogramCounted", "available", "forget_scratch", "fused_update", "gated_update",
-           "row_medians"]
+           "prebuild", "row_medians", "row_medians_kernel"]

@@ -34,7 +34,7 @@ from maxact_card.measure.sites import (
     discover,
     group_missing,
 )
-from maxact_card.measure.stats import BatchContext, SiteStats
+from maxact_card.measure.stats import BatchContext, SiteStats, prebuild_kernels
 from maxact_card.model.fusion import fused_forward
 from maxact_card.switches import switched_off
 
@@ -378,6 +378,7 @@ def prepare(model: nn.Module, token_ids: list[list[int]], *, device: torch.devic
                           massive=s.component in ("residual", "embedding"))
         for s in sites
     }
+    _prebuild(model, sites, stats)
     fallback = site_map.layers_path is None
     if fallback:
         hidden = _hidden_size(model)
@@ -387,6 +388,22 @@ def prepare(model: nn.Module, token_ids: list[list[int]], *, device: torch.devic
         sites = [s for s in sites if s.component != "residual"] + fallback_sites
         site_map = SiteMap(tuple(sites), site_map.missing, None, len(fallback_sites))
     return Measurement(site_map, stats, [len(t) for t in token_ids], token_ids, hidden_states_fallback=fallback)
+
+
+def _prebuild(model: nn.Module, sites: Sequence[Site], stats: Mapping[str, SiteStats]) -> None:
+    """Start building the CUDA kernels the sites' updates will launch, side by side on background
+    threads, while the loop gets ready: a bf16 model's sites on each CUDA device, a SwiGLU gate in the
+    gated variant that the fused MLP reads it with."""
+    if getattr(model, "dtype", None) != torch.bfloat16:
+        return
+    gated = not switched_off("MAXACT_CARD_GATED")
+    by_device: dict[torch.device, list[tuple[int, bool, bool, int]]] = {}
+    for s in sites:
+        acc = stats[s.name]
+        by_device.setdefault(acc.max.device, []).append((acc.width, acc.massive, gated and s.component == "gate",
+                                                          acc.top_k))
+    for device, wanted in by_device.items():
+        prebuild_kernels(device, wanted)
 
 
 def run_measurement(measurement: Measurement, model: nn.Module, *, batches: list[list[int]], device: torch.device,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import platform
+import re
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -38,6 +39,7 @@ from maxact_card.measure.loop import (
 from maxact_card.measure.results import build_results, channel_file
 from maxact_card.measure.sites import SiteMap, discover
 from maxact_card.measure.state import PassState, StateDir, fingerprint_digest
+from maxact_card.measure.stats import prebuild_kernels
 from maxact_card.model.checkpoint import LoadedModel, load
 
 #: Largest --top-k: the top-K rows of every site are kept on the device, K x width each.
@@ -260,6 +262,11 @@ def _measure(opts: MeasureOptions, world: distributed.World) -> Measured | None:
     if opts.quant:
         samples, held_out = corpus_mod.split(samples, opts.eval_fraction, opts.seed)
     started = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0)
+    requested = world.device(opts.device)
+    if not opts.device_map and (requested in ("auto", "cuda") or re.fullmatch(r"cuda:\d+", requested)):
+        # the first kernel compile on a machine costs seconds: it happens beside the loading (a
+        # device that does not exist fails the load, with its own message, and the build quietly)
+        prebuild_kernels(torch.device("cuda" if requested == "auto" else requested))
     loaded = load(opts.model, revision=opts.revision, token=opts.token, dtype=opts.dtype,
                   device=world.device(opts.device), device_map=opts.device_map,
                   trust_remote_code=opts.trust_remote_code, force=opts.force, wait_for_hashes=False)

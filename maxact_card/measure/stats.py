@@ -9,6 +9,7 @@ combine into the same answer whatever the order.
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -174,6 +175,29 @@ def _kernel_module(x: torch.Tensor) -> Any:
         if on is not True or module is None or not module.INTERPRET:
             return None
     return module if module.available(x) else None
+
+
+def prebuild_kernels(device: torch.device, sites: Sequence[tuple[int, bool, bool, int]] = ()) -> None:
+    """Start building, on background threads, the CUDA kernels that bf16 updates of `sites` will
+    launch ((width, massive, gated, top_k) each, as `kernels.update.prebuild` takes them); with no
+    sites, build only the one every massive site needs, whatever its width, which pays the
+    compiler's first-use cost beside whatever the caller does next (loading the model). Returns at
+    once; off CUDA, or with the kernels off, nothing happens."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return
+    # nvrtc imports torch and ctypes only: Triton comes in with `update`, on the building thread
+    from maxact_card.kernels import nvrtc
+
+    def start() -> None:
+        module = _kernel_module(torch.empty((1, 8), dtype=torch.bfloat16, device=device))
+        if module is None:
+            return
+        if sites:
+            module.prebuild(device, list(sites))
+        else:
+            module.row_medians_kernel(device)
+
+    nvrtc.prebuild([start])
 
 
 def _kernels_failed(kernels: Any, exc: Exception) -> bool:
