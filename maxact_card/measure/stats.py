@@ -195,6 +195,7 @@ def prebuild_kernels(device: torch.device, sites: Sequence[tuple[int, bool, bool
         if sites:
             module.prebuild(device, list(sites))
         else:
+            nvrtc.page_in_compiler()
             module.row_medians_kernel(device)
 
     nvrtc.prebuild([start])

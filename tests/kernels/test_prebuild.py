@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -108,3 +109,26 @@ def test_the_loop_asks_for_the_kernels_of_a_bf16_models_sites(monkeypatch: pytes
     asked.clear()
     loop.prepare(model, [[1, 5, 6, 7]], device=torch.device("cpu"))
     assert not any(gated for _, _, gated, _ in asked[0][1])
+
+
+def test_the_compilers_libraries_are_read_through_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    lib = tmp_path / "cu13" / "lib"
+    lib.mkdir(parents=True)
+    for name in ("libnvrtc.so.13", "libnvrtc-builtins.so.13.0", "libcublas.so.13"):
+        (lib / name).write_bytes(b"\x7fELF" + bytes(1000))
+    maps = tmp_path / "maps"
+    maps.write_text(f"7f00-7f10 r-xp 00000000 08:01 42 {lib / 'libnvrtc.so.13'}\n"
+                    "7f20-7f30 r-xp 00000000 00:00 0 [vdso]\n", encoding="utf-8")
+    monkeypatch.setattr(nvrtc, "_MAPS", str(maps))
+    monkeypatch.setattr(torch.cuda._utils, "_get_gpu_rtc_library", lambda: None)
+    # the library the process mapped and the builtins beside it, which NVRTC loads as it compiles
+    assert nvrtc.page_in_compiler() == [str(lib / "libnvrtc-builtins.so.13.0"), str(lib / "libnvrtc.so.13")]
+
+    def no_nvrtc() -> None:
+        raise OSError("libnvrtc.so: cannot open shared object file")
+
+    monkeypatch.setattr(torch.cuda._utils, "_get_gpu_rtc_library", no_nvrtc)
+    assert nvrtc.page_in_compiler() == []  # a CPU build of torch: nothing to read, nothing raised
+    monkeypatch.setattr(torch.cuda._utils, "_get_gpu_rtc_library", lambda: None)
+    monkeypatch.setattr(nvrtc, "_MAPS", str(tmp_path / "no-proc"))
+    assert nvrtc.page_in_compiler() == []
