@@ -18,8 +18,12 @@ samples of 256 to 2,048 words, then times, each as its own process:
 
 It prints, as each part ends: seconds per part, the CLI's own `run.phases` (with what they leave
 out of the whole process: the interpreter's start and exit), and each CLI run over the floor.
-The page cache is not dropped (that needs root and a quiet machine): the weights are read once before
-anything is timed, so every part reads them from memory alike.
+The weights are read once before anything is timed, so every part reads them from memory alike.
+`--drop-caches` (root) first empties the page cache, as on a machine just started: then the floor's
+process pages in torch and CUDA's libraries from disk, and the CLI whatever it uses beyond them (NVRTC,
+Triton). Every process compiles the Python it imports where PYTHONDONTWRITEBYTECODE is set, which an
+installed environment does not do (pip writes the bytecode at install): the script says so, and
+`python -m compileall -q -j 0 <site-packages>` beforehand times what users run.
 """
 
 from __future__ import annotations
@@ -128,9 +132,14 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--work", type=Path, default=None, help="where to keep the model folder (default: a temp dir)")
+    parser.add_argument("--drop-caches", action="store_true",
+                        help="empty the page cache first, as on a machine just started (needs root)")
     parser.add_argument("--cold-only", action="store_true", help="skip the warm run (at thousands of samples it only repeats the cold one)")
     args = parser.parse_args()
     labels = ["cold"] if args.cold_only else ["cold", "warm"]
+    if sys.dont_write_bytecode:
+        print("note: PYTHONDONTWRITEBYTECODE is set, so every process compiles the Python it imports from source; "
+              "run python -m compileall -q -j 0 on site-packages first to time an installed environment", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="maxact-e2e-") as tmp:
         work = args.work or Path(tmp)
@@ -138,6 +147,12 @@ def main() -> None:
         if not (folder / "config.json").is_file():
             build(args.shape, folder)
         write_corpus(corpus, args.samples, VOCAB_WORDS)
+        if args.drop_caches:
+            os.sync()
+            try:
+                Path("/proc/sys/vm/drop_caches").write_text("3\n", encoding="ascii")
+            except OSError as exc:
+                raise SystemExit(f"--drop-caches: cannot write /proc/sys/vm/drop_caches ({exc}); run as root") from None
         read_once(folder)  # into the page cache: every part below reads from memory alike
         floor_read = read_once(folder)
         env = dict(os.environ)
