@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -49,3 +51,34 @@ def test_the_card_the_gate_and_the_hub_client_do_not_import_torch() -> None:
     code = f"import importlib, sys\nfor m in {modules!r}: importlib.import_module(m)\nprint('torch' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=paths.ROOT)
     assert proc.stdout.strip() == "False", proc.stderr
+
+
+EXIT_PROBE = """
+import atexit, sys
+atexit.register(lambda: sys.stderr.write("interpreter shutdown\\n"))
+sys.argv = ["maxact-card", *sys.argv[1:]]
+from maxact_card.__main__ import main
+main()
+"""
+
+
+def test_a_measuring_command_skips_the_interpreters_shutdown_and_loses_no_output(tmp_path: Path) -> None:
+    from tests import factory
+
+    factory.write_corpus(tmp_path / "corpus.jsonl")
+    model = factory.save("llama", tmp_path / "llama")
+
+    def run(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-c", EXIT_PROBE, *argv], capture_output=True, text=True,
+                              timeout=300, cwd=paths.ROOT)
+
+    done = run("measure", str(model), "--corpus", str(tmp_path / "corpus.jsonl"), "--device", "cpu",
+               "--format", "json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["model"]["architecture"] == "LlamaForCausalLM"  # all of it, flushed
+    assert "interpreter shutdown" not in done.stderr  # torch was imported: no teardown module by module
+    refused = run("measure", str(model), "--corpus", str(tmp_path / "corpus.jsonl"), "--device", "cpu",
+                  "--samples", "0")
+    assert refused.returncode == 2 and refused.stderr.startswith("error: "), refused.stderr
+    # a command that never imports torch ends the ordinary way
+    assert "interpreter shutdown" in run("render", str(EXAMPLE)).stderr
