@@ -53,10 +53,38 @@ def device_index(device: torch.device) -> int:
 def compile_kernel(index: int, source: str, name: str) -> Any:
     """NVRTC-compile `source` (after the shared key prelude) and load kernel `name` on CUDA device `index`."""
     with torch.cuda.device(index):
+        bind_context(index)
         return torch.cuda._compile_kernel(_key_source() + source, name)
 
 
+def bind_context(index: int) -> None:
+    """Make device `index`'s primary context current on the calling thread where none is.
+
+    The CUDA runtime makes it current on a thread's first runtime call that needs a context (an
+    allocation, a launch); `torch.cuda.device` calls nothing where the thread's device is already
+    `index`, the default. A thread that only builds kernels then makes driver calls alone, and
+    loading a module there fails for want of a context (CUDA_ERROR_INVALID_CONTEXT), which turned
+    the CUDA scan off for the whole run when the builds moved to background threads. Where the
+    driver cannot be asked, nothing is done: the load fails as before and is handled there."""
+    try:
+        driver = torch.cuda._utils._get_gpu_runtime_library()
+        current = ctypes.c_void_p()
+        if driver.cuCtxGetCurrent(ctypes.byref(current)) != 0 or current.value:
+            return
+        device, context = ctypes.c_int(), ctypes.c_void_p()
+        if driver.cuDeviceGet(ctypes.byref(device), index) != 0:
+            return
+        # the runtime holds the primary context for the process: retain it only to set it
+        if driver.cuDevicePrimaryCtxRetain(ctypes.byref(context), device) != 0:
+            return
+        driver.cuCtxSetCurrent(context)
+        driver.cuDevicePrimaryCtxRelease(device)
+    except Exception:  # noqa: BLE001 - see the docstring
+        return
+
+
 _building = threading.Lock()  # guards each table's "pending" builds; never held while one builds
+_prebuilding = threading.local()  # `on` while a `prebuild` job runs on this thread
 
 
 def built(table: dict[str, Any], key: Any, build: Callable[[], Any]) -> Any:
@@ -64,28 +92,32 @@ def built(table: dict[str, Any], key: Any, build: Callable[[], Any]) -> Any:
     torch), which leaves the work to the Triton kernels for the rest of the process.
 
     Safe from several threads (`prebuild` compiles beside the main thread): a key is built once, and
-    a caller that finds it being built waits for that build. A build may ask for other keys."""
-    if table["failed"]:
-        return None
-    entry = table["kernels"].get(key)
-    if entry is not None:
-        return entry
-    with _building:
+    a caller that finds it being built waits for that build. A build may ask for other keys. A build
+    that fails on a `prebuild` thread turns nothing off: whoever asks next builds it again, in its
+    own thread, and only a failure there is final."""
+    while True:
+        if table["failed"]:
+            return None
         entry = table["kernels"].get(key)
-        if entry is not None or table["failed"]:
+        if entry is not None:
             return entry
-        pending = table.setdefault("pending", {})
-        waiting = pending.get(key)
-        if waiting is None:
-            mine: Future[Any] = Future()
-            pending[key] = mine
-    if waiting is not None:
-        return waiting.result()
+        with _building:
+            entry = table["kernels"].get(key)
+            if entry is not None or table["failed"]:
+                return entry
+            pending = table.setdefault("pending", {})
+            waiting = pending.get(key)
+            if waiting is None:
+                mine: Future[Any] = Future()
+                pending[key] = mine
+                break
+        waiting.result()  # then look again: built, failed, or given up on a prebuild thread
     try:
         entry = build()
     except Exception:  # noqa: BLE001 - see the docstring
         entry = None
-        table["failed"] = True
+        if not getattr(_prebuilding, "on", False):
+            table["failed"] = True
     else:
         table["kernels"][key] = entry
     finally:
@@ -145,10 +177,13 @@ def prebuild(jobs: list[Callable[[], object]]) -> list[Future[object]]:
 
 
 def _quietly(job: Callable[[], object]) -> object:
+    _prebuilding.on = True
     try:
         return job()
     except Exception:  # noqa: BLE001 - a build that fails here fails again, and is handled, where it is used
         return None
+    finally:
+        _prebuilding.on = False
 
 
 def driver_function(table: dict[str, Any], device: torch.device, files: tuple[str, ...], name: str) -> Any:

@@ -62,6 +62,96 @@ def test_a_build_may_ask_for_another_kernel_of_its_table() -> None:
     assert outer == ("fold", "plain") and set(table["kernels"]) == {"fold", "plain"}
 
 
+def test_a_build_that_fails_on_a_prebuild_thread_turns_nothing_off() -> None:
+    # a background thread can fail where the thread that launches would not (no CUDA context there)
+    table, threads = _table(), []
+
+    def build() -> str:
+        threads.append(threading.current_thread().name)
+        if len(threads) == 1:
+            raise RuntimeError("CUDA_ERROR_INVALID_CONTEXT")
+        return "kernel"
+
+    [job] = nvrtc.prebuild([lambda: nvrtc.built(table, "k", build)])
+    assert job.result(5) is None
+    assert not table["failed"] and table["kernels"] == {} and table["pending"] == {}
+    assert nvrtc.built(table, "k", build) == "kernel"  # asked again: built again, here
+    assert threads[0].startswith("maxact-build") and threads[1] == threading.current_thread().name
+
+
+def test_whoever_waits_on_a_failing_prebuild_builds_the_kernel_itself() -> None:
+    table, started, release, threads = _table(), threading.Event(), threading.Event(), []
+
+    def build() -> str:
+        threads.append(threading.current_thread().name)
+        if len(threads) == 1:
+            started.set()
+            release.wait(5)
+            raise RuntimeError("CUDA_ERROR_INVALID_CONTEXT")
+        return "kernel"
+
+    nvrtc.prebuild([lambda: nvrtc.built(table, "k", build)])
+    assert started.wait(5)
+    with ThreadPoolExecutor(1) as pool:
+        waiter = pool.submit(nvrtc.built, table, "k", build)
+        time.sleep(0.2)  # the waiter is in built(), waiting on the prebuild
+        release.set()
+        assert waiter.result(5) == "kernel"
+    assert len(threads) == 2 and not table["failed"]
+
+
+class _Driver:
+    """The CUDA driver calls `bind_context` makes, answered as a thread with no current context
+    (or with one) would have them answered."""
+
+    def __init__(self, current: int) -> None:
+        self.current, self.calls = current, []
+
+    def cuCtxGetCurrent(self, out: Any) -> int:  # noqa: N802 - the driver's names
+        out._obj.value = self.current
+        return 0
+
+    def cuDeviceGet(self, out: Any, ordinal: int) -> int:  # noqa: N802
+        self.calls.append(("device", ordinal))
+        out._obj.value = 100 + ordinal
+        return 0
+
+    def cuDevicePrimaryCtxRetain(self, out: Any, device: Any) -> int:  # noqa: N802
+        self.calls.append(("retain", device.value))
+        out._obj.value = 0xC0
+        return 0
+
+    def cuCtxSetCurrent(self, context: Any) -> int:  # noqa: N802
+        self.calls.append(("set", context.value))
+        return 0
+
+    def cuDevicePrimaryCtxRelease(self, device: Any) -> int:  # noqa: N802
+        self.calls.append(("release", device.value))
+        return 0
+
+
+def test_a_building_thread_without_a_context_gets_the_devices_primary_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    none_yet = _Driver(current=0)
+    monkeypatch.setattr(torch.cuda._utils, "_get_gpu_runtime_library", lambda: none_yet)
+    nvrtc.bind_context(1)
+    assert none_yet.calls == [("device", 1), ("retain", 101), ("set", 0xC0), ("release", 101)]
+    bound = _Driver(current=0xAB)  # the runtime made one current already: left as it is
+    monkeypatch.setattr(torch.cuda._utils, "_get_gpu_runtime_library", lambda: bound)
+    nvrtc.bind_context(1)
+    assert bound.calls == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_kernel_builds_on_a_thread_that_never_touched_the_gpu() -> None:
+    torch.empty(1, device="cuda")  # the main thread's context, as the CLI's is by then
+    built: list[object] = []
+    thread = threading.Thread(target=lambda: built.append(nvrtc.compile_kernel(
+        0, nvrtc.program(nvrtc.cuda_source("histogram.cu")), "maxact_abs_hist_bf16")))
+    thread.start()
+    thread.join(60)
+    assert built and getattr(built[0], "func", None) is not None
+
+
 def _asked(monkeypatch: pytest.MonkeyPatch, device: str, sites: list[tuple[int, bool, bool, int]]) -> list[object]:
     asked: list[object] = []
 
