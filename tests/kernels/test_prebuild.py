@@ -102,30 +102,30 @@ def test_whoever_waits_on_a_failing_prebuild_builds_the_kernel_itself() -> None:
 
 class _Driver:
     """The CUDA driver calls `bind_context` makes, answered as a thread with no current context
-    (or with one) would have them answered."""
+    (or with one) would have them answered (the methods carry the driver's names)."""
 
     def __init__(self, current: int) -> None:
         self.current, self.calls = current, []
 
-    def cuCtxGetCurrent(self, out: Any) -> int:  # noqa: N802 - the driver's names
+    def cuCtxGetCurrent(self, out: Any) -> int:
         out._obj.value = self.current
         return 0
 
-    def cuDeviceGet(self, out: Any, ordinal: int) -> int:  # noqa: N802
+    def cuDeviceGet(self, out: Any, ordinal: int) -> int:
         self.calls.append(("device", ordinal))
         out._obj.value = 100 + ordinal
         return 0
 
-    def cuDevicePrimaryCtxRetain(self, out: Any, device: Any) -> int:  # noqa: N802
+    def cuDevicePrimaryCtxRetain(self, out: Any, device: Any) -> int:
         self.calls.append(("retain", device.value))
         out._obj.value = 0xC0
         return 0
 
-    def cuCtxSetCurrent(self, context: Any) -> int:  # noqa: N802
+    def cuCtxSetCurrent(self, context: Any) -> int:
         self.calls.append(("set", context.value))
         return 0
 
-    def cuDevicePrimaryCtxRelease(self, device: Any) -> int:  # noqa: N802
+    def cuDevicePrimaryCtxRelease(self, device: Any) -> int:
         self.calls.append(("release", device.value))
         return 0
 
