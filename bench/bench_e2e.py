@@ -17,7 +17,8 @@ samples of 256 to 2,048 words, then times, each as its own process:
   same batches of up to 16,384 padded tokens.
 
 It prints, as each part ends: seconds per part, the CLI's own `run.phases` (with what they leave
-out of the whole process: the interpreter's start and exit), and each CLI run over the floor.
+out of the whole process: the interpreter's start and exit), each CLI run over the floor, and the
+statistics' updates by the code that ran them (a bf16 model on CUDA should show CUDA alone).
 The weights are read once before anything is timed, so every part reads them from memory alike.
 `--drop-caches` (root) first empties the page cache, as on a machine just started: then the floor's
 process pages in torch and CUDA's libraries from disk, and the CLI whatever it uses beyond them (NVRTC,
@@ -174,8 +175,10 @@ def main() -> None:
             run = json.loads(out.read_text(encoding="utf-8"))["run"]
             phases = run.get("phases", {})
             detail = ", ".join(f"{k} {v:.1f}" for k, v in phases.items())
+            ran = run.get("forward", {}).get("statistics", {})
             print(f"{label}: whole process {wall:.1f} s = {wall / floor:.2f}x the floor ({run['tokens']:,} tokens); "
-                  f"run.phases: {detail}; outside them {wall - sum(phases.values()):.1f}", flush=True)
+                  f"run.phases: {detail}; outside them {wall - sum(phases.values()):.1f}; statistics' updates: "
+                  + (", ".join(f"{path} {n:,}" for path, n in ran.items()) or "not recorded"), flush=True)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ CPU-only runs never import Triton): `__all__` is what it calls.
 from __future__ import annotations
 
 import functools
+from collections import Counter
 from collections.abc import Callable
 
 import torch
@@ -53,6 +54,11 @@ from maxact_card.kernels.workspace import (
     workspace_for,
 )
 from maxact_card.switches import switched_off
+
+scans: Counter[str] = Counter()
+"""Updates each scan has run in this process: "cuda" (the CUDA scan, the gated one included) and
+"triton". A bf16 model on CUDA should show only the first; the second is its fallback where a CUDA
+kernel could not be built (`nvrtc.built`), and the path of other dtypes and widths."""
 
 
 class HistogramCounted(RuntimeError):
@@ -103,6 +109,7 @@ def fused_update(acc: Accumulator, x: torch.Tensor, mask: torch.Tensor, token_in
                                  fold=(counters, flat(input_ids)) if folds else None)
                 scanned = True
                 if folds:
+                    scans["cuda"] += 1
                     return ws.scan
             else:
                 counted_apart = cuda_histogram_ready(x2)
@@ -116,6 +123,7 @@ def fused_update(acc: Accumulator, x: torch.Tensor, mask: torch.Tensor, token_in
         forget_scratch()
         _after_scan(exc, scanned)
         raise
+    scans["cuda" if kernel is not None else "triton"] += 1
     return ws.scan
 
 
@@ -163,6 +171,7 @@ def gated_update(acc: Accumulator, g: torch.Tensor, up: torch.Tensor, mask: torc
         forget_scratch()
         _after_scan(exc, scanned)
         raise
+    scans["cuda"] += 1
     return out, ws.scan
 
 
@@ -194,4 +203,4 @@ def _after_scan(exc: Exception, scanned: bool) -> None:
 
 
 __all__ = ["INTERPRET", "HistogramCounted", "available", "forget_scratch", "fused_update", "gated_update",
-           "prebuild", "row_medians", "row_medians_kernel"]
+           "prebuild", "row_medians", "row_medians_kernel", "scans"]

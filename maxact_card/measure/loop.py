@@ -34,7 +34,7 @@ from maxact_card.measure.sites import (
     discover,
     group_missing,
 )
-from maxact_card.measure.stats import BatchContext, SiteStats, prebuild_kernels
+from maxact_card.measure.stats import BatchContext, SiteStats, prebuild_kernels, updates_by_path
 from maxact_card.model.fusion import fused_forward
 from maxact_card.switches import switched_off
 
@@ -123,7 +123,8 @@ class LoopReport:
     unreadable: dict[str, str]
     oom_splits: int = 0
     batches_run: list[list[int]] = field(default_factory=list)  # what ran, after any splits
-    # how the forward ran: whether it got the attention mask, and `Fused.record()` of its fused pieces
+    # how the forward ran: whether it got the attention mask, `Fused.record()` of its fused pieces,
+    # and the statistics' updates by the code that ran them (`stats.updates_by_path`)
     forward: dict[str, Any] = field(default_factory=dict)
 
 
@@ -496,6 +497,7 @@ def run_hooked(
     queue = deque((k, batch) for k, batch in enumerate(batches) if k >= control.skip)
     parts_left = {k: 1 for k, _ in queue}
     ceiling: int | None = None  # padded tokens a batch may hold after an out-of-memory error
+    before = updates_by_path()
     try:
         if streams is not None:  # the loop's own stream starts behind what was queued before it
             streams[0].wait_stream(torch.cuda.current_stream(input_device))
@@ -540,7 +542,9 @@ def run_hooked(
                 if parts_left[k] == 0 and control.after_batch is not None:
                     report.wall_time_s = time.perf_counter() - start
                     control.after_batch(k + 1, report)
-            report.forward = {"attention_mask": use_mask, **fused.record()}
+            ran = updates_by_path()
+            report.forward = {"attention_mask": use_mask, **fused.record(),
+                              "statistics": {path: ran[path] - before[path] for path in ran}}
         if input_device.type == "cuda":
             torch.cuda.synchronize(input_device)
     finally:

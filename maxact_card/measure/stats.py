@@ -146,6 +146,16 @@ def use_compile(enabled: bool) -> None:
 # On CPU tensors they run only when asked for with use_kernels(True) and they were imported under
 # Triton's interpreter (tests).
 _KERNELS: dict[str, Any] = {"on": None, "module": None, "error": None}
+_REFERENCE_UPDATES = [0]  # updates run (or finished) by the reference path in this process
+
+
+def updates_by_path() -> dict[str, int]:
+    """Statistic updates this process has run, by the code that ran them: "cuda" and "triton" (the
+    fused kernels' scans, `kernels.update.scans`) and "torch" (the reference path, which also
+    finishes an update whose kernel failed). Differences of two readings are what a pass ran."""
+    module = sys.modules.get("maxact_card.kernels.update")
+    scans = module.scans if module is not None else {}
+    return {"cuda": scans.get("cuda", 0), "triton": scans.get("triton", 0), "torch": _REFERENCE_UPDATES[0]}
 
 
 def use_kernels(enabled: bool | None) -> None:
@@ -348,6 +358,7 @@ class SiteStats:
 
     def _reference_update(self, x: torch.Tensor, ctx: BatchContext, *, count_hist: bool = True) -> None:
         """`update` by the reference path (compiled or eager torch); x and ctx on this device."""
+        _REFERENCE_UPDATES[0] += 1
         mask = ctx.mask
         tok_max, tok_min, tok_abs, tok_signed, tok_channel, valid, tok_sum, tok_sq, channel_max, keys, below = _scan(
             x, mask, self.massive

@@ -102,10 +102,12 @@ def test_every_family_measures(shelf: Path, tmp_path: Path, arch: str) -> None:
     # how the forward ran: nothing is compiled on a CPU; only the multimodal checkpoints keep the
     # attention mask (their vision encoders declare is_causal False)
     keeps_mask = arch in ("gemma3", "qwen2_5_vl")
+    # and every site's statistics updated by torch, once in the one batch these few samples make
     assert doc["run"]["forward"] == {
         "attention_mask": keeps_mask, "compiled": [], "eager": [], "fused": [],
         "compile": {"chosen": False, "predicted_loop_s": None,
                     "why": "not on CUDA: norms and rotary run as the model has them"},
+        "statistics": {"cuda": 0, "triton": 0, "torch": len(doc["sites"])},
     }
     assert "hook_embed" in sites and "ln_final.hook_normalized" in sites
     for i in range(layers):

@@ -260,6 +260,19 @@ def _run(batches: list[tuple[torch.Tensor, torch.Tensor, int]], *, fused: bool, 
     return acc
 
 
+def test_each_update_is_counted_under_the_code_that_ran_it(kernels: ModuleType) -> None:
+    # what the results' run.forward.statistics reports: here the Triton scan (the CUDA one needs a
+    # GPU), then the reference path with the kernels off
+    x, mask = torch.randn(2, 4, 24), torch.ones(2, 4, dtype=torch.bool)
+    before = stats.updates_by_path()
+    _run([(x, mask, 0)], fused=True, top_k=4, massive=False)
+    middle = stats.updates_by_path()
+    _run([(x, mask, 0), (x, mask, 8)], fused=False, top_k=4, massive=False)
+    after = stats.updates_by_path()
+    assert {k: middle[k] - before[k] for k in before} == {"cuda": 0, "triton": 1, "torch": 0}
+    assert {k: after[k] - middle[k] for k in before} == {"cuda": 0, "triton": 0, "torch": 2}
+
+
 def _assert_same_stats(got: SiteStats, want: SiteStats, *, rel: float) -> None:
     for name in EXACT:
         assert torch.equal(getattr(got, name), getattr(want, name)), name
