@@ -74,11 +74,11 @@ def bind_context(index: int) -> None:
         device, context = ctypes.c_int(), ctypes.c_void_p()
         if driver.cuDeviceGet(ctypes.byref(device), index) != 0:
             return
-        # the runtime holds the primary context for the process: retain it only to set it
+        # kept, not released: this thread uses the context until the process ends, and a release
+        # could destroy a primary context that the runtime has not yet retained itself
         if driver.cuDevicePrimaryCtxRetain(ctypes.byref(context), device) != 0:
             return
         driver.cuCtxSetCurrent(context)
-        driver.cuDevicePrimaryCtxRelease(device)
     except Exception:  # noqa: BLE001 - see the docstring
         return
 

@@ -125,16 +125,12 @@ class _Driver:
         self.calls.append(("set", context.value))
         return 0
 
-    def cuDevicePrimaryCtxRelease(self, device: Any) -> int:
-        self.calls.append(("release", device.value))
-        return 0
-
 
 def test_a_building_thread_without_a_context_gets_the_devices_primary_one(monkeypatch: pytest.MonkeyPatch) -> None:
     none_yet = _Driver(current=0)
     monkeypatch.setattr(torch.cuda._utils, "_get_gpu_runtime_library", lambda: none_yet)
     nvrtc.bind_context(1)
-    assert none_yet.calls == [("device", 1), ("retain", 101), ("set", 0xC0), ("release", 101)]
+    assert none_yet.calls == [("device", 1), ("retain", 101), ("set", 0xC0)]
     bound = _Driver(current=0xAB)  # the runtime made one current already: left as it is
     monkeypatch.setattr(torch.cuda._utils, "_get_gpu_runtime_library", lambda: bound)
     nvrtc.bind_context(1)
