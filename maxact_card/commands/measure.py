@@ -146,6 +146,8 @@ def summary_lines(results: dict[str, Any], width: int | None) -> list[str]:
             if massive["max_ratio"] else "")),
         ("run", (f"{count(run['samples'])} samples, {count(run['tokens'])} tokens, "
                  f"{count(round(run['tokens_per_s']))} tokens/s on {run['device']}")),
+        *([("updates", updates_line(run["forward"]["statistics"], run["dtype"]))]
+          if run.get("device_type") == "cuda" and run.get("forward", {}).get("statistics") else []),
         *([("time", phases_line(run["phases"]))] if run.get("phases") else []),
     ]
     lines = key_values(head, width)
@@ -192,6 +194,20 @@ def save_results(results: dict[str, Any], out: Path, channels: bytes | None = No
             handle.write(dumps(results))
         raise RuntimeFailure(f"cannot write --out {out} ({exc.strerror or exc}); the results are saved in {kept}",
                              hint=f"copy them from there: cp {kept} {out}") from None
+
+
+_UPDATERS = {"cuda": "the CUDA scan", "triton": "the Triton scan", "torch": "torch"}
+
+
+def updates_line(statistics: dict[str, int], dtype: str) -> str:
+    """`3,458 by the CUDA scan`: which code updated the statistics on a GPU (`run.forward.statistics`),
+    and, where a bf16 run left the CUDA scan, why it may have and that only its speed differs."""
+    line = ", ".join(f"{count(n)} by {_UPDATERS[path]}" for path, n in statistics.items() if n) or "none"
+    if dtype == "bfloat16" and any(n for path, n in statistics.items() if path != "cuda"):
+        line += (" (a bf16 update leaves the CUDA scan for rows not a multiple of 8 wide, where its kernel"
+                 " could not be built, or with MAXACT_CARD_KERNELS=0 or MAXACT_CARD_CUDA_SCAN=0: slower, the"
+                 " same numbers)")
+    return line
 
 
 def phases_line(phases: dict[str, float]) -> str:

@@ -82,6 +82,22 @@ def test_the_summary_of_a_real_run_fits_the_terminal(width: int) -> None:
     assert "int8-dynamic-per-token  PASS" in text and "blocks.24.mlp.hook_post" in text
 
 
+@pytest.mark.skipif(not EXAMPLE.is_file(), reason="the example results are part of the repository")
+def test_a_gpu_run_says_which_code_updated_its_statistics() -> None:
+    results = json.loads(EXAMPLE.read_text(encoding="utf-8"))  # a CPU run: nothing to say
+    assert not any(line.startswith("updates") for line in measure.summary_lines(results, None))
+    run = results["run"]
+    run["device_type"], run["dtype"] = "cuda", "bfloat16"
+    run["forward"]["statistics"] = {"cuda": 3458, "triton": 0, "torch": 0}
+    [line] = [line for line in measure.summary_lines(results, None) if line.startswith("updates")]
+    assert line.split(None, 1)[1] == "3,458 by the CUDA scan"
+    run["forward"]["statistics"] = {"cuda": 0, "triton": 3458, "torch": 2}  # the CUDA scan could not be built
+    [line] = [line for line in measure.summary_lines(results, 80) if line.startswith("updates")]
+    assert line.split(None, 1)[1].startswith("3,458 by the Triton scan, 2 by torch (a bf16 update leaves")
+    lines = measure.summary_lines(results, 80)
+    assert all(len(line) <= 80 for line in lines)
+
+
 @pytest.mark.parametrize("hostile", ["a\rb", "a\nb", "a\u2028b", "a\u2029b", "a\x1b[31mb", "a\u202eb", "a\x00b"])
 def test_printable_keeps_hostile_text_on_its_line(hostile: str) -> None:
     shown = printable(hostile)
